@@ -1,0 +1,105 @@
+"""The one dispatch point: which backend computes the per-position losses, and why.
+
+A backend is a module exposing two functions with the signatures of
+:func:`ntl_fast.reference.ntl_rows` and :func:`ntl_fast.reference.ce_ntl_rows` (per-position
+losses, differentiable with respect to the logits). Reductions, weights, normalisers and input
+checks are shared and live in :mod:`ntl_fast.functional`.
+
+``backend="auto"`` picks, in order: Triton for CUDA tensors when Triton imports; the compiled
+C++/CUDA operators when the extension is built; the PyTorch reference otherwise.
+:func:`explain_backend` names the choice and the reason without running anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+import torch
+
+__all__ = ["BACKENDS", "BackendChoice", "explain_backend", "get_backend"]
+
+BACKENDS = ("auto", "reference", "triton", "cpp")
+
+
+class BackendChoice(NamedTuple):
+    """The backend that serves a device, and why it was chosen."""
+
+    name: str
+    reason: str
+
+
+def _triton_usable(device: torch.device) -> Optional[str]:
+    """None when the Triton kernels can run on ``device``, else the reason they cannot."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1)"
+    if device.type not in ("cuda", "cpu"):
+        return f"Triton does not serve {device.type} tensors"
+    return _import_error("ntl_fast.triton")
+
+
+def _cpp_usable(device: torch.device) -> Optional[str]:
+    reason = _import_error("ntl_fast.cpp")
+    if reason is not None:
+        return reason
+    module = importlib.import_module("ntl_fast.cpp")
+    return module.unsupported_reason(device)
+
+
+_IMPORT_ERRORS: Dict[str, Optional[str]] = {}
+
+
+def _import_error(module_name: str) -> Optional[str]:
+    if module_name not in _IMPORT_ERRORS:
+        try:
+            importlib.import_module(module_name)
+            _IMPORT_ERRORS[module_name] = None
+        except ImportError as error:  # the optional dependency or the extension is missing
+            _IMPORT_ERRORS[module_name] = f"{module_name} is unavailable: {error}"
+    return _IMPORT_ERRORS[module_name]
+
+
+_CHECKS: Dict[str, Tuple[str, Callable[[torch.device], Optional[str]]]] = {
+    "triton": ("ntl_fast.triton", _triton_usable),
+    "cpp": ("ntl_fast.cpp", _cpp_usable),
+    "reference": ("ntl_fast.reference", lambda device: None),
+}
+
+
+def explain_backend(device, backend: str = "auto") -> BackendChoice:
+    """Name the backend that serves tensors on ``device`` and the reason, running nothing.
+
+    ``device`` may be a tensor, a device or a string. An explicit ``backend`` that cannot serve
+    the device raises ``RuntimeError`` with the reason.
+    """
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        reason = _CHECKS[backend][1](device)
+        if reason is not None:
+            raise RuntimeError(f"backend={backend!r} cannot serve {device.type} tensors: {reason}")
+        return BackendChoice(backend, "requested explicitly")
+    if device.type == "cuda":
+        triton_reason = _triton_usable(device)
+        if triton_reason is None:
+            return BackendChoice("triton", "CUDA tensors and Triton is importable")
+        cpp_reason = _cpp_usable(device)
+        if cpp_reason is None:
+            return BackendChoice("cpp", f"CUDA tensors; Triton unusable ({triton_reason})")
+        return BackendChoice(
+            "reference", f"no kernel backend for CUDA: {triton_reason}; {cpp_reason}"
+        )
+    cpp_reason = _cpp_usable(device)
+    if cpp_reason is None:
+        return BackendChoice("cpp", f"{device.type} tensors and the C++ extension is built")
+    return BackendChoice("reference", f"no kernel backend for {device.type}: {cpp_reason}")
+
+
+def get_backend(name: str) -> ModuleType:
+    """The module implementing backend ``name`` (``ntl_rows`` / ``ce_ntl_rows``)."""
+    return importlib.import_module(_CHECKS[name][0])

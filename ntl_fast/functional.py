@@ -1,0 +1,316 @@
+"""The public loss functions: input checks, label shifting, reductions, then one backend call.
+
+Everything here runs on the device without host synchronisation, except the optional eager
+label-range and weight-sign check (``validate=True``, skipped while ``torch.compile`` traces).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backends import explain_backend, get_backend
+from .config import LossConfig, check_reduction
+from .table import NumberTokenTable
+
+__all__ = ["NTLOutput", "number_token_loss", "cross_entropy_with_ntl", "number_level_loss"]
+
+Normalizer = Union[None, int, float, Tensor]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+class NTLOutput(NamedTuple):
+    """``loss = ce + ntl_weight * ntl`` (differentiable); ``ce`` and ``ntl`` detached, for logging."""
+
+    loss: Tensor
+    ce: Tensor
+    ntl: Tensor
+
+
+# --------------------------------------------------------------------------------- checks
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_inputs(
+    logits: Tensor, labels: Tensor, table: NumberTokenTable, weights: Optional[Tensor]
+) -> None:
+    """Shape, dtype and device checks (NTL_SPEC §4); none of them reads device memory."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a Tensor, got {type(labels).__name__}")
+    if not isinstance(table, NumberTokenTable):
+        raise TypeError(f"table must be a NumberTokenTable, got {type(table).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+    if labels.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    if logits.dim() < 1 or logits.numel() == 0:
+        raise ValueError(f"logits must be a non-empty (..., V) tensor, got shape {tuple(logits.shape)}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have the logits' shape without the vocabulary dimension: logits "
+            f"{tuple(logits.shape)} need labels {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
+    if table.device != logits.device:
+        raise ValueError(
+            f"the table is on {table.device} but logits on {logits.device}: use table.to(logits.device)"
+        )
+    if logits.shape[-1] < table.vocab_size:
+        raise ValueError(
+            f"logits have {logits.shape[-1]} columns but the table covers {table.vocab_size} "
+            f"token ids: the logits need a column for every token"
+        )
+    if weights is not None:
+        if not isinstance(weights, Tensor):
+            raise TypeError(f"weights must be a Tensor or None, got {type(weights).__name__}")
+        if not weights.is_floating_point():
+            raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
+        if tuple(weights.shape) != tuple(labels.shape):
+            raise ValueError(
+                f"weights must have the labels' shape {tuple(labels.shape)}, got {tuple(weights.shape)}"
+            )
+        if weights.device != logits.device:
+            raise ValueError(f"weights are on {weights.device} but logits on {logits.device}")
+
+
+def _check_values(labels: Tensor, vocab_size: int, ignore_index: int, weights: Optional[Tensor]) -> None:
+    """The eager value checks of NTL_SPEC §4 (one device-to-host read each)."""
+    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if bool(bad.any()):
+        position = torch.nonzero(bad)[0].tolist()
+        value = int(labels[tuple(position)])
+        raise ValueError(
+            f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}: "
+            f"found {value} at position {tuple(position)}"
+        )
+    if weights is not None and bool((~(weights >= 0)).any()):
+        raise ValueError("weights must be >= 0 (and not NaN)")
+
+
+def _prepare(
+    logits: Tensor,
+    labels: Tensor,
+    table: NumberTokenTable,
+    weights: Optional[Tensor],
+    shift_labels: bool,
+    validate: bool,
+    ignore_index: int,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Check, shift for causal models, and return ``(logits (M, V), labels (M,), weights (M,))``."""
+    _check_inputs(logits, labels, table, weights)
+    if shift_labels:
+        if logits.dim() < 2 or logits.shape[-2] < 2:
+            raise ValueError(
+                f"shift_labels=True needs logits of shape (..., T, V) with T >= 2, got {tuple(logits.shape)}"
+            )
+        # position t predicts token t + 1
+        logits = logits[..., :-1, :]
+        labels = labels[..., 1:]
+        weights = None if weights is None else weights[..., 1:]
+    if validate and not _is_compiling():
+        _check_values(labels, logits.shape[-1], ignore_index, weights)
+    vocab_size = logits.shape[-1]
+    logits = logits.reshape(-1, vocab_size)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    labels = labels.reshape(-1)
+    if weights is not None:
+        weights = weights.reshape(-1)
+    return logits, labels, weights
+
+
+# --------------------------------------------------------------------------------- reductions
+def _safe_divide(total: Tensor, count: Tensor) -> Tensor:
+    """``total / count``, and 0 (with a zero gradient) for a mean over an empty set."""
+    return total / torch.where(count != 0, count, torch.ones_like(count))
+
+
+def _reduce(
+    rows: Tensor,
+    counted: Tensor,
+    weights: Optional[Tensor],
+    reduction: str,
+    normalizer: Normalizer,
+    shape: torch.Size,
+) -> Tensor:
+    """Apply weights and a reduction to per-position losses (NTL_SPEC §3).
+
+    ``counted`` marks the positions the mean is over; ``rows`` is 0 elsewhere.
+    """
+    weighted = rows if weights is None else rows * weights.to(rows.dtype)
+    if reduction == "none":
+        return weighted.view(shape)
+    total = weighted.sum()
+    if reduction == "sum":
+        return total
+    if normalizer is None:
+        if weights is None:
+            count = counted.sum().to(rows.dtype)
+        else:
+            count = torch.where(counted, weights.to(rows.dtype), torch.zeros_like(rows)).sum()
+    else:
+        count = torch.as_tensor(normalizer, dtype=rows.dtype, device=rows.device)
+        if count.dim() != 0:
+            raise ValueError(f"a normalizer must be a number or a 0-d tensor, got shape {tuple(count.shape)}")
+    return _safe_divide(total, count)
+
+
+def _output_shape(labels_shape: torch.Size, shift_labels: bool) -> torch.Size:
+    if not shift_labels:
+        return labels_shape
+    return labels_shape[:-1] + (labels_shape[-1] - 1,)
+
+
+# --------------------------------------------------------------------------------- public API
+def number_token_loss(
+    logits: Tensor,
+    labels: Tensor,
+    table: NumberTokenTable,
+    *,
+    loss: str = "was",
+    squash_factor: Optional[float] = None,
+    reweigh: bool = False,
+    reduction: str = "mean",
+    weights: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    normalizer: Normalizer = None,
+    shift_labels: bool = False,
+    validate: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """The Number Token Loss of ``logits (..., V)`` against ``labels (...)`` (NTL_SPEC §2).
+
+    Positions whose label is a number token are scored: ``loss="was"`` is the Wasserstein-1
+    distance ``Σ_j q_j |y - v_j|`` (optionally squashed), ``"mse"``/``"mae"``/``"huber"`` score
+    the expected value ``ŷ = Σ_j q_j v_j``, ``"was_cdf"`` is W1 in CDF form; ``q`` is the softmax
+    over the number tokens. ``reduction="mean"`` averages over the number positions only
+    (weighted by ``weights``, or divided by ``normalizer`` when given, e.g. a global count under
+    data parallelism); a mean over no position is 0 with a zero gradient. Returns float32
+    (float64 for float64 logits).
+    """
+    config = LossConfig(loss, squash_factor, reweigh, None, ignore_index)
+    check_reduction(reduction)
+    shape = _output_shape(labels.shape, shift_labels) if isinstance(labels, Tensor) else None
+    logits2d, labels1d, weights1d = _prepare(
+        logits, labels, table, weights, shift_labels, validate, ignore_index
+    )
+    row_table = table.resized(logits2d.shape[-1])
+    choice = explain_backend(logits2d.device, backend)
+    rows = get_backend(choice.name).ntl_rows(logits2d, labels1d, row_table, config)
+    counted = reference.label_positions(labels1d, row_table, ignore_index)[2] >= 0
+    return _reduce(rows, counted, weights1d, reduction, normalizer, shape)
+
+
+def cross_entropy_with_ntl(
+    logits: Tensor,
+    labels: Tensor,
+    table: NumberTokenTable,
+    *,
+    ntl_weight: float = 0.3,
+    loss: str = "was",
+    gaussian_sigma: Optional[float] = None,
+    ce_normalizer: Normalizer = None,
+    ntl_normalizer: Normalizer = None,
+    squash_factor: Optional[float] = None,
+    reweigh: bool = False,
+    reduction: str = "mean",
+    weights: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    validate: bool = True,
+    backend: str = "auto",
+) -> NTLOutput:
+    """Cross-entropy plus ``ntl_weight`` times the Number Token Loss, from one pass over the logits.
+
+    ``loss = ce + ntl_weight * ntl`` is differentiable; ``ce`` and ``ntl`` are returned detached.
+    CE is averaged over the non-ignored positions (or divided by ``ce_normalizer``, e.g. Hugging
+    Face's ``num_items_in_batch``), NTL over the number positions (or ``ntl_normalizer``): two
+    different counts. ``gaussian_sigma`` turns the CE targets of number positions into a Gaussian
+    over the number tokens (Gaussian-CE); with ``loss="was_cdf"`` NTL is then W1 against those
+    same targets (the paper's GCE + NTL). Other options as in :func:`number_token_loss`.
+    """
+    if isinstance(ntl_weight, bool) or not isinstance(ntl_weight, (int, float, Tensor)):
+        raise TypeError(f"ntl_weight must be a number, got {ntl_weight!r}")
+    config = LossConfig(loss, squash_factor, reweigh, gaussian_sigma, ignore_index)
+    check_reduction(reduction)
+    shape = _output_shape(labels.shape, shift_labels) if isinstance(labels, Tensor) else None
+    logits2d, labels1d, weights1d = _prepare(
+        logits, labels, table, weights, shift_labels, validate, ignore_index
+    )
+    row_table = table.resized(logits2d.shape[-1])
+    choice = explain_backend(logits2d.device, backend)
+    ce_rows, ntl_rows = get_backend(choice.name).ce_ntl_rows(logits2d, labels1d, row_table, config)
+    in_range, _, number_index = reference.label_positions(labels1d, row_table, ignore_index)
+    ce = _reduce(ce_rows, in_range, weights1d, reduction, ce_normalizer, shape)
+    ntl = _reduce(ntl_rows, number_index >= 0, weights1d, reduction, ntl_normalizer, shape)
+    total = ce + ntl_weight * ntl
+    return NTLOutput(total, ce.detach(), ntl.detach())
+
+
+def number_level_loss(
+    logits: Tensor,
+    labels: Tensor,
+    table: NumberTokenTable,
+    *,
+    float_level: bool = False,
+    dot_token_id: Optional[int] = None,
+    max_number_length: int = 20,
+    reduction: str = "mean",
+    weights: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    normalizer: Normalizer = None,
+    shift_labels: bool = False,
+    validate: bool = True,
+) -> Tensor:
+    """Number-level NTL (NTL_SPEC §2.7): symmetric relative error of whole numbers.
+
+    Along the last axis of ``labels (..., T)``, each maximal run of digit labels is one number
+    ``Y = Σ y_r 10^(R-r)``, predicted as ``Ŷ = Σ ŷ_r 10^(R-r)``; its loss
+    ``|Ŷ - Y| / (|Ŷ| + |Y| + ε)`` sits at its first digit, where ``weights`` are read; the mean is
+    over numbers. ``float_level=True`` lets a single ``.`` between digits join a number (its id
+    from ``dot_token_id`` or the table). Digit tables only.
+    """
+    check_reduction(reduction)
+    if isinstance(max_number_length, bool) or not isinstance(max_number_length, int) or max_number_length < 1:
+        raise ValueError(f"max_number_length must be an int >= 1, got {max_number_length!r}")
+    if isinstance(labels, Tensor) and labels.dim() < 1:
+        raise ValueError("labels of the number-level loss need a sequence axis (..., T)")
+    _check_inputs(logits, labels, table, weights)
+    non_digit = (table.number_values != table.number_values.round()) | (table.number_values < 0) | (
+        table.number_values > 9
+    )
+    if validate and not _is_compiling() and bool(non_digit.any()):
+        raise ValueError("number_level_loss needs a digit-level table (number tokens with values 0-9)")
+    dot_id = dot_token_id if dot_token_id is not None else table.dot_id
+    if float_level and dot_id is None:
+        raise ValueError("float_level=True needs the '.' token id: pass dot_token_id or build the table with one")
+    if shift_labels:
+        if logits.dim() < 2 or logits.shape[-2] < 2:
+            raise ValueError(f"shift_labels=True needs logits (..., T, V) with T >= 2, got {tuple(logits.shape)}")
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+        weights = None if weights is None else weights[..., 1:]
+    if validate and not _is_compiling():
+        _check_values(labels, logits.shape[-1], ignore_index, weights)
+    shape = labels.shape
+    length = shape[-1]
+    row_table = table.resized(logits.shape[-1])
+    rows, first_digit = reference.number_level_rows(
+        logits.reshape(-1, length, logits.shape[-1]),
+        labels.reshape(-1, length),
+        row_table,
+        float_level=float_level,
+        dot_id=dot_id,
+        max_number_length=max_number_length,
+        ignore_index=ignore_index,
+    )
+    weights1d = None if weights is None else weights.reshape(-1)
+    return _reduce(rows.reshape(-1), first_digit.reshape(-1), weights1d, reduction, normalizer, shape)

@@ -1,0 +1,244 @@
+"""The math of the project in plain PyTorch: the test oracle and the readable specification.
+
+Every function here works on one row of logits per position: ``logits`` is ``(M, V)`` and
+``labels`` is ``(M,)``. They return per-position losses, ``0`` where a position does not count
+and NaN where a label is out of range (which the public API rejects before getting here when
+``validate=True``). Reductions, weights and normalisers live in :mod:`ntl_fast.functional`, so
+every backend shares them. Gradients come from autograd; the closed forms of NTL_SPEC §2 are
+checked against these functions in the tests.
+
+Notation (NTL_SPEC §2): ``N`` the number-token ids, ``q`` the softmax over the number tokens,
+``p`` the softmax over the full vocabulary, ``y`` the label's value, ``ŷ = Σ q_j v_j``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .config import LossConfig
+from .table import NumberTokenTable
+
+__all__ = [
+    "accumulation_dtype",
+    "label_positions",
+    "number_softmax",
+    "expected_value",
+    "wasserstein",
+    "wasserstein_cdf",
+    "gaussian_targets",
+    "regression_loss",
+    "reweigh_by_number_mass",
+    "ntl_rows",
+    "ce_ntl_rows",
+    "number_level_rows",
+]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 logits (gradcheck), float32 for everything else (NTL_SPEC §4)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def label_positions(labels: Tensor, table: NumberTokenTable, ignore_index: int):
+    """Classify each label.
+
+    Returns ``(in_range, bad, number_index)``: labels in ``[0, V)``; labels that are neither in
+    range nor ``ignore_index``; and each label's position in N (-1 where it is not a number token).
+    A position is NTL-valid iff ``number_index >= 0``; it counts for CE iff ``in_range``.
+    """
+    vocab_size = table.vocab_size
+    in_range = (labels >= 0) & (labels < vocab_size)
+    bad = ~in_range & (labels != ignore_index)
+    safe = torch.where(in_range, labels, torch.zeros_like(labels)).long()
+    number_index = torch.where(in_range, table.number_index[safe], torch.full_like(safe, -1))
+    return in_range, bad, number_index
+
+
+def number_softmax(number_logits: Tensor) -> Tensor:
+    """``q_j = exp(z_j - LSE_N)``: the softmax over the number tokens only."""
+    return torch.softmax(number_logits, dim=-1)
+
+
+def expected_value(q: Tensor, number_values: Tensor) -> Tensor:
+    """``ŷ = Σ_j q_j v_j``."""
+    return (q * number_values).sum(-1)
+
+
+def wasserstein(q: Tensor, distances_to_label: Tensor) -> Tensor:
+    """NTL-WAS (§2.2): ``Σ_j q_j D(y, v_j)``, W1 between q and the one-hot target."""
+    return (q * distances_to_label).sum(-1)
+
+
+def wasserstein_cdf(q: Tensor, target: Tensor, table: NumberTokenTable) -> Tensor:
+    """W1 between q and a target distribution t over N in CDF form (§2.3).
+
+    ``Σ_{k<K} |F_q(k) - F_t(k)| (v_(k+1) - v_(k))`` with the tokens sorted by value.
+    """
+    order = table.value_order
+    cdf_q = torch.cumsum(q[:, order], dim=-1)[:, :-1]
+    cdf_t = torch.cumsum(target[:, order], dim=-1)[:, :-1]
+    return ((cdf_q - cdf_t).abs() * table.sorted_gaps.to(q.dtype)).sum(-1)
+
+
+def gaussian_targets(y: Tensor, number_values: Tensor, sigma: float) -> Tensor:
+    """Gaussian label smoothing over N (§2.5): ``t_j ∝ exp(-½((v_j - y)/σ)²)``."""
+    return torch.softmax(-0.5 * ((number_values[None, :] - y[:, None]) / sigma) ** 2, dim=-1)
+
+
+def regression_loss(diff: Tensor, loss: str) -> Tensor:
+    """``f(ŷ - y)`` of §2.1: square, absolute value, or Huber with δ = 1."""
+    if loss == "mse":
+        return diff * diff
+    if loss == "mae":
+        return diff.abs()
+    if loss == "huber":
+        absolute = diff.abs()
+        return torch.where(absolute < 1.0, 0.5 * diff * diff, absolute - 0.5)
+    raise ValueError(f"not a regression loss: {loss!r}")
+
+
+def reweigh_by_number_mass(loss: Tensor, number_mass: Tensor, constant: float) -> Tensor:
+    """§2.4: ``m L + c (1 - m)``, punishing mass put on text where a number belongs."""
+    return number_mass * loss + constant * (1.0 - number_mass)
+
+
+def _per_position_ntl(
+    z: Tensor, number_index: Tensor, table: NumberTokenTable, config: LossConfig,
+    lse_vocab: Optional[Tensor],
+) -> Tensor:
+    """NTL of every row as if its label were the number token ``number_index`` (clamped)."""
+    index = number_index.clamp_min(0)
+    number_values = table.number_values.to(z.dtype)
+    y = number_values[index]
+    number_logits = z[:, table.number_ids]
+    q = number_softmax(number_logits)
+    if config.loss == "was":
+        distances = table.distance_matrix(config.squash_factor).to(z.dtype)[index]
+        loss = wasserstein(q, distances)
+    elif config.loss == "was_cdf":
+        if config.gaussian_sigma is None:
+            target = torch.nn.functional.one_hot(index, table.num_numbers).to(z.dtype)
+        else:
+            target = gaussian_targets(y, number_values, config.gaussian_sigma)
+        loss = wasserstein_cdf(q, target, table)
+    else:
+        loss = regression_loss(expected_value(q, number_values) - y, config.loss)
+    if config.reweigh:
+        number_mass = torch.exp(torch.logsumexp(number_logits, dim=-1) - lse_vocab)
+        loss = reweigh_by_number_mass(
+            loss, number_mass, table.reweigh_constant(config.loss, config.squash_factor)
+        )
+    return loss
+
+
+def ntl_rows(logits: Tensor, labels: Tensor, table: NumberTokenTable, config: LossConfig) -> Tensor:
+    """Per-position NTL: ``(M,)``, 0 off the NTL-valid positions, NaN at bad labels."""
+    z = logits.to(accumulation_dtype(logits.dtype))
+    _, bad, number_index = label_positions(labels, table, config.ignore_index)
+    lse_vocab = torch.logsumexp(z, dim=-1) if config.reweigh else None
+    loss = _per_position_ntl(z, number_index, table, config, lse_vocab)
+    loss = torch.where(number_index >= 0, loss, torch.zeros_like(loss))
+    return torch.where(bad, torch.full_like(loss, float("nan")), loss)
+
+
+def ce_ntl_rows(
+    logits: Tensor, labels: Tensor, table: NumberTokenTable, config: LossConfig
+) -> Tuple[Tensor, Tensor]:
+    """Per-position cross-entropy (§2.6, or Gaussian-CE §2.5) and NTL, each ``(M,)``.
+
+    CE is 0 at ignored positions; NTL is 0 off the NTL-valid positions; both NaN at bad labels.
+    """
+    z = logits.to(accumulation_dtype(logits.dtype))
+    in_range, bad, number_index = label_positions(labels, table, config.ignore_index)
+    lse_vocab = torch.logsumexp(z, dim=-1)
+    safe_labels = torch.where(in_range, labels, torch.zeros_like(labels)).long()
+    ce = lse_vocab - z.gather(1, safe_labels[:, None]).squeeze(1)
+    if config.gaussian_sigma is not None:
+        number_values = table.number_values.to(z.dtype)
+        y = number_values[number_index.clamp_min(0)]
+        target = gaussian_targets(y, number_values, config.gaussian_sigma)
+        gaussian_ce = lse_vocab - (target * z[:, table.number_ids]).sum(-1)
+        ce = torch.where(number_index >= 0, gaussian_ce, ce)
+    ce = torch.where(in_range, ce, torch.zeros_like(ce))
+    ntl = _per_position_ntl(z, number_index, table, config, lse_vocab)
+    ntl = torch.where(number_index >= 0, ntl, torch.zeros_like(ntl))
+    nan = torch.full_like(ce, float("nan"))
+    return torch.where(bad, nan, ce), torch.where(bad, nan, ntl)
+
+
+def _number_runs(number_index: Tensor, labels: Tensor, float_level: bool, dot_id: Optional[int]):
+    """Yield ``(row, digit positions)`` for every number along the rows.
+
+    A number is a maximal run of NTL-valid positions; with ``float_level`` a single ``.`` label
+    between two digits joins the run but is no digit (NTL_SPEC §2.7).
+    """
+    is_digit = (number_index >= 0).tolist()
+    is_dot = (labels == dot_id).tolist() if float_level and dot_id is not None else None
+    for row, digits in enumerate(is_digit):
+        length = len(digits)
+        t = 0
+        while t < length:
+            if not digits[t]:
+                t += 1
+                continue
+            run = [t]
+            t += 1
+            while t < length:
+                if digits[t]:
+                    run.append(t)
+                    t += 1
+                elif (is_dot is not None and is_dot[row][t] and t + 1 < length
+                      and digits[t + 1] and digits[t - 1]):
+                    t += 1  # the dot joins the run, the digit after it follows
+                else:
+                    break
+            yield row, run
+
+
+def number_level_rows(
+    logits: Tensor,
+    labels: Tensor,
+    table: NumberTokenTable,
+    *,
+    float_level: bool = False,
+    dot_id: Optional[int] = None,
+    max_number_length: int = 20,
+    ignore_index: int = -100,
+) -> Tuple[Tensor, Tensor]:
+    """Number-level loss (§2.7) of ``(B, T, V)`` logits with ``(B, T)`` labels.
+
+    Returns ``(loss, first_digit)``, both ``(B, T)``: the symmetric relative error
+    ``|Ŷ - Y| / (|Ŷ| + |Y| + ε)`` of each number placed at its first digit (0 elsewhere), and the
+    mask of those first digits. Always float32 (float64 for float64 logits).
+    """
+    dtype = accumulation_dtype(logits.dtype)
+    batch, length = labels.shape
+    flat_labels = labels.reshape(-1)
+    _, bad, number_index = label_positions(flat_labels, table, ignore_index)
+    number_index = number_index.view(batch, length)
+    z = logits.to(dtype).reshape(batch * length, -1)
+    number_values = table.number_values.to(dtype)
+    q = number_softmax(z[:, table.number_ids])
+    y_hat = expected_value(q, number_values).view(batch, length)
+    y = number_values[number_index.clamp_min(0)]
+    eps = torch.finfo(torch.float32).eps
+    rows, firsts, values = [], [], []
+    for row, digits in _number_runs(number_index, labels, float_level, dot_id):
+        exponents = [min(len(digits) - 1 - r, max_number_length - 1) for r in range(len(digits))]
+        scale = torch.tensor([10.0 ** e for e in exponents], dtype=dtype, device=logits.device)
+        target = (y[row, digits] * scale).sum()
+        prediction = (y_hat[row, digits] * scale).sum()
+        values.append((prediction - target).abs() / (prediction.abs() + target.abs() + eps))
+        rows.append(row)
+        firsts.append(digits[0])
+    loss = y_hat * 0.0  # zeros that keep the graph, so an empty batch still has a gradient
+    first_digit = torch.zeros(batch, length, dtype=torch.bool, device=logits.device)
+    if values:
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(firsts, device=logits.device))
+        loss = loss.index_put(index, torch.stack(values))
+        first_digit[index] = True
+    loss = torch.where(bad.view(batch, length), torch.full_like(loss, float("nan")), loss)
+    return loss, first_digit
