@@ -228,6 +228,7 @@ def cross_entropy_with_ntl(
     shift_labels: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    inplace: bool = False,
 ) -> NTLOutput:
     """Cross-entropy plus ``ntl_weight`` times the Number Token Loss, from one pass over the logits.
 
@@ -237,6 +238,11 @@ def cross_entropy_with_ntl(
     different counts. ``gaussian_sigma`` turns the CE targets of number positions into a Gaussian
     over the number tokens (Gaussian-CE); with ``loss="was_cdf"`` NTL is then W1 against those
     same targets (the paper's GCE + NTL). Other options as in :func:`number_token_loss`.
+
+    ``inplace=True`` lets a kernel backend write the gradient into the logits' own buffer
+    during the backward, saving one logits-sized allocation. Only safe when nothing else reads
+    those logits after this loss (no second loss on them, no logging of them after backward);
+    the reference backend ignores it.
     """
     if isinstance(ntl_weight, bool) or not isinstance(ntl_weight, (int, float, Tensor)):
         raise TypeError(f"ntl_weight must be a number, got {ntl_weight!r}")
@@ -248,7 +254,9 @@ def cross_entropy_with_ntl(
     )
     row_table = table.resized(logits2d.shape[-1])
     choice = explain_backend(logits2d.device, backend)
-    ce_rows, ntl_rows = get_backend(choice.name).ce_ntl_rows(logits2d, labels1d, row_table, config)
+    ce_rows, ntl_rows = get_backend(choice.name).ce_ntl_rows(
+        logits2d, labels1d, row_table, config, inplace=inplace
+    )
     in_range, _, number_index = reference.label_positions(labels1d, row_table, ignore_index)
     ce = _reduce(ce_rows, in_range, weights1d, reduction, ce_normalizer, shape)
     ntl = _reduce(ntl_rows, number_index >= 0, weights1d, reduction, ntl_normalizer, shape)

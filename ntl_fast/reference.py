@@ -145,9 +145,12 @@ def ntl_rows(logits: Tensor, labels: Tensor, table: NumberTokenTable, config: Lo
 
 
 def ce_ntl_rows(
-    logits: Tensor, labels: Tensor, table: NumberTokenTable, config: LossConfig
+    logits: Tensor, labels: Tensor, table: NumberTokenTable, config: LossConfig,
+    inplace: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Per-position cross-entropy (§2.6, or Gaussian-CE §2.5) and NTL, each ``(M,)``.
+
+    ``inplace`` is accepted for interface parity with the kernel backends and has no effect.
 
     CE is 0 at ignored positions; NTL is 0 off the NTL-valid positions; both NaN at bad labels.
     """
