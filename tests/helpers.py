@@ -1,0 +1,53 @@
+"""Tables, inputs and the tolerance rule (NTL_SPEC §6) shared by the test modules."""
+
+from typing import Optional
+
+import torch
+
+from ntl_fast import NumberTokenTable
+
+
+def digit_table(vocab_size: int = 40, first_id: int = 7, dot_id: Optional[int] = None) -> NumberTokenTable:
+    """Digits 0-9 at ids first_id..first_id+9 of a small vocabulary."""
+    return NumberTokenTable.from_values(
+        {first_id + d: float(d) for d in range(10)}, vocab_size=vocab_size, dot_id=dot_id
+    )
+
+
+def irregular_table(vocab_size: int = 53) -> NumberTokenTable:
+    """K = 7 (not a power of two), ids scattered (0 and V-1 included), uneven and unsorted values,
+    and a duplicated value (two ids worth 2.5)."""
+    values = {0: 9.0, 4: 0.0, 11: 2.5, 20: 100.0, 31: -3.0, 44: 7.0, vocab_size - 1: 2.5}
+    return NumberTokenTable.from_values(values, vocab_size=vocab_size)
+
+
+def random_labels(shape, table: NumberTokenTable, number_fraction: float = 0.5,
+                  ignore_fraction: float = 0.15, ignore_index: int = -100, generator=None) -> torch.Tensor:
+    """Labels mixing number tokens, other tokens and ignore_index."""
+    numbers = table.number_ids.cpu()
+    any_token = torch.randint(0, table.vocab_size, shape, generator=generator)
+    number_token = numbers[torch.randint(0, numbers.numel(), shape, generator=generator)]
+    draw = torch.rand(shape, generator=generator)
+    labels = torch.where(draw < number_fraction, number_token, any_token)
+    return torch.where(draw > 1 - ignore_fraction, torch.full_like(labels, ignore_index), labels)
+
+
+def tolerances(dtype: torch.dtype, gradient: bool = False):
+    """(rtol, atol) of NTL_SPEC §6 for inputs of ``dtype``."""
+    if dtype in (torch.float32, torch.float64):
+        return 1e-5, 1e-6
+    return (2e-2, 0.0) if gradient else (1e-4, 1e-6)
+
+
+def assert_spec_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
+                      gradient: bool = False, what: str = "") -> None:
+    """``|a - b| <= rtol * max|b| + atol`` per tensor (NTL_SPEC §6); NaN never passes."""
+    rtol, atol = tolerances(dtype, gradient)
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"{what}: NaN in the result"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    error = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    bound = rtol * scale + atol
+    assert error <= bound, f"{what}: max error {error:.3e} > {bound:.3e} (rtol {rtol}, scale {scale:.3e})"
