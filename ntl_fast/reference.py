@@ -45,13 +45,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def label_positions(labels: Tensor, table: NumberTokenTable, ignore_index: int):
     """Classify each label.
 
-    Returns ``(in_range, bad, number_index)``: labels in ``[0, V)``; labels that are neither in
-    range nor ``ignore_index``; and each label's position in N (-1 where it is not a number token).
+    Returns ``(in_range, bad, number_index)``: labels in ``[0, V)`` other than ``ignore_index``
+    (which may itself lie in that range); labels that are neither in range nor ``ignore_index``; and each label's position in N (-1 where it is not a number token).
     A position is NTL-valid iff ``number_index >= 0``; it counts for CE iff ``in_range``.
     """
     vocab_size = table.vocab_size
-    in_range = (labels >= 0) & (labels < vocab_size)
-    bad = ~in_range & (labels != ignore_index)
+    ignored = labels == ignore_index
+    in_range = (labels >= 0) & (labels < vocab_size) & ~ignored
+    bad = ~in_range & ~ignored
     safe = torch.where(in_range, labels, torch.zeros_like(labels)).long()
     number_index = torch.where(in_range, table.number_index[safe], torch.full_like(safe, -1))
     return in_range, bad, number_index

@@ -1,0 +1,283 @@
+"""The public API: reductions, weights, normalisers, shapes, modules, dispatch, bad input (§3, §4)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ntl_fast
+from ntl_fast import backends, reference
+from helpers import digit_table, irregular_table, random_labels
+
+
+@pytest.fixture
+def table():
+    return digit_table()
+
+
+def make_batch(table, shape=(3, 7), dtype=torch.float32):
+    logits = torch.randn(*shape, table.vocab_size, dtype=dtype, requires_grad=True)
+    labels = random_labels(shape, table)
+    return logits, labels
+
+
+# ----------------------------------------------------------------------------- reductions
+def test_mean_is_over_number_positions_and_ce_over_non_ignored(table):
+    logits, labels = make_batch(table)
+    rows = ntl_fast.number_token_loss(logits, labels, table, reduction="none")
+    is_number = table.is_number[labels.clamp_min(0)] & (labels != -100)
+    assert torch.all(rows[~is_number] == 0)
+    mean = ntl_fast.number_token_loss(logits, labels, table)
+    torch.testing.assert_close(mean, rows.sum() / is_number.sum())
+    torch.testing.assert_close(ntl_fast.number_token_loss(logits, labels, table, reduction="sum"), rows.sum())
+    out = ntl_fast.cross_entropy_with_ntl(logits, labels, table, ntl_weight=0.3)
+    expected_ce = F.cross_entropy(logits.reshape(-1, table.vocab_size), labels.reshape(-1))
+    torch.testing.assert_close(out.ce, expected_ce)
+    torch.testing.assert_close(out.ntl, mean.detach())
+    torch.testing.assert_close(out.loss, expected_ce + 0.3 * mean)
+    assert out.loss.requires_grad and not out.ce.requires_grad and not out.ntl.requires_grad
+
+
+def test_weights_and_normalizers(table):
+    logits, labels = make_batch(table)
+    weights = torch.rand(labels.shape)
+    rows = ntl_fast.number_token_loss(logits, labels, table, reduction="none")
+    weighted_rows = ntl_fast.number_token_loss(logits, labels, table, reduction="none", weights=weights)
+    torch.testing.assert_close(weighted_rows, rows * weights)
+    is_number = table.is_number[labels.clamp_min(0)] & (labels != -100)
+    mean = ntl_fast.number_token_loss(logits, labels, table, weights=weights)
+    torch.testing.assert_close(mean, (rows * weights).sum() / weights[is_number].sum())
+    explicit = ntl_fast.number_token_loss(logits, labels, table, weights=weights, normalizer=10)
+    torch.testing.assert_close(explicit, (rows * weights).sum() / 10)
+    tensor_norm = ntl_fast.number_token_loss(logits, labels, table, normalizer=torch.tensor(4.0))
+    torch.testing.assert_close(tensor_norm, rows.sum() / 4)
+    out = ntl_fast.cross_entropy_with_ntl(
+        logits, labels, table, weights=weights, ce_normalizer=20, ntl_normalizer=torch.tensor(5.0)
+    )
+    ce_rows = F.cross_entropy(logits.reshape(-1, table.vocab_size), labels.reshape(-1), reduction="none")
+    torch.testing.assert_close(out.ce, (ce_rows * weights.reshape(-1)).sum() / 20)
+    torch.testing.assert_close(out.ntl, (rows * weights).sum().detach() / 5)
+    weighted_ce = ntl_fast.cross_entropy_with_ntl(logits, labels, table, weights=weights).ce
+    ce_valid = labels.reshape(-1) != -100
+    torch.testing.assert_close(weighted_ce, (ce_rows * weights.reshape(-1)).sum() / weights.reshape(-1)[ce_valid].sum())
+    with pytest.raises(ValueError, match="0-d"):
+        ntl_fast.number_token_loss(logits, labels, table, normalizer=torch.ones(2))
+
+
+def test_global_normalizers_make_micro_batches_exact(table):
+    logits, labels = make_batch(table, shape=(8, 5), dtype=torch.float64)
+    full = ntl_fast.cross_entropy_with_ntl(logits, labels, table)
+    (full_grad,) = torch.autograd.grad(full.loss, logits)
+    ce_count = (labels != -100).sum()
+    ntl_count = (table.is_number[labels.clamp_min(0)] & (labels != -100)).sum()
+    total_grad = torch.zeros_like(logits)
+    total = 0
+    for part in range(4):
+        rows = slice(2 * part, 2 * part + 2)
+        out = ntl_fast.cross_entropy_with_ntl(
+            logits[rows], labels[rows], table, ce_normalizer=ce_count, ntl_normalizer=ntl_count
+        )
+        (grad,) = torch.autograd.grad(out.loss, logits)
+        total_grad += grad
+        total += out.loss.detach()
+    torch.testing.assert_close(total, full.loss.detach())
+    torch.testing.assert_close(total_grad, full_grad)
+
+
+@pytest.mark.parametrize("case", ["no_numbers", "all_ignored", "zero_weights"])
+def test_empty_means_are_zero_with_a_zero_gradient(table, case):
+    logits = torch.randn(4, 5, table.vocab_size, requires_grad=True)
+    text = torch.tensor([i for i in range(table.vocab_size) if not table.is_number[i]])
+    labels = text[torch.randint(0, len(text), (4, 5))]
+    weights = None
+    if case == "all_ignored":
+        labels = torch.full((4, 5), -100)
+    if case == "zero_weights":
+        labels = random_labels((4, 5), table, number_fraction=1.0, ignore_fraction=0.0)
+        weights = torch.zeros(4, 5)
+    ntl = ntl_fast.number_token_loss(logits, labels, table, weights=weights)
+    assert ntl.item() == 0.0 and ntl.grad_fn is not None
+    (grad,) = torch.autograd.grad(ntl, logits)
+    assert torch.all(grad == 0)
+    out = ntl_fast.cross_entropy_with_ntl(logits, labels, table, weights=weights)
+    assert not torch.isnan(out.loss)
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    assert not torch.isnan(grad).any()
+    if case != "no_numbers":
+        assert out.loss.item() == 0.0 and torch.all(grad == 0)
+    level = ntl_fast.number_level_loss(logits, labels, table, weights=weights)
+    assert level.item() == 0.0 and level.grad_fn is not None
+
+
+def test_any_leading_shape(table):
+    logits = torch.randn(2, 3, 4, table.vocab_size)
+    labels = random_labels((2, 3, 4), table)
+    flat = ntl_fast.cross_entropy_with_ntl(logits.reshape(-1, table.vocab_size), labels.reshape(-1), table)
+    nested = ntl_fast.cross_entropy_with_ntl(logits, labels, table)
+    torch.testing.assert_close(nested.loss, flat.loss)
+    assert ntl_fast.number_token_loss(logits, labels, table, reduction="none").shape == (2, 3, 4)
+    single = ntl_fast.number_token_loss(logits[0, 0, 0], labels[0, 0, 0], table, reduction="none")
+    assert single.shape == ()
+
+
+def test_shift_labels_equals_manual_shift(table):
+    logits, labels = make_batch(table, shape=(2, 9))
+    weights = torch.rand(2, 9)
+    shifted = ntl_fast.cross_entropy_with_ntl(logits, labels, table, shift_labels=True, weights=weights)
+    manual = ntl_fast.cross_entropy_with_ntl(logits[:, :-1], labels[:, 1:], table, weights=weights[:, 1:])
+    torch.testing.assert_close(shifted.loss, manual.loss)
+    rows = ntl_fast.number_token_loss(logits, labels, table, shift_labels=True, reduction="none")
+    assert rows.shape == (2, 8)
+    with pytest.raises(ValueError, match="shift_labels"):
+        ntl_fast.number_token_loss(logits[:, :1], labels[:, :1], table, shift_labels=True)
+
+
+def test_custom_ignore_index_and_padded_logits(table):
+    logits = torch.randn(10, table.vocab_size + 24)
+    labels = random_labels((10,), table, ignore_index=-1)
+    labels[0] = table.vocab_size + 5  # a padding column of the LM head: a text token
+    out = ntl_fast.cross_entropy_with_ntl(logits, labels, table, ignore_index=-1)
+    torch.testing.assert_close(out.ce, F.cross_entropy(logits, labels, ignore_index=-1))
+    narrow = torch.randn(10, table.vocab_size - 1)
+    with pytest.raises(ValueError, match="columns"):
+        ntl_fast.number_token_loss(narrow, labels.clamp_max(5), table)
+
+
+def test_non_contiguous_logits(table):
+    base = torch.randn(table.vocab_size, 6).t()  # stride(-1) != 1
+    labels = random_labels((6,), table)
+    torch.testing.assert_close(
+        ntl_fast.cross_entropy_with_ntl(base, labels, table).loss,
+        ntl_fast.cross_entropy_with_ntl(base.contiguous(), labels, table).loss,
+    )
+
+
+def test_int32_labels(table):
+    logits, labels = make_batch(table)
+    torch.testing.assert_close(
+        ntl_fast.number_token_loss(logits, labels.int(), table), ntl_fast.number_token_loss(logits, labels, table)
+    )
+
+
+# ----------------------------------------------------------------------------- bad input
+def _boom(*args, **kwargs):
+    raise AssertionError("a backend ran before the input was rejected")
+
+
+@pytest.fixture
+def no_backend(monkeypatch):
+    monkeypatch.setattr(reference, "ntl_rows", _boom)
+    monkeypatch.setattr(reference, "ce_ntl_rows", _boom)
+
+
+BAD_CALLS = [
+    ("label above V", dict(labels=lambda t: torch.tensor([[3, 40, 1]])), ValueError, "found 40"),
+    ("negative label", dict(labels=lambda t: torch.tensor([[3, -5, 1]])), ValueError, "found -5"),
+    ("float labels", dict(labels=lambda t: torch.zeros(1, 3)), TypeError, "labels must be int64"),
+    ("int logits", dict(logits=lambda t: torch.zeros(1, 3, 40, dtype=torch.int64)), TypeError, "logits must be"),
+    ("shape mismatch", dict(labels=lambda t: torch.zeros(1, 4, dtype=torch.long)), ValueError, "labels must have"),
+    ("empty", dict(logits=lambda t: torch.zeros(0, 3, 40), labels=lambda t: torch.zeros(0, 3, dtype=torch.long)),
+     ValueError, "non-empty"),
+    ("negative weights", dict(weights=lambda t: torch.tensor([[1.0, -1.0, 1.0]])), ValueError, "weights must be >= 0"),
+    ("nan weights", dict(weights=lambda t: torch.tensor([[1.0, float("nan"), 1.0]])), ValueError, "weights"),
+    ("int weights", dict(weights=lambda t: torch.ones(1, 3, dtype=torch.long)), TypeError, "weights must be a float"),
+    ("weights shape", dict(weights=lambda t: torch.ones(3)), ValueError, "weights must have"),
+    ("labels device", dict(labels=lambda t: torch.zeros(1, 3, dtype=torch.long, device="meta")), ValueError, "labels are on"),
+    ("table type", dict(table=lambda t: {"0": 0}), TypeError, "table must be"),
+    ("loss name", dict(loss="l2"), ValueError, "loss must be one of"),
+    ("reduction", dict(reduction="avg"), ValueError, "reduction must be one of"),
+    ("squash <= 1", dict(squash_factor=1.0), ValueError, "squash_factor must be > 1"),
+    ("squash on mse", dict(loss="mse", squash_factor=3.0), ValueError, "applies to loss='was' only"),
+    ("backend", dict(backend="cuda"), ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("name,change,error,message", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_is_rejected_before_any_kernel(table, no_backend, name, change, error, message):
+    arguments = dict(logits=torch.randn(1, 3, 40), labels=torch.tensor([[3, 8, 1]]), table=table)
+    options = {}
+    for key, value in change.items():
+        if key in arguments:
+            arguments[key] = value(table)
+        elif key == "weights":
+            options[key] = value(table)
+        else:
+            options[key] = value
+    with pytest.raises(error, match=message):
+        ntl_fast.number_token_loss(arguments["logits"], arguments["labels"], arguments["table"], **options)
+    with pytest.raises(error, match=message):
+        ntl_fast.cross_entropy_with_ntl(arguments["logits"], arguments["labels"], arguments["table"], **options)
+
+
+def test_bad_cross_entropy_options(table, no_backend):
+    logits, labels = torch.randn(2, 40), torch.tensor([3, 8])
+    with pytest.raises(ValueError, match="gaussian_sigma must be > 0"):
+        ntl_fast.cross_entropy_with_ntl(logits, labels, table, gaussian_sigma=0.0)
+    with pytest.raises(TypeError, match="ntl_weight"):
+        ntl_fast.cross_entropy_with_ntl(logits, labels, table, ntl_weight="0.3")
+
+
+def test_table_on_another_device_is_rejected(table, no_backend):
+    logits = torch.randn(2, 40, device="meta")
+    labels = torch.zeros(2, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="table is on cpu"):
+        ntl_fast.number_token_loss(logits, labels, table)
+
+
+def test_bad_labels_without_validation_give_nan_not_a_crash(table):
+    logits = torch.randn(3, 40)
+    labels = torch.tensor([3, 4000, -7])
+    rows = ntl_fast.number_token_loss(logits, labels, table, validate=False, reduction="none")
+    assert torch.isnan(rows[1]) and torch.isnan(rows[2]) and not torch.isnan(rows[0])
+    out = ntl_fast.cross_entropy_with_ntl(logits, labels, table, validate=False, reduction="none")
+    assert torch.isnan(out.ce[1:]).all() and not torch.isnan(out.ce[0])
+
+
+# ----------------------------------------------------------------------------- modules, dispatch
+def test_modules_equal_the_functions(table):
+    logits, labels = make_batch(table)
+    module = ntl_fast.NumberTokenLoss(table=table, loss="mse", reweigh=True)
+    torch.testing.assert_close(module(logits, labels), ntl_fast.number_token_loss(logits, labels, table, loss="mse", reweigh=True))
+    combined = ntl_fast.CrossEntropyWithNTL(table=table, ntl_weight=0.8, gaussian_sigma=1.0, loss="was_cdf")
+    expected = ntl_fast.cross_entropy_with_ntl(logits, labels, table, ntl_weight=0.8, gaussian_sigma=1.0, loss="was_cdf")
+    got = combined(logits, labels)
+    assert isinstance(got, ntl_fast.NTLOutput)
+    torch.testing.assert_close(got.loss, expected.loss)
+    causal = ntl_fast.NumberTokenLoss(table=table, shift_labels=True)
+    torch.testing.assert_close(causal(logits, labels), ntl_fast.number_token_loss(logits[:, :-1], labels[:, 1:], table))
+    assert "num_numbers=10" in repr(module)
+    with pytest.raises(ValueError, match="exactly one"):
+        ntl_fast.NumberTokenLoss()
+    with pytest.raises(ValueError, match="loss must be one of"):
+        ntl_fast.NumberTokenLoss(table=table, loss="l3")
+
+
+def test_explain_backend_names_the_choice_and_why():
+    choice = ntl_fast.explain_backend(torch.device("cpu"))
+    assert isinstance(choice, ntl_fast.BackendChoice)
+    assert choice.name in ("cpp", "reference") and choice.reason
+    assert ntl_fast.explain_backend("cpu", "reference") == ("reference", "requested explicitly")
+    assert ntl_fast.explain_backend(torch.zeros(1)).name == choice.name
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ntl_fast.explain_backend("cpu", "jax")
+
+
+def test_unusable_explicit_backend_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="interpreter"):
+        ntl_fast.explain_backend("cpu", "triton")
+    monkeypatch.setitem(backends._IMPORT_ERRORS, "ntl_fast.cpp", "ntl_fast.cpp is unavailable: not built")
+    with pytest.raises(RuntimeError, match="not built"):
+        ntl_fast.explain_backend("cpu", "cpp")
+    assert ntl_fast.explain_backend("cpu").name == "reference"
+    assert "not built" in ntl_fast.explain_backend("cpu").reason
+
+
+def test_irregular_vocabulary_end_to_end():
+    table = irregular_table()
+    logits = torch.randn(16, table.vocab_size, requires_grad=True)
+    labels = random_labels((16,), table)
+    labels[0], labels[1] = 0, table.vocab_size - 1
+    for loss in ntl_fast.LOSSES:
+        out = ntl_fast.cross_entropy_with_ntl(logits, labels, table, loss=loss)
+        (grad,) = torch.autograd.grad(out.loss, logits)
+        assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
