@@ -1,0 +1,39 @@
+# Two entry points, each doing all of its set-up on a fresh CPU machine:
+#   make demo   the main job: the T5 arithmetic experiment on its defaults (CE vs NTL-WAS)
+#   make test   the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU builds of torch and triton (an unpinned torch resolves to a multi-GB CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.8.0
+SOURCES := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: setup demo test bench-cpu gpu-check
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# --no-build-isolation: the extension in csrc/ builds against the torch installed just before.
+$(VENV)/.installed: $(BIN)/python $(SOURCES)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(BIN)/python -m pip install -q setuptools wheel ninja
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python examples/t5_arithmetic/train.py
+
+test: setup
+	@if [ -f scripts/check_cuda_compile.sh ] && command -v nvcc >/dev/null; then bash scripts/check_cuda_compile.sh; fi
+	$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; fi; exit $$rc
+
+bench-cpu: setup
+	$(BIN)/python benchmarks/bench.py --preset cpu --cpu-memory --out benchmarks/results/cpu.csv
+
+gpu-check:
+	bash benchmarks/gpu_check.sh

@@ -1,0 +1,391 @@
+"""Benchmark runner: ntl_fast's backends against what users would otherwise run.
+
+Operations: ``ce_ntl`` (cross-entropy + 0.3 NTL-WAS), ``ntl`` (standalone NTL-WAS) and ``ce``
+(cross-entropy alone: the bar "NTL for free" is measured against). Providers: ntl_fast's
+``triton`` / ``cpp`` / ``reference`` backends, the reference under ``torch.compile``, the authors'
+``ntloss`` with ``torch.nn.functional.cross_entropy``, plain torch CE, Liger's CE where installed.
+Modes: ``fwd``, ``bwd`` (backward of a retained graph) and ``full`` (forward + backward).
+
+Times: CUDA events (median, p20, p80 of repeated runs) on a GPU, the host clock on a CPU.
+Peak memory: above the inputs, from the CUDA allocator on a GPU; on a CPU from the growth of the
+resident set of a fresh process per measurement (``--cpu-memory``). On a GPU each time is also
+given as a multiple of the bandwidth floor of NTL_SPEC §5 (one read of the logits, plus one write
+of the gradient when a backward runs, at the device-to-device copy rate measured in the same run).
+
+    python benchmarks/bench.py --preset gpu-check --out benchmarks/results/gpu.csv
+    python benchmarks/bench.py --preset cpu --out benchmarks/results/cpu.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ntl_fast  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NTL_WEIGHT = 0.3
+FIRST_DIGIT_ID = 15  # where a T5-like vocabulary keeps its digits; any ids would do
+PRESETS = {
+    # what benchmarks/gpu_check.sh runs: must stay within its time budget
+    "gpu-check": dict(ops=["ce_ntl", "ntl", "ce"], M=[16384], V=[32128, 128256], dtypes=["bf16"],
+                      modes=["full", "fwd"], providers=["triton", "cpp", "reference", "ntloss", "torch-ce",
+                                                        "liger-ce"]),
+    "cpu": dict(ops=["ce_ntl", "ntl"], M=[1024, 4096], V=[32128], dtypes=["fp32", "bf16"], modes=["full"],
+                providers=["cpp", "reference", "reference-compiled", "ntloss"]),
+    "full": dict(ops=["ce_ntl", "ntl", "ce"], M=[4096, 16384], V=[32128, 128256, 151936], dtypes=["bf16", "fp32"],
+                 modes=["full", "fwd", "bwd"], providers=["triton", "cpp", "reference", "reference-compiled",
+                                                          "ntloss", "torch-ce", "liger-ce"]),
+    "quick": dict(ops=["ce_ntl", "ntl"], M=[256], V=[1000], dtypes=["fp32"], modes=["full"],
+                  providers=["cpp", "reference", "ntloss"]),
+}
+
+
+# ----------------------------------------------------------------------------- inputs
+def make_table(vocab_size: int) -> ntl_fast.NumberTokenTable:
+    return ntl_fast.NumberTokenTable.from_values(
+        {FIRST_DIGIT_ID + d: float(d) for d in range(10)}, vocab_size=vocab_size
+    )
+
+
+def make_inputs(M: int, V: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """Logits ~ N(0, 2²); labels: 15% digits, 5% ignored, the rest text tokens."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    logits = (2 * torch.randn(M, V, generator=generator)).to(device=device, dtype=dtype)
+    draw = torch.rand(M, generator=generator)
+    text = torch.randint(FIRST_DIGIT_ID + 10, V, (M,), generator=generator)
+    digits = torch.randint(FIRST_DIGIT_ID, FIRST_DIGIT_ID + 10, (M,), generator=generator)
+    labels = torch.where(draw < 0.15, digits, text)
+    labels = torch.where(draw > 0.95, torch.full_like(labels, -100), labels).to(device)
+    return logits, labels
+
+
+class _WordLevelStandIn:
+    """The three tokenizer methods `ntloss` calls, for a vocabulary of digits and filler tokens."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab = {f"<t{i}>": i for i in range(vocab_size)}
+        for digit in range(10):
+            del self.vocab[f"<t{FIRST_DIGIT_ID + digit}>"]
+            self.vocab[str(digit)] = FIRST_DIGIT_ID + digit
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def add_tokens(self, tokens):
+        return 0
+
+
+# ----------------------------------------------------------------------------- providers
+def build_provider(name: str, op: str, V: int, device: str) -> Optional[Callable]:
+    """A function (logits, labels) -> scalar loss, or None where the provider is unavailable."""
+    table = make_table(V).to(device)
+    if name in ("triton", "cpp", "reference"):
+        try:
+            ntl_fast.explain_backend(device, name)
+        except RuntimeError as error:
+            print(f"  skip {name}: {error}", file=sys.stderr)
+            return None
+        if op == "ce_ntl":
+            return lambda z, y: ntl_fast.cross_entropy_with_ntl(
+                z, y, table, ntl_weight=NTL_WEIGHT, validate=False, backend=name).loss
+        if op == "ntl":
+            return lambda z, y: ntl_fast.number_token_loss(z, y, table, validate=False, backend=name)
+        return None
+    if name == "reference-compiled":
+        if op == "ce_ntl":
+            function = lambda z, y: ntl_fast.cross_entropy_with_ntl(  # noqa: E731
+                z, y, table, ntl_weight=NTL_WEIGHT, validate=False, backend="reference").loss
+        elif op == "ntl":
+            function = lambda z, y: ntl_fast.number_token_loss(z, y, table, validate=False, backend="reference")  # noqa: E731
+        else:
+            return None
+        return torch.compile(function, dynamic=False)
+    if name == "ntloss":
+        try:
+            from ntloss import NTLoss
+        except ImportError as error:
+            print(f"  skip ntloss: {error}", file=sys.stderr)
+            return None
+        authors = NTLoss(_WordLevelStandIn(V), vocab_size=V, reweigh=False)
+        if op == "ce_ntl":
+            return lambda z, y: F.cross_entropy(z, y) + NTL_WEIGHT * authors(z[:, None], y[:, None])
+        if op == "ntl":
+            return lambda z, y: authors(z[:, None], y[:, None])
+        return None
+    if name == "torch-ce":
+        return (lambda z, y: F.cross_entropy(z, y)) if op == "ce" else None
+    if name == "liger-ce":
+        if op != "ce" or device != "cuda":
+            return None
+        try:
+            from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+        except ImportError as error:
+            print(f"  skip liger-ce: {error}", file=sys.stderr)
+            return None
+        return lambda z, y: LigerCrossEntropyFunction.apply(z, y)[0]
+    raise ValueError(f"unknown provider {name!r}")
+
+
+# ----------------------------------------------------------------------------- timing
+def _quantiles(times: List[float]):
+    times = sorted(times)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return statistics.median(times), pick(0.2), pick(0.8)
+
+
+def _time(run: Callable[[], None], device: str, repeats: int, warmup: int):
+    for _ in range(warmup):
+        run()
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            run()
+            times.append(1e3 * (time.perf_counter() - begin))
+    return _quantiles(times)
+
+
+def mode_runner(function: Callable, logits: torch.Tensor, labels: torch.Tensor, mode: str) -> Callable[[], None]:
+    if mode == "fwd":
+        def run():
+            function(logits, labels)
+        return run
+    if mode == "full":
+        def run():
+            logits.grad = None
+            function(logits, labels).backward()
+        return run
+    loss = function(logits, labels)
+
+    def run():
+        logits.grad = None
+        loss.backward(retain_graph=True)
+    return run
+
+
+def copy_bandwidth(device: str) -> float:
+    """Device-to-device copy rate in bytes/s (bytes read + bytes written)."""
+    source = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    median, _, _ = _time(lambda: target.copy_(source), device, repeats=20, warmup=3)
+    return 2 * source.numel() / (median / 1e3)
+
+
+def floor_ms(M: int, V: int, dtype: torch.dtype, mode: str, bandwidth: float) -> float:
+    """NTL_SPEC §5: read the logits once; write the gradient once when a backward runs."""
+    element = torch.finfo(dtype).bits // 8
+    passes = 1 if mode == "fwd" else 2
+    return 1e3 * passes * M * V * element / bandwidth
+
+
+# ----------------------------------------------------------------------------- memory
+def peak_memory_cuda(run: Callable[[], None]) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_cpu(provider: str, op: str, M: int, V: int, dtype: str, mode: str) -> float:
+    """Growth of the resident-set high-water mark of a fresh process running the op once."""
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe",
+               json.dumps(dict(provider=provider, op=op, M=M, V=V, dtype=dtype, mode=mode))]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(spec: Dict) -> None:
+    logits, labels = make_inputs(spec["M"], spec["V"], DTYPES[spec["dtype"]], "cpu")
+    logits.requires_grad_(True)
+    function = build_provider(spec["provider"], spec["op"], spec["V"], "cpu")
+    if spec["provider"] == "reference-compiled":  # compile outside the measured region
+        mode_runner(function, logits, labels, "full")()
+        logits.grad = None
+    warm = make_inputs(8, spec["V"], DTYPES[spec["dtype"]], "cpu")[0].requires_grad_()
+    mode_runner(function, warm, labels[:8], "full")()  # load code paths, thread pools
+    before = _rss_mib()
+    mode_runner(function, logits, labels, spec["mode"])()
+    print(_rss_mib() - before)
+
+
+# ----------------------------------------------------------------------------- main
+@dataclass
+class Row:
+    op: str
+    provider: str
+    mode: str
+    M: int
+    V: int
+    dtype: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mib: float
+    floor_ms: Optional[float]
+    x_floor: Optional[float]
+    device: str
+    torch: str
+    triton: str
+    commit: str
+    date: str
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()} cores"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    parser.add_argument("--ops", nargs="+")
+    parser.add_argument("--providers", nargs="+")
+    parser.add_argument("--modes", nargs="+", choices=["fwd", "bwd", "full"])
+    parser.add_argument("--M", nargs="+", type=int)
+    parser.add_argument("--V", nargs="+", type=int)
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--cpu-memory", action="store_true", help="measure CPU peak memory (a process each)")
+    parser.add_argument("--out", default=None, help="CSV file to append to")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        memory_probe(json.loads(args.memory_probe))
+        return
+    preset = PRESETS[args.preset or ("gpu-check" if args.device == "cuda" else "cpu")]
+    ops = args.ops or preset["ops"]
+    providers = args.providers or preset["providers"]
+    modes = args.modes or preset["modes"]
+    sizes_m, sizes_v = args.M or preset["M"], args.V or preset["V"]
+    dtypes = args.dtypes or preset["dtypes"]
+    device = args.device
+    repeats = args.repeats or (20 if device == "cuda" else 5)
+    bandwidth = copy_bandwidth(device) if device == "cuda" else None
+    if bandwidth:
+        print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s")
+    triton_version = "none"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        pass
+    rows: List[Row] = []
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for V in sizes_v:
+        for M in sizes_m:
+            for dtype_name in dtypes:
+                dtype = DTYPES[dtype_name]
+                logits, labels = make_inputs(M, V, dtype, device)
+                logits.requires_grad_(True)
+                for op in ops:
+                    for provider in providers:
+                        function = build_provider(provider, op, V, device)
+                        if function is None:
+                            continue
+                        for mode in modes:
+                            try:
+                                run = mode_runner(function, logits, labels, mode)
+                                median, p20, p80 = _time(run, device, repeats, warmup=2 if device == "cpu" else 5)
+                                if device == "cuda":
+                                    peak = peak_memory_cuda(run)
+                                elif args.cpu_memory:
+                                    peak = peak_memory_cpu(provider, op, M, V, dtype_name, mode)
+                                else:
+                                    peak = float("nan")
+                            except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+                                print(f"  {op}/{provider}/{mode} M={M} V={V} {dtype_name} failed: {error}",
+                                      file=sys.stderr)
+                                if device == "cuda":
+                                    torch.cuda.empty_cache()
+                                continue
+                            floor = floor_ms(M, V, dtype, mode, bandwidth) if bandwidth else None
+                            row = Row(op, provider, mode, M, V, dtype_name, median, p20, p80, peak, floor,
+                                      (median / floor) if floor else None, _device_name(device),
+                                      torch.__version__, triton_version, _commit(), stamp)
+                            rows.append(row)
+                            extra = f"  {row.x_floor:5.2f}x floor" if floor else ""
+                            print(f"{op:7s} {provider:19s} {mode:4s} M={M:6d} V={V:6d} {dtype_name}: "
+                                  f"{median:9.3f} ms [{p20:.3f}, {p80:.3f}]  peak {peak:9.1f} MiB{extra}",
+                                  flush=True)
+                del logits, labels
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    if args.out and rows:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        new = not os.path.exists(args.out)
+        with open(args.out, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(Row.__dataclass_fields__))
+            if new:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow(row.__dict__)
+        print(f"appended {len(rows)} rows to {args.out}")
+    print_ratios(rows)
+
+
+def print_ratios(rows: List[Row]) -> None:
+    """Side-by-side speed-ups of ntl_fast against the baselines measured in this run."""
+    index = {(r.op, r.provider, r.mode, r.M, r.V, r.dtype): r.median_ms for r in rows}
+    lines = []
+    for (op, provider, mode, M, V, dtype), median in index.items():
+        if provider not in ("triton", "cpp"):
+            continue
+        for baseline in ("ntloss", "reference", "reference-compiled"):
+            other = index.get((op, baseline, mode, M, V, dtype))
+            if other:
+                lines.append(f"{op} {mode} M={M} V={V} {dtype}: {provider} is {other / median:.2f}x faster than {baseline}")
+        if op == "ce_ntl":
+            for bar in ("liger-ce", "torch-ce"):
+                other = index.get(("ce", bar, mode, M, V, dtype))
+                if other:
+                    lines.append(f"ce_ntl {mode} M={M} V={V} {dtype}: {provider} takes {median / other:.2f}x the time of {bar} alone")
+    if lines:
+        print("\n".join(["", "ratios (same run):"] + lines))
+
+
+if __name__ == "__main__":
+    main()
