@@ -13,6 +13,10 @@ from .table import NumberTokenTable
 
 __version__ = "0.1.0"
 
+from .backends import load_backends as _load_backends  # noqa: E402
+
+_load_backends()
+
 __all__ = [
     "BackendChoice",
     "CrossEntropyWithNTL",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from types import ModuleType
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -44,21 +45,45 @@ def _cpp_usable(device: torch.device) -> Optional[str]:
     reason = _import_error("ntl_fast.cpp")
     if reason is not None:
         return reason
-    module = importlib.import_module("ntl_fast.cpp")
-    return module.unsupported_reason(device)
+    return _MODULES["ntl_fast.cpp"].unsupported_reason(device)
 
 
 _IMPORT_ERRORS: Dict[str, Optional[str]] = {}
+_MODULES: Dict[str, ModuleType] = {}
 
 
 def _import_error(module_name: str) -> Optional[str]:
     if module_name not in _IMPORT_ERRORS:
         try:
-            importlib.import_module(module_name)
+            _MODULES[module_name] = importlib.import_module(module_name)
             _IMPORT_ERRORS[module_name] = None
         except ImportError as error:  # the optional dependency or the extension is missing
             _IMPORT_ERRORS[module_name] = f"{module_name} is unavailable: {error}"
     return _IMPORT_ERRORS[module_name]
+
+
+def load_backends() -> None:
+    """Import every backend once, eagerly, so that dispatch under ``torch.compile`` is plain
+    dictionary lookups (ntl_fast's ``__init__`` calls this)."""
+    for module_name, _ in _CHECKS.values():
+        _import_error(module_name)
+
+
+_warned_cpu_fallback = False
+
+
+def _warn_cpu_fallback(reason: str) -> None:
+    global _warned_cpu_fallback
+    if _warned_cpu_fallback or torch.compiler.is_compiling():
+        return
+    _warned_cpu_fallback = True
+    warnings.warn(
+        f"ntl_fast: the C++ extension is not available ({reason}); CPU tensors use the slower "
+        f"PyTorch reference. Build it with `pip install --no-build-isolation -e .` from the "
+        f"source tree, with torch installed first.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 _CHECKS: Dict[str, Tuple[str, Callable[[torch.device], Optional[str]]]] = {
@@ -97,9 +122,14 @@ def explain_backend(device, backend: str = "auto") -> BackendChoice:
     cpp_reason = _cpp_usable(device)
     if cpp_reason is None:
         return BackendChoice("cpp", f"{device.type} tensors and the C++ extension is built")
+    if device.type == "cpu":
+        _warn_cpu_fallback(cpp_reason)
     return BackendChoice("reference", f"no kernel backend for {device.type}: {cpp_reason}")
 
 
 def get_backend(name: str) -> ModuleType:
     """The module implementing backend ``name`` (``ntl_rows`` / ``ce_ntl_rows``)."""
-    return importlib.import_module(_CHECKS[name][0])
+    module_name = _CHECKS[name][0]
+    if module_name not in _MODULES:
+        _import_error(module_name)
+    return _MODULES[module_name]
