@@ -7,7 +7,9 @@
 
 from .backends import BackendChoice, explain_backend
 from .config import LOSSES, REDUCTIONS, LossConfig
+from .distributed import global_counts, token_counts
 from .functional import NTLOutput, cross_entropy_with_ntl, number_level_loss, number_token_loss
+from .linear import linear_cross_entropy_with_ntl
 from .module import CrossEntropyWithNTL, NumberTokenLoss
 from .table import NumberTokenTable
 
@@ -28,6 +30,9 @@ __all__ = [
     "REDUCTIONS",
     "cross_entropy_with_ntl",
     "explain_backend",
+    "global_counts",
+    "linear_cross_entropy_with_ntl",
     "number_level_loss",
     "number_token_loss",
+    "token_counts",
 ]
