@@ -5,7 +5,8 @@
 #   2. runs the Triton CUDA tests (parity, M=16384 sampled-row checks, torch.compile fullgraph),
 #   3. runs the CUDA-extension tests once the build is done, and compute-sanitizer on one case,
 #   4. runs the named benchmark subset (bf16, M=16384, V in {32128, 128256}) against ntloss,
-#      torch CE and Liger CE when their wheels are carried in .whl/,
+#      torch CE and Liger CE when their wheels are carried in .whl/, and the LM-head-fused path
+#      against the materialised one (M=16384, H=4096, V=128256, bf16),
 # and writes a log, junit XML and the benchmark CSV under $OUT (benchmarks/results/local-gpu
 # when $OUT is unset). Usage: bash benchmarks/gpu_check.sh [--full]  (--full: the full sweep)
 set -u
@@ -62,5 +63,7 @@ fi
 elapsed "benchmarks"
 if [ "${1:-}" = "--full" ]; then preset=full; else preset=gpu-check; fi
 timeout 150 python3 benchmarks/bench.py --preset "$preset" --out "$OUT/bench.csv" || status=1
+elapsed "LM-head-fused CE + NTL vs materialised (M=16384, H=4096, V=128256, bf16)"
+timeout 60 python3 benchmarks/bench_linear.py --chunk-sizes 1024 4096 --out "$OUT/bench_linear.csv" || status=1
 elapsed "done, status $status"
 exit $status
