@@ -260,6 +260,12 @@ class NumberTokenTable:
         return cached
 
     # ----------------------------------------------------------------------------- distances
+    def squash_map(self, squash_factor: float) -> Tuple[float, float]:
+        """``(d_min, scale)`` of the squash map ``D' = 1 + (D - d_min) * scale`` (Python floats)."""
+        check_squash_factor(squash_factor)
+        span = self.max_distance - self.min_distance
+        return self.min_distance, ((squash_factor - 1.0) / span if span > 0 else 0.0)
+
     def squash(self, distance: Tensor, squash_factor: Optional[float]) -> Tensor:
         """Map non-zero distances linearly onto ``[1, squash_factor]`` (NTL_SPEC §2.2).
 
@@ -268,10 +274,8 @@ class NumberTokenTable:
         """
         if squash_factor is None:
             return distance
-        check_squash_factor(squash_factor)
-        span = self.max_distance - self.min_distance
-        scale = (squash_factor - 1.0) / span if span > 0 else 0.0
-        squashed = 1.0 + (distance - self.min_distance) * scale
+        d_min, scale = self.squash_map(squash_factor)
+        squashed = 1.0 + (distance - d_min) * scale
         return torch.where(distance > 0, squashed, torch.zeros_like(distance))
 
     def distance_matrix(self, squash_factor: Optional[float] = None) -> Tensor:
@@ -287,8 +291,11 @@ class NumberTokenTable:
         """``c = 1.01 * max_dist`` of NTL_SPEC §2.4 for a loss variant (a Python float)."""
         spread = self.max_value - self.min_value
         if loss == "was":
-            largest = torch.tensor(self.max_distance, dtype=torch.float32)
-            max_dist = float(self.squash(largest, squash_factor))
+            # pure Python: this runs inside torch.compile'd code, where float(tensor) would sync
+            max_dist = self.max_distance
+            if squash_factor is not None and max_dist > 0:
+                d_min, scale = self.squash_map(squash_factor)
+                max_dist = 1.0 + (max_dist - d_min) * scale
         elif loss == "was_cdf":
             max_dist = spread
         elif loss == "mse":

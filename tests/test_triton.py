@@ -1,0 +1,588 @@
+"""The Triton backend against the PyTorch reference, run in Triton's interpreter on CPU tensors.
+
+conftest.py sets TRITON_INTERPRET=1 before ntl_fast.triton is imported. Tolerances are those of
+NTL_SPEC §6 (tests/helpers.assert_spec_close). Cases stay small: the interpreter's cost is per
+op per program.
+"""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ntl_fast
+from ntl_fast import LossConfig, NumberTokenTable, reference
+
+from helpers import assert_spec_close, digit_table, irregular_table, random_labels
+
+triton_backend = pytest.importorskip("ntl_fast.triton")
+from ntl_fast.triton import _common  # noqa: E402
+from ntl_fast.triton._common import loss_options, table_tensors  # noqa: E402
+
+if torch.cuda.is_available():
+    pytest.skip("CUDA present: the interpreter tests run on CPU machines", allow_module_level=True)
+
+CONFIGS = [
+    LossConfig("was"),
+    LossConfig("was", squash_factor=3.0),
+    LossConfig("mse"),
+    LossConfig("mae"),
+    LossConfig("huber"),
+    LossConfig("was_cdf"),
+    LossConfig("was_cdf", gaussian_sigma=1.0),
+    LossConfig("was", gaussian_sigma=0.5),
+    LossConfig("was", reweigh=True),
+    LossConfig("was", squash_factor=2.0, reweigh=True),
+    LossConfig("mse", reweigh=True),
+    LossConfig("mae", reweigh=True),
+    LossConfig("huber", reweigh=True),
+    LossConfig("was_cdf", gaussian_sigma=2.0, reweigh=True),
+    LossConfig("was", ignore_index=-1),
+]
+
+
+def _config_id(config):
+    parts = [config.loss]
+    if config.squash_factor is not None:
+        parts.append(f"squash{config.squash_factor:g}")
+    if config.reweigh:
+        parts.append("reweigh")
+    if config.gaussian_sigma is not None:
+        parts.append(f"sigma{config.gaussian_sigma:g}")
+    if config.ignore_index != -100:
+        parts.append(f"ignore{config.ignore_index}")
+    return "-".join(parts)
+
+
+TABLES = {"digits": lambda: digit_table(40), "irregular": lambda: irregular_table(53)}
+
+
+def _logits(rows, vocab_size, scale=3.0, dtype=torch.float32):
+    return (torch.randn(rows, vocab_size, dtype=torch.float64) * scale).to(dtype)
+
+
+def _rows_and_grad(fn, logits, upstream):
+    """Per-row outputs of ``fn(logits)`` and the gradient of ``Σ_i upstream_i · out_i``."""
+    z = logits.detach().clone().requires_grad_()
+    outputs = fn(z)
+    if isinstance(outputs, torch.Tensor):
+        outputs = (outputs,)
+    total = sum((out * w.to(out.dtype)).sum() for out, w in zip(outputs, upstream))
+    (grad,) = torch.autograd.grad(total, z)
+    return outputs, grad
+
+
+def _labels_with_edges(rows, table, ignore_index=-100):
+    labels = random_labels((rows,), table, ignore_index=ignore_index)
+    labels[0] = 0
+    if rows > 1:
+        labels[-1] = table.vocab_size - 1
+    return labels
+
+
+# --------------------------------------------------------------------------------- per-row parity
+@pytest.mark.parametrize("table_name", list(TABLES))
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+def test_ntl_rows_match_reference(config, table_name, seed):
+    table = TABLES[table_name]()
+    logits = _logits(37, table.vocab_size)
+    labels = _labels_with_edges(37, table, config.ignore_index)
+    upstream = [torch.randn(37)]
+    (got,), got_grad = _rows_and_grad(
+        lambda z: triton_backend.ntl_rows(z, labels, table, config), logits, upstream
+    )
+    (want,), want_grad = _rows_and_grad(
+        lambda z: reference.ntl_rows(z, labels, table, config), logits.double(), upstream
+    )
+    assert got.dtype == torch.float32
+    assert_spec_close(got, want, torch.float32, what="ntl")
+    assert_spec_close(got_grad, want_grad, torch.float32, gradient=True, what="d ntl / d logits")
+
+
+@pytest.mark.parametrize("table_name", list(TABLES))
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+def test_ce_ntl_rows_match_reference(config, table_name, seed):
+    table = TABLES[table_name]()
+    logits = _logits(37, table.vocab_size)
+    labels = _labels_with_edges(37, table, config.ignore_index)
+    upstream = [torch.randn(37), torch.randn(37)]
+    (ce, ntl), got_grad = _rows_and_grad(
+        lambda z: triton_backend.ce_ntl_rows(z, labels, table, config), logits, upstream
+    )
+    (ce_ref, ntl_ref), want_grad = _rows_and_grad(
+        lambda z: reference.ce_ntl_rows(z, labels, table, config), logits.double(), upstream
+    )
+    assert ce.dtype == ntl.dtype == torch.float32
+    assert_spec_close(ce, ce_ref, torch.float32, what="ce")
+    assert_spec_close(ntl, ntl_ref, torch.float32, what="ntl")
+    assert_spec_close(got_grad, want_grad, torch.float32, gradient=True, what="d (ce, ntl) / d logits")
+
+
+# --------------------------------------------------------------------------------- shapes
+SHAPES = [
+    (1, 40, "digits"),       # one row, V < BLOCK_V
+    (37, 300, "digits"),     # V not a multiple of BLOCK_V
+    (64, 256, "digits"),     # V a multiple of BLOCK_V, a full row block
+    (20, 53, "irregular"),   # K = 7, number ids 0 and V - 1
+    (9, 12, "irregular12"),  # K = 7 in a tiny vocabulary
+]
+
+
+def _shape_table(name, vocab_size):
+    if name == "digits":
+        return digit_table(vocab_size, first_id=vocab_size // 3)
+    if name == "irregular":
+        return irregular_table(vocab_size)
+    return NumberTokenTable.from_values({0: 3.0, 2: 1.0, 5: 4.0, 6: 1.0, 8: 5.0, 9: -2.0, 11: 6.0}, vocab_size=12)
+
+
+@pytest.mark.parametrize("rows,vocab_size,table_name", SHAPES)
+@pytest.mark.parametrize("config", [LossConfig("was"), LossConfig("was_cdf", gaussian_sigma=1.0, reweigh=True)],
+                         ids=_config_id)
+def test_shapes(rows, vocab_size, table_name, config):
+    torch.manual_seed(rows * 1000 + vocab_size)
+    table = _shape_table(table_name, vocab_size)
+    logits = _logits(rows, vocab_size)
+    labels = _labels_with_edges(rows, table)
+    upstream = [torch.randn(rows), torch.randn(rows)]
+    (ce, ntl), got_grad = _rows_and_grad(
+        lambda z: triton_backend.ce_ntl_rows(z, labels, table, config), logits, upstream
+    )
+    (ce_ref, ntl_ref), want_grad = _rows_and_grad(
+        lambda z: reference.ce_ntl_rows(z, labels, table, config), logits.double(), upstream
+    )
+    assert_spec_close(ce, ce_ref, torch.float32, what="ce")
+    assert_spec_close(ntl, ntl_ref, torch.float32, what="ntl")
+    assert_spec_close(got_grad, want_grad, torch.float32, gradient=True, what="grad")
+
+
+def test_several_programs_with_a_row_tail(monkeypatch):
+    """M = 37 over programs of 16 rows: the last program's rows past M are masked."""
+    monkeypatch.setattr(_common, "INTERPRET_BLOCK_M", 16)
+    monkeypatch.setattr(_common, "INTERPRET_BLOCK_V", 32)
+    torch.manual_seed(5)
+    table = irregular_table(53)
+    config = LossConfig("was", squash_factor=4.0, reweigh=True)
+    logits = _logits(37, 53)
+    labels = _labels_with_edges(37, table)
+    upstream = [torch.randn(37), torch.randn(37)]
+    for fn, ref in [(triton_backend.ce_ntl_rows, reference.ce_ntl_rows),
+                    (triton_backend.ntl_rows, reference.ntl_rows)]:
+        got, got_grad = _rows_and_grad(lambda z: fn(z, labels, table, config), logits, upstream)
+        want, want_grad = _rows_and_grad(lambda z: ref(z, labels, table, config), logits.double(), upstream)
+        for a, b in zip(got, want):
+            assert_spec_close(a, b, torch.float32, what=fn.__name__)
+        assert_spec_close(got_grad, want_grad, torch.float32, gradient=True, what=fn.__name__ + " grad")
+
+
+def test_huge_logits_do_not_overflow():
+    torch.manual_seed(3)
+    table = digit_table(40)
+    logits = _logits(16, 40, scale=1e4)
+    labels = _labels_with_edges(16, table)
+    config = LossConfig("was", reweigh=True)
+    upstream = [torch.ones(16), torch.ones(16)]
+    got, got_grad = _rows_and_grad(lambda z: triton_backend.ce_ntl_rows(z, labels, table, config), logits, upstream)
+    want, want_grad = _rows_and_grad(
+        lambda z: reference.ce_ntl_rows(z, labels, table, config), logits.double(), upstream
+    )
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        assert_spec_close(a, b, torch.float32)
+    assert_spec_close(got_grad, want_grad, torch.float32, gradient=True)
+
+
+def test_standalone_gradient_touches_only_number_columns():
+    """Without reweigh the NTL gradient is zero outside the K number-token columns."""
+    torch.manual_seed(4)
+    table = irregular_table(53)
+    logits = _logits(20, 53)
+    labels = _labels_with_edges(20, table)
+    _, grad = _rows_and_grad(
+        lambda z: triton_backend.ntl_rows(z, labels, table, LossConfig("mse")), logits, [torch.randn(20)]
+    )
+    assert (grad[:, ~table.is_number] == 0).all()
+    assert (grad[:, table.is_number] != 0).any()
+
+
+# --------------------------------------------------------------------------------- public API
+API_TABLE = lambda: digit_table(300, first_id=120)  # noqa: E731
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(loss="was"), dict(loss="was_cdf", gaussian_sigma=1.0), dict(loss="huber", reweigh=True),
+     dict(loss="was", squash_factor=2.5, ignore_index=-1)],
+    ids=["was", "gce-was_cdf", "huber-reweigh", "was-squash-ignore-1"],
+)
+def test_cross_entropy_with_ntl_api(options, weighted, reduction):
+    torch.manual_seed(11)
+    table = API_TABLE()
+    logits = _logits(2 * 13, 300).view(2, 13, 300)
+    labels = random_labels((2, 13), table, ignore_index=options.get("ignore_index", -100))
+    weights = torch.rand(2, 13) if weighted else None
+    results = {}
+    for backend in ("triton", "reference"):
+        z = logits.clone().requires_grad_()
+        out = ntl_fast.cross_entropy_with_ntl(
+            z, labels, table, ntl_weight=0.3, reduction=reduction, weights=weights, backend=backend, **options
+        )
+        loss = out.loss if reduction != "none" else (out.loss * torch.randn(2, 13, generator=torch.Generator().manual_seed(1))).sum()
+        loss.backward()
+        results[backend] = (out.loss.detach(), out.ce, out.ntl, z.grad)
+    for name, got, want in zip(("loss", "ce", "ntl", "grad"), results["triton"], results["reference"]):
+        assert_spec_close(got, want, torch.float32, gradient=name == "grad", what=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [dict(loss="was"), dict(loss="mae", reweigh=True)], ids=["was", "mae-reweigh"])
+def test_number_token_loss_api(options, reduction):
+    torch.manual_seed(12)
+    table = irregular_table(53)
+    logits = _logits(30, 53)
+    labels = random_labels((30,), table)
+    weights = torch.rand(30)
+    results = {}
+    for backend in ("triton", "reference"):
+        z = logits.clone().requires_grad_()
+        loss = ntl_fast.number_token_loss(z, labels, table, reduction=reduction, weights=weights,
+                                          backend=backend, **options)
+        (loss if reduction != "none" else loss.square()).sum().backward()
+        results[backend] = (loss.detach(), z.grad)
+    assert_spec_close(results["triton"][0], results["reference"][0], torch.float32, what="loss")
+    assert_spec_close(results["triton"][1], results["reference"][1], torch.float32, gradient=True, what="grad")
+
+
+def test_normalizers_and_shift():
+    torch.manual_seed(13)
+    table = digit_table(40)
+    logits = _logits(3 * 9, 40).view(3, 9, 40)
+    labels = random_labels((3, 9), table)
+    results = {}
+    for backend in ("triton", "reference"):
+        z = logits.clone().requires_grad_()
+        out = ntl_fast.cross_entropy_with_ntl(
+            z, labels, table, backend=backend, ce_normalizer=7.0, ntl_normalizer=torch.tensor(3.0),
+            shift_labels=True,
+        )
+        out.loss.backward()
+        z2 = logits.clone().requires_grad_()
+        ntl = ntl_fast.number_token_loss(z2, labels, table, backend=backend, normalizer=5, shift_labels=True)
+        ntl.backward()
+        results[backend] = (out.loss.detach(), out.ce, out.ntl, z.grad, ntl.detach(), z2.grad)
+    for got, want in zip(results["triton"], results["reference"]):
+        assert_spec_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("case", ["all_ignored", "no_number_label"])
+def test_empty_means_are_zero_with_zero_gradient(case):
+    table = digit_table(40)
+    logits = _logits(8, 40)
+    if case == "all_ignored":
+        labels = torch.full((8,), -100)
+    else:
+        labels = torch.tensor([0, 1, 2, 3, 30, 31, -100, 39])  # no id in 7..16
+    for backend in ("triton", "reference"):
+        z = logits.clone().requires_grad_()
+        out = ntl_fast.cross_entropy_with_ntl(z, labels, table, backend=backend)
+        out.loss.backward()
+        assert out.ntl.item() == 0.0
+        if case == "all_ignored":
+            assert out.loss.item() == 0.0
+            assert (z.grad == 0).all()
+        else:
+            assert (z.grad[:, table.is_number] != 0).any()  # CE still pushes the number columns down
+        z2 = logits.clone().requires_grad_()
+        ntl = ntl_fast.number_token_loss(z2, labels, table, backend=backend)
+        ntl.backward()
+        assert ntl.item() == 0.0 and ntl.grad_fn is not None
+        assert (z2.grad == 0).all()
+
+
+def test_int32_labels():
+    torch.manual_seed(14)
+    table = irregular_table(53)
+    logits = _logits(12, 53)
+    labels = random_labels((12,), table)
+    got = ntl_fast.cross_entropy_with_ntl(logits, labels.int(), table, backend="triton")
+    want = ntl_fast.cross_entropy_with_ntl(logits, labels, table, backend="reference")
+    assert_spec_close(got.loss, want.loss, torch.float32)
+
+
+# --------------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("config", [LossConfig("was"), LossConfig("mse", reweigh=True),
+                                    LossConfig("was_cdf", gaussian_sigma=1.0)], ids=_config_id)
+def test_half_precision_logits(dtype, config):
+    torch.manual_seed(15)
+    table = digit_table(300, first_id=200)
+    logits = _logits(24, 300, dtype=dtype)
+    labels = _labels_with_edges(24, table)
+    upstream = [torch.randn(24), torch.randn(24)]
+    (ce, ntl), grad = _rows_and_grad(lambda z: triton_backend.ce_ntl_rows(z, labels, table, config), logits, upstream)
+    (ce_ref, ntl_ref), grad_ref = _rows_and_grad(
+        lambda z: reference.ce_ntl_rows(z, labels, table, config), logits.float(), upstream
+    )
+    assert ce.dtype == torch.float32 and grad.dtype == dtype
+    assert_spec_close(ce, ce_ref, dtype, what="ce")
+    assert_spec_close(ntl, ntl_ref, dtype, what="ntl")
+    assert_spec_close(grad, grad_ref, dtype, gradient=True, what="grad")
+    (ntl_only,), grad_only = _rows_and_grad(
+        lambda z: triton_backend.ntl_rows(z, labels, table, config), logits, upstream[1:]
+    )
+    (ntl_only_ref,), grad_only_ref = _rows_and_grad(
+        lambda z: reference.ntl_rows(z, labels, table, config), logits.float(), upstream[1:]
+    )
+    assert_spec_close(ntl_only, ntl_only_ref, dtype, what="standalone ntl")
+    assert_spec_close(grad_only, grad_only_ref, dtype, gradient=True, what="standalone grad")
+
+
+def test_float64_logits_give_float64_losses():
+    table = digit_table(40)
+    logits = _logits(6, 40, dtype=torch.float64)
+    labels = _labels_with_edges(6, table)
+    ce, ntl = triton_backend.ce_ntl_rows(logits, labels, table, LossConfig())
+    assert ce.dtype == ntl.dtype == torch.float64
+    assert triton_backend.ntl_rows(logits, labels, table, LossConfig()).dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("config", [LossConfig("was"), LossConfig("was_cdf", gaussian_sigma=1.0, reweigh=True)],
+                         ids=_config_id)
+def test_bad_labels_give_nan_and_never_touch_memory(config):
+    torch.manual_seed(16)
+    table = irregular_table(53)
+    logits = _logits(10, 53)
+    labels = _labels_with_edges(10, table)
+    bad = torch.tensor([1, 4, 7])
+    labels[bad] = torch.tensor([-7, 53, 10**12])
+    good = torch.ones(10, dtype=torch.bool)
+    good[bad] = False
+    upstream = [torch.randn(10), torch.randn(10)]
+
+    def finite_rows(fn):
+        def rows(z):
+            outputs = fn(z)
+            outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
+            for out in outputs:
+                assert torch.isnan(out[bad]).all() and not torch.isnan(out[good]).any()
+            return tuple(torch.where(good, out, torch.zeros_like(out)) for out in outputs)
+        return rows
+
+    for fn, ref in [(triton_backend.ce_ntl_rows, reference.ce_ntl_rows), (triton_backend.ntl_rows, reference.ntl_rows)]:
+        got, grad = _rows_and_grad(finite_rows(lambda z: fn(z, labels, table, config)), logits, upstream)
+        want, grad_ref = _rows_and_grad(finite_rows(lambda z: ref(z, labels, table, config)), logits.double(), upstream)
+        for a, b in zip(got, want):
+            assert_spec_close(a, b, torch.float32)
+        assert_spec_close(grad, grad_ref, torch.float32, gradient=True)
+        assert (grad[bad] == 0).all()
+    out = ntl_fast.cross_entropy_with_ntl(logits, labels, table, backend="triton", validate=False, reduction="none")
+    assert torch.isnan(out.loss[bad]).all() and torch.isfinite(out.loss[good]).all()
+    with pytest.raises(ValueError, match="labels must be in"):
+        ntl_fast.cross_entropy_with_ntl(logits, labels, table, backend="triton")
+
+
+# --------------------------------------------------------------------------------- in place
+@pytest.mark.parametrize("config", [LossConfig("was"), LossConfig("mse", reweigh=True, gaussian_sigma=1.0)],
+                         ids=_config_id)
+def test_inplace_gives_the_same_gradient(config):
+    torch.manual_seed(17)
+    table = irregular_table(53)
+    source = _logits(40, 53)
+    labels = _labels_with_edges(40, table)
+    upstream = [torch.randn(40), torch.randn(40)]
+    grads = []
+    for inplace in (False, True):
+        leaf = source.clone().requires_grad_()
+        logits = leaf * 1.0  # the buffer the in-place backward overwrites
+        ce, ntl = triton_backend.ce_ntl_rows(logits, labels, table, config, inplace=inplace)
+        ((ce * upstream[0]).sum() + (ntl * upstream[1]).sum()).backward()
+        grads.append(leaf.grad)
+        if inplace:
+            assert torch.equal(logits.detach(), leaf.grad)  # the hazard: the logits now hold gradients
+        else:
+            assert torch.equal(logits.detach(), source)
+    assert torch.equal(grads[0], grads[1])
+    leaf = source.clone().requires_grad_()
+    out = ntl_fast.cross_entropy_with_ntl(leaf * 1.0, labels, table, backend="triton", inplace=True)
+    out.loss.backward()
+    want = source.clone().requires_grad_()
+    ntl_fast.cross_entropy_with_ntl(want, labels, table, backend="reference").loss.backward()
+    assert_spec_close(leaf.grad, want.grad, torch.float32, gradient=True)
+
+
+# --------------------------------------------------------------------------------- gradcheck
+GRADCHECK_TABLE = lambda: NumberTokenTable.from_values({1: 0.0, 3: 1.5, 6: 4.0, 10: 2.0}, vocab_size=12)  # noqa: E731
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+def test_gradcheck_float64(config):
+    torch.manual_seed(18)
+    table = GRADCHECK_TABLE()
+    logits = _logits(5, 12, scale=1.0, dtype=torch.float64).requires_grad_()
+    labels = torch.tensor([3, 10, 0, config.ignore_index, 1])
+    assert torch.autograd.gradcheck(
+        lambda z: triton_backend.ce_ntl_rows(z, labels, table, config), (logits,), fast_mode=True
+    )
+    assert torch.autograd.gradcheck(
+        lambda z: triton_backend.ntl_rows(z, labels, table, config), (logits,), fast_mode=True
+    )
+
+
+def test_gradcheck_float64_full_jacobian():
+    """One case with the full Jacobian (every other gradcheck is fast_mode)."""
+    torch.manual_seed(21)
+    table = GRADCHECK_TABLE()
+    logits = _logits(3, 12, scale=1.0, dtype=torch.float64).requires_grad_()
+    labels = torch.tensor([6, 0, 10])
+    config = LossConfig("was_cdf", gaussian_sigma=1.5, reweigh=True)
+    assert torch.autograd.gradcheck(lambda z: triton_backend.ce_ntl_rows(z, labels, table, config), (logits,))
+
+
+# --------------------------------------------------------------------------------- torch.library
+def _op_args(config, table, rows=6):
+    torch.manual_seed(19)
+    logits = _logits(rows, table.vocab_size).requires_grad_()
+    labels = _labels_with_edges(rows, table)
+    return (logits, labels, list(table_tensors(table)), *loss_options(config, table))
+
+
+@pytest.mark.parametrize("config", [LossConfig("was"), LossConfig("was_cdf", gaussian_sigma=1.0, reweigh=True)],
+                         ids=_config_id)
+def test_opcheck(config):
+    table = digit_table(40)
+    args = _op_args(config, table)
+    torch.library.opcheck(torch.ops.ntl_fast.triton_ntl_forward.default, args)
+    torch.library.opcheck(torch.ops.ntl_fast.triton_ce_ntl_forward.default, args + (False,))
+    logits, labels, tables, *options = args
+    lse = triton_backend.ce_ntl_forward(logits, labels, tables, *options, False)[2].detach()
+    grads = (torch.randn(6), torch.randn(6))
+    backward_args = (*grads, logits.detach(), labels, lse, tables, *options)
+    torch.library.opcheck(torch.ops.ntl_fast.triton_ce_ntl_backward.default, backward_args)
+    torch.library.opcheck(torch.ops.ntl_fast.triton_ntl_backward.default, backward_args[1:])
+
+
+def test_compiles_without_graph_break():
+    """torch.compile(fullgraph=True) traces the public API through the registered ops."""
+    torch.manual_seed(20)
+    table = digit_table(40)
+    model = torch.nn.Linear(8, 40)
+    inputs = torch.randn(2, 5, 8)
+    labels = random_labels((2, 5), table)
+
+    def step(x):
+        out = ntl_fast.cross_entropy_with_ntl(model(x), labels, table, backend="triton",
+                                             squash_factor=2.0, reweigh=True)
+        ntl = ntl_fast.number_token_loss(model(x), labels, table, backend="triton", loss="was_cdf")
+        return out.loss + ntl
+
+    explanation = torch._dynamo.explain(step)(inputs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    loss = compiled(inputs)
+    loss.backward()
+    compiled_grad = model.weight.grad.clone()
+    model.weight.grad = None
+    eager = step(inputs)
+    eager.backward()
+    assert_spec_close(loss, eager, torch.float32)
+    assert_spec_close(compiled_grad, model.weight.grad, torch.float32, gradient=True)
+
+
+# --------------------------------------------------------------------------------- properties
+@st.composite
+def _problems(draw):
+    vocab_size = draw(st.integers(2, 200))
+    num_numbers = draw(st.integers(1, min(12, vocab_size - 1)))
+    ids = draw(st.lists(st.integers(0, vocab_size - 1), min_size=num_numbers, max_size=num_numbers, unique=True))
+    values = draw(st.lists(st.integers(-5, 20), min_size=num_numbers, max_size=num_numbers))
+    table = NumberTokenTable.from_values({i: float(v) for i, v in zip(ids, values)}, vocab_size=vocab_size)
+    loss = draw(st.sampled_from(["was", "mse", "mae", "huber", "was_cdf"]))
+    squash = draw(st.sampled_from([None, 1.5, 4.0])) if loss == "was" else None
+    sigma = draw(st.sampled_from([None, 0.5, 2.0]))
+    config = LossConfig(loss, squash, draw(st.booleans()), sigma)
+    rows = draw(st.integers(1, 40))
+    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
+    seed = draw(st.integers(0, 2**16))
+    return table, config, rows, reduction, seed
+
+
+@settings(max_examples=15, deadline=None)
+@given(_problems())
+def test_property_matches_reference(problem):
+    table, config, rows, reduction, seed = problem
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, table.vocab_size, generator=generator, dtype=torch.float64).float() * 2
+    labels = random_labels((rows,), table, generator=generator)
+    options = dict(loss=config.loss, squash_factor=config.squash_factor, reweigh=config.reweigh,
+                   gaussian_sigma=config.gaussian_sigma, reduction=reduction)
+    results = {}
+    for backend in ("triton", "reference"):
+        z = logits.clone().requires_grad_()
+        out = ntl_fast.cross_entropy_with_ntl(z, labels, table, backend=backend, **options)
+        z2 = logits.clone().requires_grad_()
+        ntl = ntl_fast.number_token_loss(z2, labels, table, backend=backend, loss=config.loss,
+                                         squash_factor=config.squash_factor, reweigh=config.reweigh,
+                                         reduction=reduction)
+        (out.loss.sum() + ntl.sum()).backward()
+        results[backend] = (out.ce, out.ntl, ntl.detach(), z.grad, z2.grad)
+    names = ("ce", "ntl", "standalone ntl", "grad", "standalone grad")
+    for name, got, want in zip(names, results["triton"], results["reference"]):
+        assert_spec_close(got, want, torch.float32, gradient="grad" in name, what=name)
+    assert not math.isnan(float(results["triton"][0].sum()))
+
+
+# --------------------------------------------------------------------------------- GPU compilation
+_COMPILE_FOR_SM90 = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ntl_fast.triton.cross_entropy_with_ntl import _ce_ntl_backward_kernel, _ce_ntl_forward_kernel
+from ntl_fast.triton.number_token_loss import _ntl_backward_kernel, _ntl_forward_kernel
+
+INT64 = {"labels_ptr", "number_ids_ptr", "number_index_ptr", "value_order_ptr", "value_rank_ptr"}
+for fn, block_m in [(_ntl_forward_kernel, 16), (_ntl_backward_kernel, 1),
+                    (_ce_ntl_forward_kernel, 1), (_ce_ntl_backward_kernel, 1)]:
+    constants = dict(LOSS=4, SQUASH=False, REWEIGH=True, GAUSSIAN=True, INPLACE=True,
+                     BLOCK_M=block_m, BLOCK_V=4096, BLOCK_K=16)
+    constants = {name: value for name, value in constants.items() if name in fn.arg_names}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in ("logits_ptr", "grad_ptr"):
+            signature[name] = "*bf16"
+        elif name in INT64:
+            signature[name] = "*i64"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+        elif name in ("stride_m", "stride_gm", "M", "V", "K", "ignore_index"):
+            signature[name] = "i32"
+        else:
+            signature[name] = "fp32"
+    constexprs = {(fn.arg_names.index(name),): value for name, value in constants.items()}
+    triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 8})
+print("compiled")
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90(tmp_path):
+    """The interpreter accepts code the compiler rejects: compile each kernel for sm_90 (no GPU
+    needed; Triton ships ptxas). Runs in a subprocess, where TRITON_INTERPRET is unset."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
