@@ -37,11 +37,11 @@ git rev-parse HEAD 2>/dev/null || echo "commit: see benchmarks/results (no .git 
 
 status=0
 elapsed "building the CUDA extension in the background"
-( timeout 240 bash scripts/build_cuda_extension.sh > "$OUT/build.log" 2>&1; echo $? > "$OUT/build.rc" ) &
+( PYTHON=python3 timeout 240 bash scripts/build_cuda_extension.sh > "$OUT/build.log" 2>&1; echo $? > "$OUT/build.rc" ) &
 build_pid=$!
 
 elapsed "Triton tests on CUDA"
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_cuda.py tests/test_table.py \
+timeout 180 python3 -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_triton_cuda.py tests/test_table.py \
   --junitxml="$OUT/junit_triton.xml" || status=1
 
 wait $build_pid
@@ -49,7 +49,7 @@ elapsed "CUDA extension build exit code $(cat "$OUT/build.rc")"
 tail -n 5 "$OUT/build.log"
 if [ "$(cat "$OUT/build.rc")" = "0" ]; then
   elapsed "CUDA extension tests"
-  timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_cpp_cuda.py \
+  timeout 90 python3 -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_cpp_cuda.py \
     --junitxml="$OUT/junit_cpp.xml" || status=1
   if command -v compute-sanitizer >/dev/null; then
     elapsed "compute-sanitizer (memcheck) on one small case of each backend"

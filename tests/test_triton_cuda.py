@@ -44,8 +44,11 @@ def _rows_and_grad(fn, logits, upstream):
     return outputs, grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("table_name,vocab_size", [("digits", 5000), ("irregular", 301)])
+# two pairings instead of the full product: each distinct (config, dtype, K) costs kernel
+# compilations on a device lease; the interpreter suite covers the full product on CPU
+@pytest.mark.parametrize("table_name,vocab_size,dtype", [
+    ("digits", 5000, torch.bfloat16), ("irregular", 301, torch.float32),
+], ids=["digits-bf16", "irregular-fp32"])
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
 def test_parity_on_cuda(config, table_name, vocab_size, dtype):
     torch.manual_seed(0)
