@@ -37,33 +37,39 @@ git rev-parse HEAD 2>/dev/null || echo "commit: see benchmarks/results (no .git 
 
 status=0
 elapsed "building the CUDA extension in the background"
-( PYTHON=python3 timeout 240 bash scripts/build_cuda_extension.sh > "$OUT/build.log" 2>&1; echo $? > "$OUT/build.rc" ) &
+( PYTHON=python3 timeout 240 bash scripts/build_cuda_extension.sh > "$OUT/build.log" 2>&1; echo $? > /tmp/ntl_build.rc ) &
 build_pid=$!
 
 elapsed "Triton tests on CUDA"
 timeout 180 python3 -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_triton_cuda.py tests/test_table.py \
   --junitxml="$OUT/junit_triton.xml" || status=1
 
+elapsed "benchmarks"
+if [ "${1:-}" = "--full" ]; then preset=full; else preset=gpu-check; fi
+timeout 150 python3 benchmarks/bench.py --preset "$preset" --out "$OUT/bench.csv" || status=1
+
 wait $build_pid
-elapsed "CUDA extension build exit code $(cat "$OUT/build.rc")"
+build_rc=$(cat /tmp/ntl_build.rc)
+elapsed "CUDA extension build exit code $build_rc"
 tail -n 5 "$OUT/build.log"
-if [ "$(cat "$OUT/build.rc")" = "0" ]; then
+if [ "$build_rc" = "0" ]; then
   elapsed "CUDA extension tests"
   timeout 90 python3 -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_cpp_cuda.py \
     --junitxml="$OUT/junit_cpp.xml" || status=1
-  if command -v compute-sanitizer >/dev/null; then
-    elapsed "compute-sanitizer (memcheck) on one small case of each backend"
-    timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/sanitizer_case.py \
-      > "$OUT/sanitizer.log" 2>&1; echo "compute-sanitizer exit code $?"; tail -n 4 "$OUT/sanitizer.log"
-  fi
+  elapsed "CUDA extension benchmarks (same subset)"
+  timeout 60 python3 benchmarks/bench.py --preset "$preset" --providers cpp --ops ce_ntl ntl \
+    --out "$OUT/bench.csv" || status=1
 else
   status=1
 fi
 
-elapsed "benchmarks"
-if [ "${1:-}" = "--full" ]; then preset=full; else preset=gpu-check; fi
-timeout 150 python3 benchmarks/bench.py --preset "$preset" --out "$OUT/bench.csv" || status=1
 elapsed "LM-head-fused CE + NTL vs materialised (M=16384, H=4096, V=128256, bf16)"
 timeout 60 python3 benchmarks/bench_linear.py --chunk-sizes 1024 4096 --out "$OUT/bench_linear.csv" || status=1
+
+if command -v compute-sanitizer >/dev/null; then
+  elapsed "compute-sanitizer (memcheck) on one small case of each backend"
+  timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/sanitizer_case.py \
+    > "$OUT/sanitizer.log" 2>&1; echo "compute-sanitizer exit code $?"; tail -n 4 "$OUT/sanitizer.log"
+fi
 elapsed "done, status $status"
 exit $status
