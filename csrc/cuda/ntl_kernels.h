@@ -1,0 +1,47 @@
+// C launch API of the ntl_fast CUDA kernels (csrc/cuda/ntl_kernels.cu).
+//
+// Torch-free: the kernels compile with nvcc alone in seconds, and csrc/cuda/ntl_cuda.cpp does
+// the tensor plumbing (checks, allocation, the current stream) and calls these two functions.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../ntl_math.h"
+
+namespace ntl {
+
+enum LogitsDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+
+// One call's buffers. Row arrays (ce, ntl, lse_*, grad_*) are float64 for float64 logits and
+// float32 otherwise; all tensors are contiguous and on the same device.
+struct CudaRows {
+  int dtype;                  // LogitsDtype of logits / grad_logits
+  const void* logits;         // (M, V)
+  void* grad_logits;          // (M, V), may equal logits (in-place backward)
+  const void* labels;         // (M,)
+  bool labels_int32;          // else int64
+  int64_t M, V, K;
+  const int64_t* number_ids;  // (K,)
+  const float* number_values; // (K,)
+  const int64_t* number_index;// (V,)
+  const int64_t* value_order; // (K,)
+  const float* sorted_gaps;   // (K-1,)
+  bool with_ce;
+  void* ce;                   // forward outputs, (M,); ce unused when !with_ce
+  void* ntl;
+  void* lse_vocab;            // forward output, backward input
+  void* lse_number;
+  const void* grad_ce;        // backward inputs, (M,); grad_ce unused when !with_ce
+  const void* grad_ntl;
+  Options options;
+};
+
+// The largest K the kernels serve (the backward keeps K fixes per row in shared memory).
+constexpr int64_t kMaxNumberTokens = 4096;  // 32 KiB of float64 fixes, under the 48 KiB default
+
+cudaError_t launch_forward(const CudaRows& rows, cudaStream_t stream);
+cudaError_t launch_backward(const CudaRows& rows, cudaStream_t stream);
+
+}  // namespace ntl

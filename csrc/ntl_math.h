@@ -1,0 +1,345 @@
+// The per-row Number Token Loss math of NTL_SPEC §2, shared by the CPU kernels and the CUDA kernels.
+//
+// Torch-free on purpose: nvcc compiles it in a .cu file without any PyTorch header. The kernels
+// do the dense work over the vocabulary (log-sum-exp, writing the gradient); everything that
+// touches only the K number-token columns lives here, once.
+//
+// A "row" gives access to one position's number-token logits and to the value table:
+//   K, logit(k) (NaN when number_ids[k] is outside the vocabulary), value(k),
+//   sorted(i) (position in N of the i-th smallest value, -1 when out of range), gap(i).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define NTL_HD __host__ __device__ __forceinline__
+#else
+#define NTL_HD inline
+#endif
+
+namespace ntl {
+
+enum LossKind : int { kWas = 0, kMse = 1, kMae = 2, kHuber = 3, kWasCdf = 4 };
+
+// The per-call switches (ntl_fast.config.LossConfig) plus the table's host constants.
+struct Options {
+  int loss;
+  bool squash;
+  double squash_min;    // d_min of §2.2
+  double squash_scale;  // (s - 1) / (d_max - d_min), 0 when d_max == d_min
+  bool reweigh;
+  double reweigh_constant;  // c of §2.4
+  bool gaussian;            // Gaussian targets (§2.5) for CE and for was_cdf
+  double sigma;
+  int64_t ignore_index;
+};
+
+NTL_HD float ntl_exp(float x) { return expf(x); }
+NTL_HD double ntl_exp(double x) { return exp(x); }
+NTL_HD float ntl_log(float x) { return logf(x); }
+NTL_HD double ntl_log(double x) { return log(x); }
+NTL_HD float ntl_abs(float x) { return fabsf(x); }
+NTL_HD double ntl_abs(double x) { return fabs(x); }
+
+template <typename acc_t>
+NTL_HD acc_t ntl_sign(acc_t x) {
+  return acc_t((x > acc_t(0)) - (x < acc_t(0)));  // 0 at 0, like torch.sign / the gradient of abs
+}
+
+template <typename acc_t>
+NTL_HD acc_t ntl_nan() {
+  return acc_t(NAN);
+}
+
+// How a label classifies its row (NTL_SPEC §2): counts for CE iff in_range (in [0, V) and not
+// ignore_index); NTL-valid iff number >= 0.
+struct RowLabel {
+  int64_t label;
+  int64_t number;  // position of the label in N, -1 when it is not a number token
+  bool in_range;   // 0 <= label < V and label != ignore_index
+  bool bad;        // neither in range nor ignore_index: NaN losses, zero gradient
+};
+
+// Every label-indexed read is bounds-checked here: a bad label never reaches number_index.
+NTL_HD RowLabel classify_label(int64_t label, int64_t V, int64_t K, const int64_t* number_index,
+                               int64_t ignore_index) {
+  RowLabel r{label, -1, false, false};
+  if (label == ignore_index) return r;  // ignored, even when ignore_index lies inside [0, V)
+  r.in_range = label >= 0 && label < V;
+  if (!r.in_range) {
+    r.bad = true;
+    return r;
+  }
+  const int64_t j = number_index[label];
+  if (j >= K || j < -1) {
+    r.bad = true;  // a corrupt table: poison the row instead of reading out of bounds
+  } else {
+    r.number = j;
+  }
+  return r;
+}
+
+// q_j = exp(z_j - LSE_N)
+template <typename acc_t, typename Row>
+NTL_HD acc_t number_prob(const Row& row, int64_t k, acc_t lse_number) {
+  return ntl_exp(row.logit(k) - lse_number);
+}
+
+// LSE_N = log Σ_{j∈N} exp(z_j)
+template <typename acc_t, typename Row>
+NTL_HD acc_t number_logsumexp(const Row& row) {
+  acc_t mx = -INFINITY;
+  bool nan = false;
+  for (int64_t k = 0; k < row.K; ++k) {
+    const acc_t z = row.logit(k);
+    nan |= z != z;
+    mx = z > mx ? z : mx;
+  }
+  if (nan) return ntl_nan<acc_t>();
+  if (mx == -INFINITY) return mx;
+  acc_t sum = 0;
+  for (int64_t k = 0; k < row.K; ++k) sum += ntl_exp(row.logit(k) - mx);
+  return mx + ntl_log(sum);
+}
+
+// D(y, v_k) of §2.2, squashed onto [1, s] when asked; float32 like the table's distance matrix.
+template <typename acc_t, typename Row>
+NTL_HD acc_t label_distance(const Row& row, int64_t k, int64_t label_number, const Options& opt) {
+  const float d = fabsf(float(row.value(label_number)) - float(row.value(k)));
+  if (!opt.squash) return acc_t(d);
+  if (!(d > 0.0f)) return acc_t(0);
+  return acc_t(1.0f + (d - float(opt.squash_min)) * float(opt.squash_scale));
+}
+
+// The exponent -½((v_k - y)/σ)² of the Gaussian target (§2.5).
+template <typename acc_t, typename Row>
+NTL_HD acc_t gaussian_exponent(const Row& row, int64_t k, acc_t y, const Options& opt) {
+  const acc_t u = (acc_t(row.value(k)) - y) / acc_t(opt.sigma);
+  return acc_t(-0.5) * u * u;
+}
+
+// log Σ_k exp(exponent_k): the Gaussian target's normaliser (the largest exponent is 0, at y).
+template <typename acc_t, typename Row>
+NTL_HD acc_t gaussian_log_norm(const Row& row, acc_t y, const Options& opt) {
+  acc_t sum = 0;
+  for (int64_t k = 0; k < row.K; ++k) sum += ntl_exp(gaussian_exponent(row, k, y, opt));
+  return ntl_log(sum);
+}
+
+// t_k: one-hot at the label (opt.gaussian false) or the Gaussian target over N.
+template <typename acc_t, typename Row>
+NTL_HD acc_t number_target(const Row& row, int64_t k, int64_t label_number, acc_t y, acc_t log_norm,
+                           bool gaussian, const Options& opt) {
+  if (gaussian) return ntl_exp(gaussian_exponent(row, k, y, opt) - log_norm);
+  return k == label_number ? acc_t(1) : acc_t(0);
+}
+
+// f(d) and f'(d) of §2.1.
+template <typename acc_t>
+NTL_HD acc_t regression_value(acc_t d, int loss) {
+  if (loss == kMse) return d * d;
+  if (loss == kMae) return ntl_abs(d);
+  const acc_t a = ntl_abs(d);
+  return a < acc_t(1) ? acc_t(0.5) * d * d : a - acc_t(0.5);
+}
+
+template <typename acc_t>
+NTL_HD acc_t regression_slope(acc_t d, int loss) {
+  if (loss == kMse) return acc_t(2) * d;
+  if (loss == kMae) return ntl_sign(d);
+  return ntl_abs(d) < acc_t(1) ? d : ntl_sign(d);
+}
+
+// What the loss of one NTL-valid row needs to be differentiated (before reweighing).
+template <typename acc_t>
+struct NumberStats {
+  acc_t loss;        // L of §2.1-2.3
+  acc_t y;           // the label's value
+  acc_t center;      // ŷ = Σ q_j v_j (regression losses)
+  acc_t slope;       // f'(ŷ - y) (regression losses)
+  acc_t log_norm;    // Gaussian target normaliser (was_cdf with Gaussian targets)
+  acc_t cdf_total;   // a of the smallest value: Σ_k sign(F_q(k) - F_t(k)) gap_k (was_cdf)
+  acc_t cdf_mean_a;  // Σ_i q_i a_i (was_cdf)
+};
+
+template <typename acc_t, typename Row>
+NTL_HD NumberStats<acc_t> number_stats(const Row& row, int64_t label_number, acc_t lse_number,
+                                       const Options& opt, bool for_gradient) {
+  NumberStats<acc_t> s{0, 0, 0, 0, 0, 0, 0};
+  s.y = acc_t(row.value(label_number));
+  if (opt.loss == kWas) {
+    for (int64_t k = 0; k < row.K; ++k)
+      s.loss += number_prob(row, k, lse_number) * label_distance<acc_t>(row, k, label_number, opt);
+  } else if (opt.loss == kWasCdf) {
+    // W1 in CDF form, tokens sorted by value (§2.3): Σ_k |F_q(k) - F_t(k)| gap_k.
+    if (opt.gaussian) s.log_norm = gaussian_log_norm(row, s.y, opt);
+    acc_t cdf_q = 0, cdf_t = 0;
+    for (int64_t i = 0; i + 1 < row.K; ++i) {
+      const int64_t o = row.sorted(i);
+      if (o < 0) return NumberStats<acc_t>{ntl_nan<acc_t>(), 0, 0, 0, 0, 0, 0};
+      cdf_q += number_prob(row, o, lse_number);
+      cdf_t += number_target(row, o, label_number, s.y, s.log_norm, opt.gaussian, opt);
+      const acc_t diff = cdf_q - cdf_t;
+      const acc_t gap = acc_t(row.gap(i));
+      s.loss += ntl_abs(diff) * gap;
+      s.cdf_total += ntl_sign(diff) * gap;
+    }
+    if (for_gradient) {
+      // a at rank i = Σ_{k>=i} sign(F_q(k) - F_t(k)) gap_k; the same sums in the same order.
+      acc_t a = s.cdf_total;
+      cdf_q = 0;
+      cdf_t = 0;
+      for (int64_t i = 0; i < row.K; ++i) {
+        const int64_t o = row.sorted(i);
+        if (o < 0) continue;
+        const acc_t q = number_prob(row, o, lse_number);
+        s.cdf_mean_a += q * a;
+        if (i + 1 < row.K) {
+          cdf_q += q;
+          cdf_t += number_target(row, o, label_number, s.y, s.log_norm, opt.gaussian, opt);
+          a -= ntl_sign(cdf_q - cdf_t) * acc_t(row.gap(i));
+        }
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < row.K; ++k)
+      s.center += number_prob(row, k, lse_number) * acc_t(row.value(k));
+    const acc_t d = s.center - s.y;
+    s.loss = regression_value(d, opt.loss);
+    s.slope = regression_slope(d, opt.loss);
+  }
+  return s;
+}
+
+// Calls emit(k, ∂L/∂z_k) for every number token k (before reweighing):
+//   WAS q_k (D_k - L); regression f'(ŷ - y) q_k (v_k - ŷ); was_cdf q_k (a_k - Σ_i q_i a_i).
+template <typename acc_t, typename Row, typename Emit>
+NTL_HD void number_gradients(const Row& row, int64_t label_number, acc_t lse_number,
+                             const Options& opt, const NumberStats<acc_t>& s, Emit& emit) {
+  if (opt.loss == kWas) {
+    for (int64_t k = 0; k < row.K; ++k) {
+      const acc_t q = number_prob(row, k, lse_number);
+      emit(k, q * (label_distance<acc_t>(row, k, label_number, opt) - s.loss));
+    }
+  } else if (opt.loss == kWasCdf) {
+    acc_t a = s.cdf_total, cdf_q = 0, cdf_t = 0;
+    for (int64_t i = 0; i < row.K; ++i) {
+      const int64_t o = row.sorted(i);
+      if (o < 0) continue;
+      const acc_t q = number_prob(row, o, lse_number);
+      emit(o, q * (a - s.cdf_mean_a));
+      if (i + 1 < row.K) {
+        cdf_q += q;
+        cdf_t += number_target(row, o, label_number, s.y, s.log_norm, opt.gaussian, opt);
+        a -= ntl_sign(cdf_q - cdf_t) * acc_t(row.gap(i));
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < row.K; ++k) {
+      const acc_t q = number_prob(row, k, lse_number);
+      emit(k, s.slope * q * (acc_t(row.value(k)) - s.center));
+    }
+  }
+}
+
+// Forward of one row: CE (§2.6, or Gaussian-CE §2.5) and NTL (reweighed per §2.4 when asked).
+// lse_vocab is read only when with_ce or opt.reweigh; z_label only when with_ce and in range.
+template <typename acc_t, typename Row>
+NTL_HD void row_forward(const Row& row, const RowLabel& lab, acc_t z_label, acc_t lse_vocab,
+                        acc_t lse_number, bool with_ce, const Options& opt, acc_t* ce, acc_t* ntl) {
+  *ce = 0;
+  *ntl = 0;
+  if (lab.bad) {
+    *ce = ntl_nan<acc_t>();
+    *ntl = ntl_nan<acc_t>();
+    return;
+  }
+  if (lab.number >= 0) {
+    const NumberStats<acc_t> s = number_stats(row, lab.number, lse_number, opt, false);
+    acc_t loss = s.loss;
+    if (opt.reweigh) {
+      const acc_t mass = ntl_exp(lse_number - lse_vocab);
+      loss = mass * loss + acc_t(opt.reweigh_constant) * (acc_t(1) - mass);
+    }
+    *ntl = loss;
+  }
+  if (with_ce && lab.in_range) {
+    if (opt.gaussian && lab.number >= 0) {
+      const acc_t y = acc_t(row.value(lab.number));
+      const acc_t log_norm = gaussian_log_norm(row, y, opt);
+      acc_t expected_logit = 0;
+      for (int64_t k = 0; k < row.K; ++k)
+        expected_logit += number_target(row, k, lab.number, y, log_norm, true, opt) * row.logit(k);
+      *ce = lse_vocab - expected_logit;
+    } else {
+      *ce = lse_vocab - z_label;
+    }
+  }
+}
+
+// The gradient of one row, in the form the kernels write it:
+//   every column k: coef * p_k, then the number columns overwritten by fix[k] and the label
+//   column (when it is not a number token) by label_fix. Both fixes are computed in acc_t from
+//   the logits before the dense write, so the dense write may overwrite the logits (in place).
+template <typename acc_t>
+struct RowGradient {
+  acc_t coef;       // multiplies p_k = exp(z_k - LSE_V) on every column; 0 writes zeros
+  acc_t label_fix;  // the label column's gradient, when label_column >= 0
+  int64_t label_column;
+  bool number_fix;  // fix[0..K) holds the number columns' gradients
+};
+
+template <typename acc_t, typename Row>
+struct NumberColumnGradient {
+  const Row& row;
+  acc_t* fix;
+  acc_t grad_ce, grad_ntl, lse_vocab, mass, loss_minus_c, y, log_norm;
+  int64_t label_number;
+  bool need_p, reweigh, gaussian_ce;
+  const Options& opt;
+
+  // ∂/∂z_k of grad_ce·CE + grad_ntl·NTL for a number token k, given ∂L/∂z_k before reweighing.
+  NTL_HD void operator()(int64_t k, acc_t dloss) {
+    const acc_t p = need_p ? ntl_exp(row.logit(k) - lse_vocab) : acc_t(0);
+    acc_t g = dloss;
+    if (reweigh) g = mass * dloss + loss_minus_c * p * (acc_t(1) - mass);
+    acc_t value = grad_ntl * g;
+    if (grad_ce != acc_t(0))
+      value += grad_ce * (p - number_target(row, k, label_number, y, log_norm, gaussian_ce, opt));
+    fix[k] = value;
+  }
+};
+
+template <typename acc_t, typename Row>
+NTL_HD RowGradient<acc_t> row_backward(const Row& row, const RowLabel& lab, acc_t z_label,
+                                       acc_t lse_vocab, acc_t lse_number, acc_t grad_ce,
+                                       acc_t grad_ntl, bool with_ce, const Options& opt, acc_t* fix) {
+  RowGradient<acc_t> r{0, 0, -1, false};
+  if (lab.bad) return r;  // the losses are NaN constants there: zero gradient, like torch.where
+  grad_ce = (with_ce && lab.in_range) ? grad_ce : acc_t(0);
+  r.coef = grad_ce;
+  if (lab.number >= 0) {
+    const NumberStats<acc_t> s = number_stats(row, lab.number, lse_number, opt, true);
+    acc_t mass = 1;
+    if (opt.reweigh) {
+      mass = ntl_exp(lse_number - lse_vocab);
+      // ∂L'/∂z_k ⊇ (L - c) p_k (1[k∈N] - m): the -m part reaches every column.
+      r.coef -= grad_ntl * (s.loss - acc_t(opt.reweigh_constant)) * mass;
+    }
+    const bool gaussian_ce = with_ce && opt.gaussian;
+    const acc_t log_norm = gaussian_ce ? gaussian_log_norm(row, s.y, opt) : acc_t(0);
+    NumberColumnGradient<acc_t, Row> emit{row, fix, grad_ce, grad_ntl, lse_vocab, mass,
+                                          s.loss - acc_t(opt.reweigh_constant), s.y, log_norm,
+                                          lab.number, with_ce || opt.reweigh, opt.reweigh,
+                                          gaussian_ce, opt};
+    number_gradients(row, lab.number, lse_number, opt, s, emit);
+    r.number_fix = true;
+  } else if (with_ce && lab.in_range) {
+    r.label_column = lab.label;
+    r.label_fix = grad_ce * (ntl_exp(z_label - lse_vocab) - acc_t(1));
+  }
+  return r;
+}
+
+}  // namespace ntl
