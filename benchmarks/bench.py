@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -66,7 +65,11 @@ def make_table(vocab_size: int) -> ntl_fast.NumberTokenTable:
 def make_inputs(M: int, V: int, dtype: torch.dtype, device: str, seed: int = 0):
     """Logits ~ N(0, 2²); labels: 15% digits, 5% ignored, the rest text tokens."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    logits = (2 * torch.randn(M, V, generator=generator)).to(device=device, dtype=dtype)
+    # filled in slices, so that making the inputs leaves no memory high-water mark above them
+    logits = torch.empty(M, V, dtype=dtype, device=device)
+    for start in range(0, M, 256):
+        rows = logits[start:start + 256]
+        rows.copy_(2 * torch.randn(rows.shape, generator=generator))
     draw = torch.rand(M, generator=generator)
     text = torch.randint(FIRST_DIGIT_ID + 10, V, (M,), generator=generator)
     digits = torch.randint(FIRST_DIGIT_ID, FIRST_DIGIT_ID + 10, (M,), generator=generator)
@@ -216,12 +219,23 @@ def peak_memory_cuda(run: Callable[[], None]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _proc_status_mib(field: str) -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Reset the resident-set high-water mark to the current RSS (Linux >= 4.0). A child
+    inherits its parent's mark through fork and exec, so without this it measures the parent."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
 
 
 def peak_memory_cpu(provider: str, op: str, M: int, V: int, dtype: str, mode: str) -> float:
-    """Growth of the resident-set high-water mark of a fresh process running the op once."""
+    """Growth of the resident set's high-water mark in a fresh process running the op once."""
     command = [sys.executable, os.path.abspath(__file__), "--memory-probe",
                json.dumps(dict(provider=provider, op=op, M=M, V=V, dtype=dtype, mode=mode))]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -237,9 +251,10 @@ def memory_probe(spec: Dict) -> None:
         logits.grad = None
     warm = make_inputs(8, spec["V"], DTYPES[spec["dtype"]], "cpu")[0].requires_grad_()
     mode_runner(function, warm, labels[:8], "full")()  # load code paths, thread pools
-    before = _rss_mib()
+    _reset_peak_rss()
+    before = _proc_status_mib("VmRSS")
     mode_runner(function, logits, labels, spec["mode"])()
-    print(_rss_mib() - before)
+    print(_proc_status_mib("VmHWM") - before)
 
 
 # ----------------------------------------------------------------------------- main
