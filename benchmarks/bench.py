@@ -1,19 +1,24 @@
 """Benchmark runner: ntl_fast's backends against what users would otherwise run.
 
-Operations: ``ce_ntl`` (cross-entropy + 0.3 NTL-WAS), ``ntl`` (standalone NTL-WAS) and ``ce``
-(cross-entropy alone: the bar "NTL for free" is measured against). Providers: ntl_fast's
+Operations: ``ce_ntl`` (cross-entropy + 0.3 NTL-WAS), ``ntl`` (standalone NTL-WAS), ``ce``
+(cross-entropy alone: the bar "NTL for free" is measured against), and from an LM head's input
+(``hidden (M, H)``, ``weight (V, H)``): ``linear_ce_ntl`` (LM head fused, logits never whole)
+against ``matmul_ce_ntl`` (``hidden @ weight.T`` materialised, then the fused CE + NTL). Providers: ntl_fast's
 ``triton`` / ``cpp`` / ``reference`` backends, the reference under ``torch.compile``, the authors'
 ``ntloss`` with ``torch.nn.functional.cross_entropy``, plain torch CE, Liger's CE where installed.
 Modes: ``fwd``, ``bwd`` (backward of a retained graph) and ``full`` (forward + backward).
 
 Times: CUDA events (median, p20, p80 of repeated runs) on a GPU, the host clock on a CPU.
-Peak memory: above the inputs, from the CUDA allocator on a GPU; on a CPU from the growth of the
-resident set of a fresh process per measurement (``--cpu-memory``). On a GPU each time is also
+Peak memory: above the inputs (gradients of the inputs included; ``grad_mib`` gives their size,
+so the extra memory of issue 6's rule is ``peak_mib - grad_mib``), from the CUDA allocator on a
+GPU; on a CPU from the growth of the resident set of a fresh process per measurement
+(``--cpu-memory``). On a GPU each time is also
 given as a multiple of the bandwidth floor of NTL_SPEC §5 (one read of the logits, plus one write
 of the gradient when a backward runs, at the device-to-device copy rate measured in the same run).
 
     python benchmarks/bench.py --preset gpu-check --out benchmarks/results/gpu.csv
-    python benchmarks/bench.py --preset cpu --out benchmarks/results/cpu.csv
+    python benchmarks/bench.py --preset cpu --cpu-memory --out benchmarks/results/cpu.csv
+    python benchmarks/bench.py --preset full          # the full sweep (GPU)
 """
 
 from __future__ import annotations
@@ -40,18 +45,22 @@ import ntl_fast  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NTL_WEIGHT = 0.3
 FIRST_DIGIT_ID = 15  # where a T5-like vocabulary keeps its digits; any ids would do
+LINEAR_OPS = ("linear_ce_ntl", "matmul_ce_ntl")
 PRESETS = {
-    # what benchmarks/gpu_check.sh runs: must stay within its time budget
-    # (gpu_check.sh runs the cpp provider separately, once its CUDA build is done)
+    # what benchmarks/gpu_check.sh runs (the cpp provider separately, once its CUDA build is done)
     "gpu-check": dict(ops=["ce_ntl", "ntl", "ce"], M=[16384], V=[32128, 128256], dtypes=["bf16"],
                       modes=["full", "fwd"], providers=["triton", "reference", "ntloss", "torch-ce", "liger-ce"]),
+    "gpu-linear": dict(ops=list(LINEAR_OPS), M=[16384], V=[128256], H=4096, dtypes=["bf16"], modes=["full"],
+                       providers=["triton"]),
     "cpu": dict(ops=["ce_ntl", "ntl"], M=[1024, 4096], V=[32128], dtypes=["fp32", "bf16"], modes=["full"],
                 providers=["cpp", "reference", "reference-compiled", "ntloss"]),
-    "full": dict(ops=["ce_ntl", "ntl", "ce"], M=[4096, 16384], V=[32128, 128256, 151936], dtypes=["bf16", "fp32"],
-                 modes=["full", "fwd", "bwd"], providers=["triton", "cpp", "reference", "reference-compiled",
-                                                          "ntloss", "torch-ce", "liger-ce"]),
-    "quick": dict(ops=["ce_ntl", "ntl"], M=[256], V=[1000], dtypes=["fp32"], modes=["full"],
-                  providers=["cpp", "reference", "ntloss"]),
+    "cpu-linear": dict(ops=list(LINEAR_OPS), M=[4096], V=[32128], H=1024, dtypes=["fp32"], modes=["full"],
+                       providers=["cpp"]),
+    "full": dict(ops=["ce_ntl", "ntl", "ce"] + list(LINEAR_OPS), M=[4096, 16384], V=[32128, 128256, 151936],
+                 H=4096, dtypes=["bf16", "fp32"], modes=["full", "fwd", "bwd"],
+                 providers=["triton", "cpp", "reference", "reference-compiled", "ntloss", "torch-ce", "liger-ce"]),
+    "quick": dict(ops=["ce_ntl", "ntl"] + list(LINEAR_OPS), M=[256], V=[1000], H=64, dtypes=["fp32"],
+                  modes=["full"], providers=["cpp", "reference", "ntloss"]),
 }
 
 
@@ -62,20 +71,40 @@ def make_table(vocab_size: int) -> ntl_fast.NumberTokenTable:
     )
 
 
-def make_inputs(M: int, V: int, dtype: torch.dtype, device: str, seed: int = 0):
-    """Logits ~ N(0, 2²); labels: 15% digits, 5% ignored, the rest text tokens."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    # filled in slices, so that making the inputs leaves no memory high-water mark above them
-    logits = torch.empty(M, V, dtype=dtype, device=device)
-    for start in range(0, M, 256):
-        rows = logits[start:start + 256]
-        rows.copy_(2 * torch.randn(rows.shape, generator=generator))
+def _filled(shape, scale: float, dtype: torch.dtype, device: str, generator) -> torch.Tensor:
+    """Normal values filled in slices, so that making the inputs leaves no memory high-water mark
+    above them (a CPU peak-memory probe measures growth from there)."""
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    for start in range(0, shape[0], 256):
+        rows = tensor[start:start + 256]
+        rows.copy_(scale * torch.randn(rows.shape, generator=generator))
+    return tensor
+
+
+def make_labels(M: int, V: int, device: str, generator) -> torch.Tensor:
+    """15% digits, 5% ignored, the rest text tokens."""
     draw = torch.rand(M, generator=generator)
     text = torch.randint(FIRST_DIGIT_ID + 10, V, (M,), generator=generator)
     digits = torch.randint(FIRST_DIGIT_ID, FIRST_DIGIT_ID + 10, (M,), generator=generator)
     labels = torch.where(draw < 0.15, digits, text)
-    labels = torch.where(draw > 0.95, torch.full_like(labels, -100), labels).to(device)
-    return logits, labels
+    return torch.where(draw > 0.95, torch.full_like(labels, -100), labels).to(device)
+
+
+def make_inputs(M: int, V: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """Logits ~ N(0, 2²) and labels."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return _filled((M, V), 2.0, dtype, device, generator), make_labels(M, V, device, generator)
+
+
+def make_case(op: str, M: int, V: int, H: int, dtype: torch.dtype, device: str):
+    """``(differentiated inputs, labels)`` of an operation: the logits, or hidden and weight."""
+    if op in LINEAR_OPS:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        hidden = _filled((M, H), 0.25, dtype, device, generator)
+        weight = _filled((V, H), H**-0.5, dtype, device, generator)
+        return (hidden.requires_grad_(), weight.requires_grad_()), make_labels(M, V, device, generator)
+    logits, labels = make_inputs(M, V, dtype, device)
+    return (logits.requires_grad_(),), labels
 
 
 class _WordLevelStandIn:
@@ -99,7 +128,7 @@ class _WordLevelStandIn:
 
 # ----------------------------------------------------------------------------- providers
 def build_provider(name: str, op: str, V: int, device: str) -> Optional[Callable]:
-    """A function (logits, labels) -> scalar loss, or None where the provider is unavailable."""
+    """A function (*inputs, labels) -> scalar loss, or None where the provider is unavailable."""
     table = make_table(V).to(device)
     if name in ("triton", "cpp", "reference"):
         try:
@@ -107,6 +136,12 @@ def build_provider(name: str, op: str, V: int, device: str) -> Optional[Callable
         except RuntimeError as error:
             print(f"  skip {name}: {error}", file=sys.stderr)
             return None
+        if op == "linear_ce_ntl":
+            return lambda h, w, y: ntl_fast.linear_cross_entropy_with_ntl(
+                h, w, y, table, ntl_weight=NTL_WEIGHT, validate=False, backend=name).loss
+        if op == "matmul_ce_ntl":
+            return lambda h, w, y: ntl_fast.cross_entropy_with_ntl(
+                h @ w.t(), y, table, ntl_weight=NTL_WEIGHT, validate=False, backend=name).loss
         if op == "ce_ntl":
             return lambda z, y: ntl_fast.cross_entropy_with_ntl(
                 z, y, table, ntl_weight=NTL_WEIGHT, validate=False, backend=name).loss
@@ -122,6 +157,8 @@ def build_provider(name: str, op: str, V: int, device: str) -> Optional[Callable
         else:
             return None
         return torch.compile(function, dynamic=False)
+    if op in LINEAR_OPS:
+        return None
     if name == "ntloss":
         try:
             from ntloss import NTLoss
@@ -176,20 +213,24 @@ def _time(run: Callable[[], None], device: str, repeats: int, warmup: int):
     return _quantiles(times)
 
 
-def mode_runner(function: Callable, logits: torch.Tensor, labels: torch.Tensor, mode: str) -> Callable[[], None]:
+def mode_runner(function: Callable, inputs, labels: torch.Tensor, mode: str) -> Callable[[], None]:
+    def clear():
+        for tensor in inputs:
+            tensor.grad = None
+
     if mode == "fwd":
         def run():
-            function(logits, labels)
+            function(*inputs, labels)
         return run
     if mode == "full":
         def run():
-            logits.grad = None
-            function(logits, labels).backward()
+            clear()
+            function(*inputs, labels).backward()
         return run
-    loss = function(logits, labels)
+    loss = function(*inputs, labels)
 
     def run():
-        logits.grad = None
+        clear()
         loss.backward(retain_graph=True)
     return run
 
@@ -234,26 +275,28 @@ def _reset_peak_rss() -> None:
         handle.write("5")
 
 
-def peak_memory_cpu(provider: str, op: str, M: int, V: int, dtype: str, mode: str) -> float:
+def peak_memory_cpu(provider: str, op: str, M: int, V: int, H: int, dtype: str, mode: str) -> float:
     """Growth of the resident set's high-water mark in a fresh process running the op once."""
     command = [sys.executable, os.path.abspath(__file__), "--memory-probe",
-               json.dumps(dict(provider=provider, op=op, M=M, V=V, dtype=dtype, mode=mode))]
+               json.dumps(dict(provider=provider, op=op, M=M, V=V, H=H, dtype=dtype, mode=mode))]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
 
 def memory_probe(spec: Dict) -> None:
-    logits, labels = make_inputs(spec["M"], spec["V"], DTYPES[spec["dtype"]], "cpu")
-    logits.requires_grad_(True)
+    dtype = DTYPES[spec["dtype"]]
+    inputs, labels = make_case(spec["op"], spec["M"], spec["V"], spec["H"], dtype, "cpu")
     function = build_provider(spec["provider"], spec["op"], spec["V"], "cpu")
-    if spec["provider"] == "reference-compiled":  # compile outside the measured region
-        mode_runner(function, logits, labels, "full")()
-        logits.grad = None
-    warm = make_inputs(8, spec["V"], DTYPES[spec["dtype"]], "cpu")[0].requires_grad_()
-    mode_runner(function, warm, labels[:8], "full")()  # load code paths, thread pools
+    # load code paths, thread pools (and compile) on a small case first
+    small_inputs, small_labels = make_case(spec["op"], 8, spec["V"], min(spec["H"], 64), dtype, "cpu")
+    if spec["provider"] == "reference-compiled":
+        small_inputs, small_labels = inputs, labels
+    mode_runner(function, small_inputs, small_labels, "full")()
+    for tensor in inputs:
+        tensor.grad = None
     _reset_peak_rss()
     before = _proc_status_mib("VmRSS")
-    mode_runner(function, logits, labels, spec["mode"])()
+    mode_runner(function, inputs, labels, spec["mode"])()
     print(_proc_status_mib("VmHWM") - before)
 
 
@@ -270,6 +313,8 @@ class Row:
     p20_ms: float
     p80_ms: float
     peak_mib: float
+    grad_mib: float
+    H: Optional[int]
     floor_ms: Optional[float]
     x_floor: Optional[float]
     device: str
@@ -301,6 +346,7 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", nargs="+", choices=["fwd", "bwd", "full"])
     parser.add_argument("--M", nargs="+", type=int)
     parser.add_argument("--V", nargs="+", type=int)
+    parser.add_argument("--H", type=int, default=None, help="hidden size of the LM-head operations")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None)
@@ -317,6 +363,7 @@ def main(argv=None) -> None:
     modes = args.modes or preset["modes"]
     sizes_m, sizes_v = args.M or preset["M"], args.V or preset["V"]
     dtypes = args.dtypes or preset["dtypes"]
+    hidden_size = args.H or preset.get("H", 1024)
     device = args.device
     repeats = args.repeats or (20 if device == "cuda" else 5)
     bandwidth = copy_bandwidth(device) if device == "cuda" else None
@@ -334,21 +381,27 @@ def main(argv=None) -> None:
         for M in sizes_m:
             for dtype_name in dtypes:
                 dtype = DTYPES[dtype_name]
-                logits, labels = make_inputs(M, V, dtype, device)
-                logits.requires_grad_(True)
+                cases = {}
                 for op in ops:
+                    kind = "linear" if op in LINEAR_OPS else "logits"
+                    if kind not in cases:
+                        cases.clear()  # one set of large inputs at a time
+                        cases[kind] = make_case(op, M, V, hidden_size, dtype, device)
+                    inputs, labels = cases[kind]
+                    H = hidden_size if kind == "linear" else None
+                    grad_mib = sum(t.numel() * t.element_size() for t in inputs) / 2**20
                     for provider in providers:
                         function = build_provider(provider, op, V, device)
                         if function is None:
                             continue
                         for mode in modes:
                             try:
-                                run = mode_runner(function, logits, labels, mode)
+                                run = mode_runner(function, inputs, labels, mode)
                                 median, p20, p80 = _time(run, device, repeats, warmup=2 if device == "cpu" else 5)
                                 if device == "cuda":
                                     peak = peak_memory_cuda(run)
                                 elif args.cpu_memory:
-                                    peak = peak_memory_cpu(provider, op, M, V, dtype_name, mode)
+                                    peak = peak_memory_cpu(provider, op, M, V, hidden_size, dtype_name, mode)
                                 else:
                                     peak = float("nan")
                             except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
@@ -357,16 +410,17 @@ def main(argv=None) -> None:
                                 if device == "cuda":
                                     torch.cuda.empty_cache()
                                 continue
-                            floor = floor_ms(M, V, dtype, mode, bandwidth) if bandwidth else None
-                            row = Row(op, provider, mode, M, V, dtype_name, median, p20, p80, peak, floor,
+                            floor = floor_ms(M, V, dtype, mode, bandwidth) if bandwidth and kind == "logits" else None
+                            row = Row(op, provider, mode, M, V, dtype_name, median, p20, p80, peak,
+                                      grad_mib if mode != "fwd" else 0.0, H, floor,
                                       (median / floor) if floor else None, _device_name(device),
                                       torch.__version__, triton_version, _commit(), stamp)
                             rows.append(row)
                             extra = f"  {row.x_floor:5.2f}x floor" if floor else ""
-                            print(f"{op:7s} {provider:19s} {mode:4s} M={M:6d} V={V:6d} {dtype_name}: "
+                            print(f"{op:13s} {provider:19s} {mode:4s} M={M:6d} V={V:6d} {dtype_name}: "
                                   f"{median:9.3f} ms [{p20:.3f}, {p80:.3f}]  peak {peak:9.1f} MiB{extra}",
                                   flush=True)
-                del logits, labels
+                cases.clear()
                 if device == "cuda":
                     torch.cuda.empty_cache()
     if args.out and rows:
@@ -393,6 +447,15 @@ def print_ratios(rows: List[Row]) -> None:
             other = index.get((op, baseline, mode, M, V, dtype))
             if other:
                 lines.append(f"{op} {mode} M={M} V={V} {dtype}: {provider} is {other / median:.2f}x faster than {baseline}")
+        if op == "linear_ce_ntl":
+            other = [r for r in rows if (r.op, r.provider, r.mode, r.M, r.V, r.dtype) == (
+                "matmul_ce_ntl", provider, mode, M, V, dtype)]
+            mine = [r for r in rows if (r.op, r.provider, r.mode, r.M, r.V, r.dtype) == (op, provider, mode, M, V, dtype)]
+            if other and mine:
+                extra_mine = mine[0].peak_mib - mine[0].grad_mib
+                extra_other = other[0].peak_mib - other[0].grad_mib
+                lines.append(f"linear_ce_ntl {mode} M={M} V={V} {dtype} ({provider}): {median / other[0].median_ms:.2f}x "
+                             f"the time and {extra_mine / extra_other:.3f}x the extra memory of matmul_ce_ntl")
         if op == "ce_ntl":
             for bar in ("liger-ce", "torch-ce"):
                 other = index.get(("ce", bar, mode, M, V, dtype))

@@ -66,7 +66,7 @@ else
 fi
 
 elapsed "LM-head-fused CE + NTL vs materialised (M=16384, H=4096, V=128256, bf16)"
-timeout 60 python3 benchmarks/bench_linear.py --chunk-sizes 1024 4096 --out "$OUT/bench_linear.csv" || status=1
+timeout 60 python3 benchmarks/bench.py --preset gpu-linear --out "$OUT/bench.csv" || status=1
 
 if command -v compute-sanitizer >/dev/null; then
   elapsed "compute-sanitizer (memcheck) on one small case of each backend"
