@@ -70,6 +70,15 @@ def loss_options(config: LossConfig, table: NumberTokenTable):
             float(constant), config.gaussian_sigma, config.ignore_index)
 
 
+def kernel_options(loss, squash, squash_min, squash_scale, reweigh, reweigh_constant,
+                   gaussian_sigma, ignore_index):
+    """The op arguments as the kernels take them: runtime scalars and constexpr switches."""
+    scalars = (ignore_index, squash_min, squash_scale, reweigh_constant, sigma_or_one(gaussian_sigma))
+    switches = dict(LOSS=LOSS_CODES[loss], SQUASH=squash, REWEIGH=reweigh,
+                    GAUSSIAN=gaussian_sigma is not None)
+    return scalars, switches
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -25,16 +25,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    LOSS_CODES,
     accumulation_dtype,
     check_row_inputs,
+    kernel_options,
     launch_settings,
     number_columns,
     number_token_terms,
     row_block,
     row_labels,
     row_logsumexp,
-    sigma_or_one,
     store_dense_gradient,
 )
 
@@ -140,14 +139,6 @@ def _ce_ntl_backward_kernel(
     )
 
 
-def _kernel_options(loss, squash, squash_min, squash_scale, reweigh, reweigh_constant,
-                    gaussian_sigma, ignore_index):
-    scalars = (ignore_index, squash_min, squash_scale, reweigh_constant, sigma_or_one(gaussian_sigma))
-    switches = dict(LOSS=LOSS_CODES[loss], SQUASH=squash, REWEIGH=reweigh,
-                    GAUSSIAN=gaussian_sigma is not None)
-    return scalars, switches
-
-
 @torch.library.custom_op("ntl_fast::triton_ce_ntl_forward", mutates_args=())
 def ce_ntl_forward(
     logits: Tensor, labels: Tensor, tables: List[Tensor],
@@ -167,7 +158,7 @@ def ce_ntl_forward(
     ce, ntl, lse = (torch.empty(num_rows, dtype=dtype, device=logits.device) for _ in range(3))
     if num_rows == 0:
         return ce, ntl, lse
-    scalars, switches = _kernel_options(loss, squash, squash_min, squash_scale, reweigh,
+    scalars, switches = kernel_options(loss, squash, squash_min, squash_scale, reweigh,
                                         reweigh_constant, gaussian_sigma, ignore_index)
     num_numbers = tables[0].numel()
     settings = launch_settings(num_rows, vocab_size, num_numbers, full_row=True)
@@ -189,7 +180,7 @@ def _launch_backward(grad, grad_ce, grad_ntl, logits, labels, lse, tables, optio
     num_rows, vocab_size = logits.shape
     if num_rows == 0:
         return
-    scalars, switches = _kernel_options(*options)
+    scalars, switches = kernel_options(*options)
     num_numbers = tables[0].numel()
     settings = launch_settings(num_rows, vocab_size, num_numbers, full_row=True)
     grid = (triton.cdiv(num_rows, settings["BLOCK_M"]),)

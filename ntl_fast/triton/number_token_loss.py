@@ -18,16 +18,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    LOSS_CODES,
     accumulation_dtype,
     check_row_inputs,
+    kernel_options,
     launch_settings,
     number_columns,
     number_token_terms,
     row_block,
     row_labels,
     row_logsumexp,
-    sigma_or_one,
     store_dense_gradient,
 )
 
@@ -113,14 +112,6 @@ def _ntl_backward_kernel(
     )
 
 
-def _kernel_options(loss, squash, squash_min, squash_scale, reweigh, reweigh_constant,
-                    gaussian_sigma, ignore_index):
-    scalars = (ignore_index, squash_min, squash_scale, reweigh_constant, sigma_or_one(gaussian_sigma))
-    switches = dict(LOSS=LOSS_CODES[loss], SQUASH=squash, REWEIGH=reweigh,
-                    GAUSSIAN=gaussian_sigma is not None)
-    return scalars, switches
-
-
 @torch.library.custom_op("ntl_fast::triton_ntl_forward", mutates_args=())
 def ntl_forward(
     logits: Tensor, labels: Tensor, tables: List[Tensor],
@@ -139,7 +130,7 @@ def ntl_forward(
     lse = torch.empty(num_rows, dtype=dtype, device=logits.device)
     if num_rows == 0:
         return ntl, lse
-    scalars, switches = _kernel_options(loss, squash, squash_min, squash_scale, reweigh,
+    scalars, switches = kernel_options(loss, squash, squash_min, squash_scale, reweigh,
                                         reweigh_constant, gaussian_sigma, ignore_index)
     num_numbers = tables[0].numel()
     settings = launch_settings(num_rows, vocab_size, num_numbers, full_row=reweigh)
@@ -170,7 +161,7 @@ def ntl_backward(
     grad = allocate((num_rows, vocab_size), dtype=logits.dtype, device=logits.device)
     if num_rows == 0:
         return grad
-    scalars, switches = _kernel_options(loss, squash, squash_min, squash_scale, reweigh,
+    scalars, switches = kernel_options(loss, squash, squash_min, squash_scale, reweigh,
                                         reweigh_constant, gaussian_sigma, ignore_index)
     num_numbers = tables[0].numel()
     settings = launch_settings(num_rows, vocab_size, num_numbers, full_row=reweigh)
