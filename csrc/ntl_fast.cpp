@@ -44,4 +44,9 @@ TORCH_LIBRARY(ntl_fast, m) {
   // The same gradient, written over the logits themselves (saves one M x V allocation).
   m.def("ce_ntl_backward_(Tensor(a!) logits, Tensor grad_ce, Tensor grad_ntl, Tensor labels, Tensor lse_vocab, "
         "Tensor lse_number, " NTL_TABLE ", " NTL_OPTIONS ") -> ()");
+  // CE and NTL per row and d(Σ ce_scale * ce + Σ ntl_scale * ntl)/d logits, each row's gradient
+  // written while the row is still in cache: the whole forward and backward of reductions "mean"
+  // and "sum" in one read of the logits. CPU only.
+  m.def("ce_ntl_loss_and_grad(Tensor logits, Tensor labels, Tensor ce_scale, Tensor ntl_scale, " NTL_TABLE
+        ", " NTL_OPTIONS ") -> (Tensor ce, Tensor ntl, Tensor grad)");
 }

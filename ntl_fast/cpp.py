@@ -3,7 +3,8 @@
 The schemas live in ``csrc/ntl_fast.cpp`` and the kernels in ``csrc/cpu`` and ``csrc/cuda``; this
 module only registers what Python must (fake kernels for ``torch.compile``, autograd) and exposes
 the backend interface of :mod:`ntl_fast.backends`: ``ntl_rows``, ``ce_ntl_rows`` (the semantics
-of :mod:`ntl_fast.reference`) and ``unsupported_reason``.
+of :mod:`ntl_fast.reference`) and ``unsupported_reason``, plus ``ce_ntl_loss_and_grad`` (losses and
+gradient in one pass, for reductions "mean" and "sum") where ``fuses_loss_and_grad`` says so.
 
 Importing it raises ImportError when the extension has not been built.
 """
@@ -27,7 +28,7 @@ except ImportError as error:  # pragma: no cover - depends on the build
         f"needed; CUDA kernels are added when torch has CUDA): {error}"
     ) from error
 
-__all__ = ["ntl_rows", "ce_ntl_rows", "unsupported_reason"]
+__all__ = ["ntl_rows", "ce_ntl_rows", "ce_ntl_loss_and_grad", "fuses_loss_and_grad", "unsupported_reason"]
 
 _ops = torch.ops.ntl_fast
 
@@ -42,6 +43,12 @@ def unsupported_reason(device) -> Optional[str]:
             return None
         return "ntl_fast._C was built without CUDA kernels (rebuild with a CUDA torch)"
     return f"the compiled operators do not serve {device.type} tensors"
+
+
+def fuses_loss_and_grad(device) -> bool:
+    """Whether :func:`ce_ntl_loss_and_grad` serves ``device``: CPU only (the op has no CUDA kernel,
+    and its backward reads ``grad_output`` on the host)."""
+    return torch.device(device).type == "cpu"
 
 
 # --------------------------------------------------------------------------------- op arguments
@@ -89,6 +96,11 @@ def _ce_ntl_backward_fake(grad_ce, grad_ntl, logits, *args):
 @torch.library.register_fake("ntl_fast::ce_ntl_backward_")
 def _ce_ntl_backward_inplace_fake(logits, *args):
     return None
+
+
+@torch.library.register_fake("ntl_fast::ce_ntl_loss_and_grad")
+def _ce_ntl_loss_and_grad_fake(logits, labels, *args):
+    return _row_like(logits), _row_like(logits), torch.empty_like(logits)
 
 
 # --------------------------------------------------------------------------------- autograd
@@ -173,3 +185,18 @@ def ce_ntl_rows(
         _contiguous(logits), labels, *_table_args(table), *_option_args(table, config), inplace
     )
     return ce, ntl
+
+
+def ce_ntl_loss_and_grad(
+    logits: Tensor, labels: Tensor, table: NumberTokenTable, config: LossConfig, ce_scale: Tensor,
+    ntl_scale: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-position CE and NTL ``(M,)`` and ``d(Σ ce_scale·ce + Σ ntl_scale·ntl)/d logits``, from one
+    read of the logits (each row's gradient is written while the row is still in cache).
+
+    Not differentiable itself: :func:`ntl_fast.cross_entropy_with_ntl` wraps it for the reductions
+    whose per-row upstream gradients are known before the backward (``"mean"``, ``"sum"``).
+    """
+    return _ops.ce_ntl_loss_and_grad(
+        _contiguous(logits), labels, ce_scale, ntl_scale, *_table_args(table), *_option_args(table, config)
+    )

@@ -135,6 +135,20 @@ def _safe_divide(total: Tensor, count: Tensor) -> Tensor:
     return total / torch.where(count != 0, count, torch.ones_like(count))
 
 
+def _mean_count(counted: Tensor, weights: Optional[Tensor], normalizer: Normalizer, dtype: torch.dtype) -> Tensor:
+    """The denominator of a mean (NTL_SPEC §3): the weights of the counted positions summed (their
+    number without weights), or ``normalizer`` when given."""
+    if normalizer is None:
+        if weights is None:
+            return counted.sum().to(dtype)
+        weights = weights.to(dtype)
+        return torch.where(counted, weights, torch.zeros_like(weights)).sum()
+    count = torch.as_tensor(normalizer, dtype=dtype, device=counted.device)
+    if count.dim() != 0:
+        raise ValueError(f"a normalizer must be a number or a 0-d tensor, got shape {tuple(count.shape)}")
+    return count
+
+
 def _reduce(
     rows: Tensor,
     counted: Tensor,
@@ -153,22 +167,70 @@ def _reduce(
     total = weighted.sum()
     if reduction == "sum":
         return total
-    if normalizer is None:
-        if weights is None:
-            count = counted.sum().to(rows.dtype)
-        else:
-            count = torch.where(counted, weights.to(rows.dtype), torch.zeros_like(rows)).sum()
-    else:
-        count = torch.as_tensor(normalizer, dtype=rows.dtype, device=rows.device)
-        if count.dim() != 0:
-            raise ValueError(f"a normalizer must be a number or a 0-d tensor, got shape {tuple(count.shape)}")
-    return _safe_divide(total, count)
+    return _safe_divide(total, _mean_count(counted, weights, normalizer, rows.dtype))
+
+
+def _row_scale(
+    counted: Tensor, weights: Optional[Tensor], reduction: str, normalizer: Normalizer, dtype: torch.dtype
+) -> Tensor:
+    """``d _reduce(rows, ...) / d rows`` for reduction "mean" or "sum": the weights (ones without
+    them), divided by the mean's count."""
+    scale = torch.ones(counted.shape, dtype=dtype, device=counted.device) if weights is None else weights.to(dtype)
+    if reduction == "sum":
+        return scale
+    return _safe_divide(scale, _mean_count(counted, weights, normalizer, dtype))
 
 
 def _output_shape(labels_shape: torch.Size, shift_labels: bool) -> torch.Size:
     if not shift_labels:
         return labels_shape
     return labels_shape[:-1] + (labels_shape[-1] - 1,)
+
+
+# --------------------------------------------------------------------------------- loss and gradient in one pass
+class _CrossEntropyWithNTLAndGradient(torch.autograd.Function):
+    """``Σ ce_scale·ce + Σ ntl_scale·ntl``, whose logits gradient the backend writes in the forward.
+
+    Under reduction "mean" or "sum", row r's upstream gradients are ``ce_scale[r]·g`` and
+    ``ntl_scale[r]·g`` with one scalar ``g = grad_output``; so the backend computes the losses and
+    ``d total / d logits`` in one read of the logits, and the backward only multiplies by ``g``
+    (nothing to do for the usual ``g = 1``). Outputs ``(total, ce_rows, ntl_rows)``; only ``total``
+    is differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, ce_scale, ntl_scale, table, config, backend):
+        ce_rows, ntl_rows, grad = backend.ce_ntl_loss_and_grad(logits, labels, table, config, ce_scale, ntl_scale)
+        # saved, not kept on ctx: released right after the backward, the returned gradient can then
+        # become logits.grad without a copy
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce_rows, ntl_rows)
+        total = (ce_scale * ce_rows).sum() + (ntl_scale * ntl_rows).sum()
+        return total, ce_rows, ntl_rows
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce_rows, _grad_ntl_rows):
+        (grad,) = ctx.saved_tensors
+        # .item() syncs with the device: this path serves CPU tensors only (fuses_loss_and_grad)
+        if _is_compiling() or grad_total.item() != 1:
+            grad = (grad * grad_total).to(grad.dtype)
+        return grad, None, None, None, None, None, None
+
+
+def _fuses_loss_and_grad(backend, logits: Tensor, reduction: str, inplace: bool, *others) -> bool:
+    """Whether the loss and its gradient come from one pass (``_CrossEntropyWithNTLAndGradient``):
+    the backend offers it for this device, the reduction fixes every row's upstream gradient up to
+    one scalar, a backward will follow, and no other input needs a gradient."""
+    fuses = getattr(backend, "fuses_loss_and_grad", None)
+    return (
+        fuses is not None
+        and reduction != "none"
+        and not inplace
+        and torch.is_grad_enabled()
+        and logits.requires_grad
+        and not any(isinstance(other, Tensor) and other.requires_grad for other in others)
+        and fuses(logits.device)
+    )
 
 
 # --------------------------------------------------------------------------------- public API
@@ -255,13 +317,24 @@ def cross_entropy_with_ntl(
     )
     row_table = table.resized(logits2d.shape[-1])
     choice = explain_backend(logits2d.device, backend)
-    ce_rows, ntl_rows = get_backend(choice.name).ce_ntl_rows(
-        logits2d, labels1d, row_table, config, inplace=inplace
-    )
+    kernels = get_backend(choice.name)
     in_range, _, number_index = reference.label_positions(labels1d, row_table, ignore_index)
+    is_number = number_index >= 0
+    fused = _fuses_loss_and_grad(kernels, logits2d, reduction, inplace, weights1d, ntl_weight, ce_normalizer,
+                                 ntl_normalizer)
+    if fused:
+        acc = reference.accumulation_dtype(logits2d.dtype)
+        ce_scale = _row_scale(in_range, weights1d, reduction, ce_normalizer, acc)
+        ntl_scale = ntl_weight * _row_scale(is_number, weights1d, reduction, ntl_normalizer, acc)
+        total, ce_rows, ntl_rows = _CrossEntropyWithNTLAndGradient.apply(
+            logits2d, labels1d, ce_scale, ntl_scale, row_table, config, kernels
+        )
+    else:
+        ce_rows, ntl_rows = kernels.ce_ntl_rows(logits2d, labels1d, row_table, config, inplace=inplace)
     ce = _reduce(ce_rows, in_range, weights1d, reduction, ce_normalizer, shape)
-    ntl = _reduce(ntl_rows, number_index >= 0, weights1d, reduction, ntl_normalizer, shape)
-    total = ce + ntl_weight * ntl
+    ntl = _reduce(ntl_rows, is_number, weights1d, reduction, ntl_normalizer, shape)
+    if not fused:
+        total = ce + ntl_weight * ntl
     return NTLOutput(total, ce.detach(), ntl.detach())
 
 

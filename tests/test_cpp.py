@@ -271,18 +271,133 @@ def test_inplace_backward_writes_the_gradient_over_the_logits():
         (out.loss + other).backward()
 
 
+# --------------------------------------------------------------------------------- loss and gradient in one pass
+_FUSED = "_CrossEntropyWithNTLAndGradientBackward"
+
+
+def _fused_case(case, reduction):
+    """Inputs and keyword arguments of one case of the one-pass path (reduction "mean"/"sum")."""
+    table = irregular_table()
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    logits, labels = make_inputs(table, 24, dtype, seed=5)
+    options = dict(reduction=reduction, loss="was")
+    if case == "weights":
+        options["weights"] = torch.rand(24, generator=torch.Generator().manual_seed(6))
+    elif case == "tensor-normalizers":
+        options.update(ce_normalizer=torch.tensor(40.0), ntl_normalizer=torch.tensor(13.0), ntl_weight=0.8)
+    elif case == "no-number-label":
+        labels = torch.where(table.number_index[labels.clamp(min=0)] >= 0, torch.full_like(labels, 3), labels)
+    elif case == "all-ignored":
+        labels = torch.full_like(labels, -100)
+    elif case == "zero-weights":
+        options["weights"] = torch.zeros(24)
+    elif case == "reweigh-gce":
+        options.update(loss="was_cdf", reweigh=True, gaussian_sigma=1.0)
+    return table, logits, labels, options
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", ["plain", "weights", "tensor-normalizers", "bf16", "no-number-label",
+                                  "all-ignored", "zero-weights", "reweigh-gce"])
+def test_loss_and_grad_in_one_pass_matches_reference(case, reduction):
+    """backend="cpp" with reduction mean/sum writes the gradient in the forward; the loss, the
+    logged terms and the gradient (for grad_output != 1 too) equal the reference's."""
+    table, logits, labels, options = _fused_case(case, reduction)
+    results = {}
+    for backend in ("cpp", "reference"):
+        x = logits.clone().view(4, 6, -1).requires_grad_()
+        out = ntl_fast.cross_entropy_with_ntl(x, labels.view(4, 6), table, backend=backend,
+                                              **{k: v.view(4, 6) if k == "weights" else v
+                                                 for k, v in options.items()})
+        if backend == "cpp":
+            assert type(out.loss.grad_fn).__name__ == _FUSED
+        assert out.ce.grad_fn is None and out.ntl.grad_fn is None
+        (2.5 * out.loss).backward()
+        results[backend] = (out.loss, out.ce, out.ntl, x.grad)
+    for name, got, want in zip(("loss", "ce", "ntl", "d logits"), results["cpp"], results["reference"]):
+        assert_spec_close(got, want, logits.dtype, gradient=name == "d logits", what=name)
+    if case in ("all-ignored", "zero-weights"):
+        assert results["cpp"][0].item() == 0 and results["cpp"][3].abs().max() == 0
+
+
+def test_loss_and_grad_in_one_pass_gradient_is_not_copied():
+    """With grad_output == 1 the kernel's gradient becomes logits.grad as it is."""
+    table = digit_table(40)
+    logits, labels = make_inputs(table, 8, torch.float32)
+    x = logits.clone().requires_grad_()
+    out = ntl_fast.cross_entropy_with_ntl(x, labels, table, backend="cpp")
+    saved = out.loss.grad_fn.saved_tensors[0]
+    out.loss.backward()
+    assert x.grad.data_ptr() == saved.data_ptr()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_and_grad_in_one_pass_gradcheck_float64(reduction):
+    table = irregular_table(vocab_size=13 + 40)
+    logits, labels = make_inputs(table, 6, torch.float64, scale=1.0, seed=3)
+    labels[1] = table.number_ids[2]
+    weights = torch.rand(6, dtype=torch.float64)
+    x = logits.clone().requires_grad_()
+
+    def loss(z):
+        out = ntl_fast.cross_entropy_with_ntl(z, labels, table, backend="cpp", reduction=reduction,
+                                              weights=weights, reweigh=True)
+        assert type(out.loss.grad_fn).__name__ == _FUSED
+        return out.loss
+
+    assert torch.autograd.gradcheck(loss, (x,), eps=1e-6, atol=1e-6)
+
+
+def test_two_pass_path_where_one_pass_does_not_apply():
+    """reduction "none", inplace=True, no_grad and weights that need a gradient keep the two-pass path."""
+    table = digit_table(40)
+    logits, labels = make_inputs(table, 10, torch.float32)
+    x = logits.clone().requires_grad_()
+    assert type(ntl_fast.cross_entropy_with_ntl(x, labels, table, backend="cpp", reduction="none")
+                .loss.grad_fn).__name__ != _FUSED
+    assert type(ntl_fast.cross_entropy_with_ntl(x * 1.0, labels, table, backend="cpp", inplace=True)
+                .loss.grad_fn).__name__ != _FUSED
+    with torch.no_grad():
+        assert ntl_fast.cross_entropy_with_ntl(x, labels, table, backend="cpp").loss.grad_fn is None
+    weights = torch.rand(10, requires_grad=True)
+    out = ntl_fast.cross_entropy_with_ntl(x, labels, table, backend="cpp", weights=weights)
+    assert type(out.loss.grad_fn).__name__ != _FUSED
+    out.loss.backward()
+    assert weights.grad is not None and x.grad is not None
+
+
+def test_opcheck_loss_and_grad_op():
+    for logits, labels, table_args, option_args in _op_samples():
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        ce_scale, ntl_scale = torch.rand(2, logits.shape[0], dtype=acc)
+        torch.library.opcheck(ops.ce_ntl_loss_and_grad, (logits, labels, ce_scale, ntl_scale, *table_args,
+                                                         *option_args))
+
+
+def test_raw_loss_and_grad_rejects_mismatched_scales():
+    table = digit_table(40)
+    logits, labels = make_inputs(table, 4, torch.float32)
+    table_args, option_args = _raw_args(table)
+    with pytest.raises(RuntimeError, match="ce_scale must have shape"):
+        ops.ce_ntl_loss_and_grad(logits, labels, torch.ones(3), torch.ones(4), *table_args, *option_args)
+
+
 # --------------------------------------------------------------------------------- torch.compile
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("reduction, scale", [("mean", 1.0), ("sum", 2.5)])
+def test_torch_compile_fullgraph(reduction, scale):
+    """Through the one-pass path (reduction mean/sum, logits that need a gradient)."""
     table = digit_table(40)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 40))
     hidden = torch.randn(3, 5, 16)
     labels = random_labels((3, 5), table)
+    weights = torch.rand(3, 5)
 
     def step(hidden, labels):
         out = ntl_fast.cross_entropy_with_ntl(model(hidden), labels, table, backend="cpp", loss="was",
-                                              reweigh=True, shift_labels=True)
-        return out.loss
+                                              reweigh=True, shift_labels=True, reduction=reduction,
+                                              weights=weights)
+        return scale * out.loss
 
     compiled = torch.compile(step, fullgraph=True)
     loss = compiled(hidden, labels)
