@@ -23,7 +23,7 @@ from torch import Tensor
 from .backends import explain_backend, get_backend
 from .config import LossConfig, check_reduction
 from .functional import (
-    _FLOAT_DTYPES, NTLOutput, Normalizer, _check_inputs, _check_values, _is_compiling, _safe_divide,
+    _FLOAT_DTYPES, NTLOutput, Normalizer, _check_inputs, _check_values, _is_compiling, _row_scale,
 )
 from .reference import accumulation_dtype, label_positions
 from .table import NumberTokenTable
@@ -202,15 +202,6 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Non
             raise ValueError(f"bias must be {hidden.dtype} on {hidden.device}, got {bias.dtype} on {bias.device}")
 
 
-def _count(counted: Tensor, weights: Tensor, normalizer: Normalizer) -> Tensor:
-    if normalizer is None:
-        return torch.where(counted, weights, torch.zeros_like(weights)).sum()
-    count = torch.as_tensor(normalizer, dtype=weights.dtype, device=weights.device)
-    if count.dim() != 0:
-        raise ValueError(f"a normalizer must be a number or a 0-d tensor, got shape {tuple(count.shape)}")
-    return count
-
-
 def linear_cross_entropy_with_ntl(
     hidden: Tensor,
     weight: Tensor,
@@ -274,14 +265,12 @@ def linear_cross_entropy_with_ntl(
     labels1d = labels.reshape(-1)
     row_table = table.resized(vocab_size)
     acc = accumulation_dtype(hidden.dtype)
-    row_weights = (torch.ones(labels1d.shape, dtype=acc, device=hidden.device) if weights is None
-                   else weights.reshape(-1).to(acc))
+    weights1d = None if weights is None else weights.reshape(-1)
     in_range, _, number_index = label_positions(labels1d, row_table, ignore_index)
-    if reduction == "mean":
-        ce_factor = _safe_divide(row_weights, _count(in_range, row_weights, ce_normalizer))
-        ntl_factor = _safe_divide(row_weights, _count(number_index >= 0, row_weights, ntl_normalizer))
-    else:
-        ce_factor = ntl_factor = row_weights
+    # each row's share of the loss: weights over the means' counts ("none": the weights alone)
+    scale_reduction = "sum" if reduction == "none" else reduction
+    ce_factor = _row_scale(in_range, weights1d, scale_reduction, ce_normalizer, acc)
+    ntl_factor = _row_scale(number_index >= 0, weights1d, scale_reduction, ntl_normalizer, acc)
     chunk = chunk_size or default_chunk_size(hidden2d.shape[0], vocab_size)
     choice = explain_backend(hidden2d.device, backend)
     total, ce, ntl = _LinearCrossEntropyWithNTL.apply(
