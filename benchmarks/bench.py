@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import datetime
 import json
 import os
@@ -269,8 +270,10 @@ def _proc_status_mib(field: str) -> float:
 
 
 def _reset_peak_rss() -> None:
-    """Reset the resident-set high-water mark to the current RSS (Linux >= 4.0). A child
-    inherits its parent's mark through fork and exec, so without this it measures the parent."""
+    """Return freed heap memory to the system, then reset the resident-set high-water mark to
+    the current RSS (Linux >= 4.0). A child inherits its parent's mark through fork and exec,
+    and a new tensor could otherwise land in freed but still resident heap pages unseen."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
 
