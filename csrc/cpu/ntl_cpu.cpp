@@ -400,6 +400,7 @@ Tensor ntl_backward(const Tensor& grad_ntl, const Tensor& logits, const Tensor& 
                                    gaussian_sigma, ignore_index);
   check_inputs(logits, labels, {number_ids, number_values, number_index, value_order, sorted_gaps});
   Tensor out = at::empty_like(logits);
+  advise_huge_pages(out);
   backward_cpu(out, Tensor(), grad_ntl, logits, labels, lse_vocab, lse_number,
                {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
   return out;
@@ -416,6 +417,7 @@ Tensor ce_ntl_backward(const Tensor& grad_ce, const Tensor& grad_ntl, const Tens
                                    gaussian_sigma, ignore_index);
   check_inputs(logits, labels, {number_ids, number_values, number_index, value_order, sorted_gaps});
   Tensor out = at::empty_like(logits);
+  advise_huge_pages(out);
   backward_cpu(out, grad_ce, grad_ntl, logits, labels, lse_vocab, lse_number,
                {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
   return out;
