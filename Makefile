@@ -34,6 +34,8 @@ test: setup
 
 bench-cpu: setup
 	$(BIN)/python benchmarks/bench.py --preset cpu --cpu-memory --out benchmarks/results/cpu.csv
+	$(BIN)/python benchmarks/bench.py --preset cpu-linear --repeats 3 --cpu-memory --out benchmarks/results/cpu.csv
+	$(BIN)/python benchmarks/plot.py benchmarks/results/cpu.csv benchmarks/results/cpu.png
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

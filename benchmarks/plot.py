@@ -4,6 +4,7 @@
 
 One panel pair per (op, mode): bars grouped by size (M, V, dtype), one bar per provider; the
 left panel is the median time (whiskers p20-p80), the right the peak memory above the inputs.
+The LM-head operations share a panel: fused (``linear_ce_ntl``) against materialised.
 Only the newest run of each (op, provider, mode, size) in the file is drawn.
 """
 
@@ -20,6 +21,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PROVIDER_ORDER = ["triton", "cpp", "reference", "reference-compiled", "ntloss", "torch-ce", "liger-ce"]
+# the LM-head operations share one panel: fused against materialised, per backend
+LM_HEAD = {"linear_ce_ntl": "fused", "matmul_ce_ntl": "materialised"}
+
+
+def panel_and_label(row):
+    if row["op"] in LM_HEAD:
+        return "LM head + ce_ntl", f"{LM_HEAD[row['op']]} ({row['provider']})"
+    return row["op"], row["provider"]
 
 
 def load(path):
@@ -37,12 +46,15 @@ def main(argv=None) -> None:
     parser.add_argument("png")
     args = parser.parse_args(argv)
     rows = load(args.csv)
+    for row in rows:
+        row["op"], row["provider"] = panel_and_label(row)
     panels = sorted({(r["op"], r["mode"]) for r in rows})
     figure, axes = plt.subplots(len(panels), 2, figsize=(13, 3.6 * len(panels)), squeeze=False)
     for (op, mode), (time_axis, memory_axis) in zip(panels, axes):
         subset = [r for r in rows if r["op"] == op and r["mode"] == mode]
         sizes = sorted({(int(r["M"]), int(r["V"]), r["dtype"]) for r in subset})
-        providers = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in subset)]
+        present = sorted({r["provider"] for r in subset})
+        providers = [p for p in PROVIDER_ORDER if p in present] + [p for p in present if p not in PROVIDER_ORDER]
         width = 0.8 / max(1, len(providers))
         for index, provider in enumerate(providers):
             xs, medians, lows, highs, memory = [], [], [], [], []
