@@ -5,7 +5,8 @@ Operations: ``ce_ntl`` (cross-entropy + 0.3 NTL-WAS), ``ntl`` (standalone NTL-WA
 (``hidden (M, H)``, ``weight (V, H)``): ``linear_ce_ntl`` (LM head fused, logits never whole)
 against ``matmul_ce_ntl`` (``hidden @ weight.T`` materialised, then the fused CE + NTL). Providers: ntl_fast's
 ``triton`` / ``cpp`` / ``reference`` backends, the reference under ``torch.compile``, the authors'
-``ntloss`` with ``torch.nn.functional.cross_entropy``, plain torch CE, Liger's CE where installed.
+``ntloss`` with ``torch.nn.functional.cross_entropy``, plain torch CE, Liger's CE alone and with ``ntloss``'s NTL
+where installed.
 Modes: ``fwd``, ``bwd`` (backward of a retained graph) and ``full`` (forward + backward).
 
 Times: CUDA events (median, p20, p80 of repeated runs) on a GPU, the host clock on a CPU.
@@ -50,7 +51,8 @@ LINEAR_OPS = ("linear_ce_ntl", "matmul_ce_ntl")
 PRESETS = {
     # what benchmarks/gpu_check.sh runs (the cpp provider separately, once its CUDA build is done)
     "gpu-check": dict(ops=["ce_ntl", "ntl", "ce"], M=[16384], V=[32128, 128256], dtypes=["bf16"],
-                      modes=["full", "fwd"], providers=["triton", "reference", "ntloss", "torch-ce", "liger-ce"]),
+                      modes=["full", "fwd"],
+                      providers=["triton", "reference", "ntloss", "torch-ce", "liger-ce", "liger-ce+ntloss"]),
     "gpu-linear": dict(ops=list(LINEAR_OPS), M=[16384], V=[128256], H=4096, dtypes=["bf16"], modes=["full"],
                        providers=["triton"]),
     "cpu": dict(ops=["ce_ntl", "ntl"], M=[1024, 4096], V=[32128], dtypes=["fp32", "bf16"], modes=["full"],
@@ -59,7 +61,8 @@ PRESETS = {
                        providers=["cpp"]),
     "full": dict(ops=["ce_ntl", "ntl", "ce"] + list(LINEAR_OPS), M=[4096, 16384], V=[32128, 128256, 151936],
                  H=4096, dtypes=["bf16", "fp32"], modes=["full", "fwd", "bwd"],
-                 providers=["triton", "cpp", "reference", "reference-compiled", "ntloss", "torch-ce", "liger-ce"]),
+                 providers=["triton", "cpp", "reference", "reference-compiled", "ntloss", "torch-ce", "liger-ce",
+                            "liger-ce+ntloss"]),
     "quick": dict(ops=["ce_ntl", "ntl"] + list(LINEAR_OPS), M=[256], V=[1000], H=64, dtypes=["fp32"],
                   modes=["full"], providers=["cpp", "reference", "ntloss"]),
 }
@@ -174,15 +177,21 @@ def build_provider(name: str, op: str, V: int, device: str) -> Optional[Callable
         return None
     if name == "torch-ce":
         return (lambda z, y: F.cross_entropy(z, y)) if op == "ce" else None
-    if name == "liger-ce":
-        if op != "ce" or device != "cuda":
+    if name in ("liger-ce", "liger-ce+ntloss"):
+        wanted = "ce" if name == "liger-ce" else "ce_ntl"
+        if op != wanted or device != "cuda":
             return None
         try:
             from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
         except ImportError as error:
-            print(f"  skip liger-ce: {error}", file=sys.stderr)
+            print(f"  skip {name}: {error}", file=sys.stderr)
             return None
-        return lambda z, y: LigerCrossEntropyFunction.apply(z, y)[0]
+        if name == "liger-ce":
+            return lambda z, y: LigerCrossEntropyFunction.apply(z, y)[0]
+        authors = build_provider("ntloss", "ntl", V, device)  # Liger's CE plus the authors' eager NTL
+        if authors is None:
+            return None
+        return lambda z, y: LigerCrossEntropyFunction.apply(z, y)[0] + NTL_WEIGHT * authors(z, y)
     raise ValueError(f"unknown provider {name!r}")
 
 
@@ -449,7 +458,7 @@ def print_ratios(rows: List[Row]) -> None:
     for (op, provider, mode, M, V, dtype), median in index.items():
         if provider not in ("triton", "cpp"):
             continue
-        for baseline in ("ntloss", "reference", "reference-compiled"):
+        for baseline in ("ntloss", "liger-ce+ntloss", "reference", "reference-compiled"):
             other = index.get((op, baseline, mode, M, V, dtype))
             if other:
                 lines.append(f"{op} {mode} M={M} V={V} {dtype}: {provider} is {other / median:.2f}x faster than {baseline}")

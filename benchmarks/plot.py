@@ -20,7 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PROVIDER_ORDER = ["triton", "cpp", "reference", "reference-compiled", "ntloss", "torch-ce", "liger-ce"]
+PROVIDER_ORDER = ["triton", "cpp", "reference", "reference-compiled", "ntloss", "liger-ce+ntloss", "torch-ce",
+                  "liger-ce"]
 # the LM-head operations share one panel: fused against materialised, per backend
 LM_HEAD = {"linear_ce_ntl": "fused", "matmul_ce_ntl": "materialised"}
 
