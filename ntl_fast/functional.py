@@ -302,6 +302,11 @@ def cross_entropy_with_ntl(
     over the number tokens (Gaussian-CE); with ``loss="was_cdf"`` NTL is then W1 against those
     same targets (the paper's GCE + NTL). Other options as in :func:`number_token_loss`.
 
+    With the C++ backend on CPU tensors and reduction ``"mean"``/``"sum"``, the gradient is
+    computed in the same pass as the loss (every row's share of the loss is known up to the one
+    scalar ``grad_output``), so a forward that requires grad holds one logits-sized gradient until
+    the backward, which then has almost nothing left to do.
+
     ``inplace=True`` lets a kernel backend write the gradient into the logits' own buffer
     during the backward, saving one logits-sized allocation. Only safe when nothing else reads
     those logits after this loss (no second loss on them, no logging of them after backward);
