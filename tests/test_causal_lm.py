@@ -137,6 +137,13 @@ def test_without_labels_and_disable():
     assert own.logits is not None and not hasattr(own, "ntl_loss")
 
 
+def test_logit_transforming_configs_are_refused():
+    model = _llama()
+    model.config.final_logit_softcapping = 30.0  # Gemma-2 style: the fused head would skip it
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        enable_ntl(model, TABLE)
+
+
 def test_table_from_tokenizer_covers_padded_head():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast

@@ -365,6 +365,17 @@ std::tuple<Tensor, Tensor, Tensor> loss_and_grad_cpu(const Tensor& logits, const
   return {ce, ntl, grad};
 }
 
+// The out-of-place backward of either operation (grad_ce undefined: NTL alone) into a new tensor.
+Tensor fresh_gradient(const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& logits, const Tensor& labels,
+                      const Tensor& lse_vocab, const Tensor& lse_number, const TableTensors& table,
+                      const Options& opt) {
+  check_inputs(logits, labels, table);
+  Tensor out = at::empty_like(logits);
+  advise_huge_pages(out);
+  backward_cpu(out, grad_ce, grad_ntl, logits, labels, lse_vocab, lse_number, table, opt);
+  return out;
+}
+
 std::tuple<Tensor, Tensor, Tensor> ntl_forward(const Tensor& logits, const Tensor& labels, const Tensor& number_ids,
                                                const Tensor& number_values, const Tensor& number_index,
                                                const Tensor& value_order, const Tensor& sorted_gaps,
@@ -398,12 +409,8 @@ Tensor ntl_backward(const Tensor& grad_ntl, const Tensor& logits, const Tensor& 
                     std::optional<double> gaussian_sigma, int64_t ignore_index) {
   const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
                                    gaussian_sigma, ignore_index);
-  check_inputs(logits, labels, {number_ids, number_values, number_index, value_order, sorted_gaps});
-  Tensor out = at::empty_like(logits);
-  advise_huge_pages(out);
-  backward_cpu(out, Tensor(), grad_ntl, logits, labels, lse_vocab, lse_number,
-               {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
-  return out;
+  return fresh_gradient(Tensor(), grad_ntl, logits, labels, lse_vocab, lse_number,
+                        {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
 }
 
 Tensor ce_ntl_backward(const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& logits, const Tensor& labels,
@@ -415,12 +422,8 @@ Tensor ce_ntl_backward(const Tensor& grad_ce, const Tensor& grad_ntl, const Tens
   TORCH_CHECK(grad_ce.defined(), "ntl_fast: grad_ce is undefined");
   const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
                                    gaussian_sigma, ignore_index);
-  check_inputs(logits, labels, {number_ids, number_values, number_index, value_order, sorted_gaps});
-  Tensor out = at::empty_like(logits);
-  advise_huge_pages(out);
-  backward_cpu(out, grad_ce, grad_ntl, logits, labels, lse_vocab, lse_number,
-               {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
-  return out;
+  return fresh_gradient(grad_ce, grad_ntl, logits, labels, lse_vocab, lse_number,
+                        {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
 }
 
 void ce_ntl_backward_(const Tensor& logits, const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& labels,

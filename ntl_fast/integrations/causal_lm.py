@@ -101,7 +101,7 @@ def enable_ntl(
     config = getattr(model, "config", None)
     for name in _UNSUPPORTED_CONFIG:
         if getattr(config, name, None) not in (None, 1, 1.0):
-            raise NotImplementedError(f"config.{name} transforms the logits; the fused NTL path does not apply it")
+            raise ValueError(f"config.{name} transforms the logits; the fused NTL path does not apply it")
     allowed = {"squash_factor", "reweigh", "gaussian_sigma", "ignore_index", "validate"}
     unknown = set(loss_options) - allowed
     if unknown:
