@@ -1,0 +1,422 @@
+"""Runs the CUDA kernels of ``csrc/cuda/ntl_kernels.cu`` on the CPU and compares them with the C++
+CPU operators (README.md in this folder tells how the emulation works).
+
+API (also for case generators such as a fuzzer)::
+
+    build(kind) -> Path
+        Compiles the driver: kind "memcheck" (AddressSanitizer + UBSan) or "racecheck" (the
+        kernel file instrumented for the race checker, + UBSan). Cached by source hash under
+        build/cuda_emulation/. Raises BuildUnavailable without g++.
+    run(cases, kind="memcheck", skip_barrier=None, timeout=600) -> List[Result]
+        Runs each Case through its kernel in the emulation; skip_barrier "file:line" leaves that
+        barrier out. Result.outputs: the kernel's tensors ("ce", "ntl", "lse_vocab",
+        "lse_number" for "forward"; "grad" for the backwards); Result.reports: what the
+        emulation found (races, divergent barriers, early exits, deadlocks); Result.error: a
+        failed launch.
+    reference(case) -> Dict[str, Tensor]
+        The same outputs from torch.ops.ntl_fast on CPU tensors.
+    compare(case, result) -> List[str]
+        Every disagreement (tolerances of docs/math.md §6; exact where both backends run the
+        same code) and every report; empty when the kernel agrees.
+    check(cases, kind) -> Dict[str, List[str]]: run + compare, the failing cases by name.
+
+A Case holds the operators' arguments: ``kernel`` ("forward", "backward", "backward_inplace"),
+``logits`` (M, V) float32/bfloat16/float16/float64, ``labels`` (M,) int64/int32, ``table`` (the
+five table tensors of NumberTokenTable), ``options`` (the operators' eight option arguments: loss,
+squash_factor, min_distance, max_distance, reweigh, reweigh_constant, gaussian_sigma,
+ignore_index), ``with_ce``, ``grad_ce`` / ``grad_ntl`` (M,) for the backwards, ``misaligned``
+(every buffer starts one element off 16-byte alignment). The backwards get LSE_V and LSE_N from
+the CPU forward, so both sides differentiate from the same saved rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+KERNEL_SOURCE = Path("csrc/cuda/ntl_kernels.cu")
+BUILD_ROOT = ROOT / "build" / "cuda_emulation"
+KERNELS = ("forward", "backward", "backward_inplace")
+LOSSES = {"was": 0, "mse": 1, "mae": 2, "huber": 3, "was_cdf": 4}
+
+
+class BuildUnavailable(RuntimeError):
+    """No C++ compiler to build the emulation with."""
+
+
+# --------------------------------------------------------------------------------- source rewrite
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:\s*<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+_EXTERN_SHARED = re.compile(
+    r"^([ \t]*)extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([^;\[]+?)\s+(\w+)\s*\[\s*\]\s*;[ \t]*$", re.M
+)
+_SHARED = re.compile(r"__shared__\s+([^;{}]+);")
+_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def _split_top_level(text: str) -> List[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "<([" and 1 or 0
+        depth -= ch in ">)]" and 1 or 0
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+def _shared_declaration(match: re.Match) -> str:
+    declaration = match.group(1)
+    declarators = _split_top_level(declaration)
+    first = declarators[0].split("[")[0]
+    names = [_NAME.findall(first)[-1]] + [_NAME.match(d.strip()).group(0) for d in declarators[1:]]
+    return f"static {declaration};" + "".join(f" NTL_EMU_SHARED({n});" for n in names)
+
+
+def rewrite_cuda_source(text: str, path: str) -> str:
+    """The CUDA syntax no macro can express, rewritten on the same lines (so __LINE__ and the
+    compiler's messages keep the .cu file's line numbers): kernel launches, ``__shared__``
+    declarations (static, registered for poisoning and race checks), ``extern __shared__``."""
+    text = _LAUNCH.sub(r"::ntl_emu::launch(\1, ::ntl_emu::configure(\2))(", text)
+    text = _EXTERN_SHARED.sub(
+        r"\1#define \3 (reinterpret_cast<\2*>(::ntl_emu::dynamic_shared_memory()))", text
+    )
+    text = _SHARED.sub(_shared_declaration, text)
+    if "<<<" in text or re.search(r"\bextern\s+__shared__", text):
+        raise ValueError(f"{path}: a launch or extern __shared__ the rewrite does not understand")
+    return f'#line 1 "{path}"\n' + text
+
+
+# --------------------------------------------------------------------------------- build
+def _compiler() -> str:
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise BuildUnavailable(f"no C++ compiler ({compiler}) on the PATH")
+    return compiler
+
+
+def _sources() -> List[Path]:
+    return sorted(
+        [ROOT / KERNEL_SOURCE, *sorted((ROOT / "csrc").glob("*.h")), *sorted((ROOT / "csrc/cuda").glob("*.h")),
+         *sorted(HERE.glob("*.h")), *sorted(HERE.glob("*.cpp")), *sorted((HERE / "include").glob("*.h")),
+         Path(__file__).resolve()]
+    )
+
+
+COMMON_FLAGS = ["-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "-Wno-unknown-pragmas"]
+
+
+def _math_flags() -> List[str]:
+    """setup.py's code-generation flags for the CPU operators (-O3, and FMA where the CPU has it):
+    the kernel file gets them too, so the compiler contracts the shared math of ntl_math.h into
+    the same instructions on both sides, and outputs computed by that code alone can be compared
+    bit for bit."""
+    flags = ["-O3"]
+    if os.environ.get("NTL_FAST_CPU_BASELINE") != "1" and os.uname().machine in ("x86_64", "amd64"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = set(next((line for line in f if line.startswith("flags")), "").split())
+        except OSError:
+            cpu = set()
+        if {"avx2", "fma"} <= cpu:
+            flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+UBSAN = ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
+BUILD_FLAGS = {
+    # kind: (kernel file flags, runtime and driver flags, link flags)
+    "memcheck": (["-fsanitize=address"] + UBSAN, ["-fsanitize=address"] + UBSAN, ["-fsanitize=address"] + UBSAN),
+    # Only the kernel file is instrumented: its accesses call the hooks of emulation_runtime.cpp
+    # (GCC's -fsanitize=thread instrumentation, without the ThreadSanitizer runtime).
+    "racecheck": (["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"] + UBSAN,
+                  ["-DNTL_EMU_RACECHECK"] + UBSAN, UBSAN),
+}
+
+
+def build(kind: str = "memcheck") -> Path:
+    """The driver executable of ``kind`` ("memcheck" or "racecheck"), built once per source hash."""
+    if kind not in BUILD_FLAGS:
+        raise ValueError(f"kind must be one of {sorted(BUILD_FLAGS)}, got {kind!r}")
+    compiler = _compiler()
+    digest = hashlib.sha256()
+    for path in _sources():
+        digest.update(str(path).encode() + path.read_bytes())
+    digest.update(repr((BUILD_FLAGS[kind], _math_flags())).encode() + compiler.encode())
+    out_dir = BUILD_ROOT / f"{kind}-{digest.hexdigest()[:16]}"
+    binary = out_dir / "driver"
+    if binary.exists():
+        return binary
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kernel_cc = out_dir / "ntl_kernels.cu.cc"
+    kernel_cc.write_text(rewrite_cuda_source((ROOT / KERNEL_SOURCE).read_text(), str(KERNEL_SOURCE)))
+    kernel_flags, host_flags, link_flags = BUILD_FLAGS[kind]
+    kernel_flags = kernel_flags + _math_flags()
+    includes = ["-I", str(HERE / "include"), "-I", str(HERE), "-I", str(ROOT / "csrc/cuda")]
+    objects = []
+    for source, flags in ((kernel_cc, kernel_flags), (HERE / "emulation_runtime.cpp", host_flags),
+                          (HERE / "driver.cpp", host_flags)):
+        obj = out_dir / (source.name + ".o")
+        _compile([compiler, *COMMON_FLAGS, *flags, *includes, "-c", str(source), "-o", str(obj)])
+        objects.append(str(obj))
+    tmp = out_dir / "driver.tmp"
+    _compile([compiler, *COMMON_FLAGS, *link_flags, *objects, "-o", str(tmp)])
+    tmp.replace(binary)
+    return binary
+
+
+def _compile(command: List[str]) -> None:
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"build failed: {' '.join(command)}\n{done.stdout}{done.stderr}")
+
+
+# --------------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    name: str
+    kernel: str
+    logits: Tensor
+    labels: Tensor
+    table: Tuple[Tensor, ...]
+    options: tuple
+    with_ce: bool = True
+    grad_ce: Optional[Tensor] = None
+    grad_ntl: Optional[Tensor] = None
+    misaligned: bool = False
+
+
+@dataclass
+class Result:
+    outputs: Dict[str, Tensor] = field(default_factory=dict)
+    reports: List[str] = field(default_factory=list)
+    report_count: int = 0
+    error: Optional[str] = None
+    barriers: List[str] = field(default_factory=list)
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3, torch.int32: 4,
+                torch.int64: 5, torch.uint8: 6}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward_rows(case: Case) -> Tuple[Tensor, Tensor]:
+    """LSE_V and LSE_N of the CPU forward: the backwards' saved rows, on both sides."""
+    ops = torch.ops.ntl_fast
+    _, lse_vocab, lse_number = ops.ntl_forward(case.logits, case.labels, *case.table, *case.options)
+    return lse_vocab, lse_number
+
+
+def _kernel_options(options: tuple) -> Dict[str, object]:
+    """The Options struct the CUDA wrapper builds (ntl_checks.h make_options) from the op arguments."""
+    loss, squash_factor, min_distance, max_distance, reweigh, constant, sigma, ignore_index = options
+    span = max_distance - min_distance
+    return {
+        "loss": LOSSES[loss], "squash": int(squash_factor is not None), "squash_min": float(min_distance),
+        "squash_scale": (squash_factor - 1.0) / span if squash_factor is not None and span > 0 else 0.0,
+        "reweigh": int(reweigh), "reweigh_constant": float(constant), "gaussian": int(sigma is not None),
+        "sigma": float(sigma) if sigma is not None else 0.0, "ignore_index": int(ignore_index),
+    }
+
+
+def _encode(case: Case) -> Dict[str, Tensor]:
+    if case.kernel not in KERNELS:
+        raise ValueError(f"case {case.name}: kernel must be one of {KERNELS}, got {case.kernel!r}")
+    M, V = case.logits.shape
+    fields: Dict[str, Tensor] = {
+        "kernel": torch.tensor(list(case.kernel.encode()), dtype=torch.uint8),
+        "M": torch.tensor([M]), "V": torch.tensor([V]), "logits": case.logits, "labels": case.labels,
+        "with_ce": torch.tensor([int(case.with_ce)]), "misaligned": torch.tensor([int(case.misaligned)]),
+    }
+    for name, tensor in zip(("number_ids", "number_values", "number_index", "value_order", "sorted_gaps"),
+                            case.table):
+        fields[name] = tensor
+    for name, value in _kernel_options(case.options).items():
+        fields[name] = torch.tensor([value], dtype=torch.float64 if isinstance(value, float) else torch.int64)
+    if case.kernel != "forward":
+        acc = _acc(case.logits.dtype)
+        fields["lse_vocab"], fields["lse_number"] = _forward_rows(case)
+        fields["grad_ntl"] = case.grad_ntl.to(acc)
+        if case.with_ce:
+            fields["grad_ce"] = case.grad_ce.to(acc)
+    return fields
+
+
+def _write(path: Path, records: Sequence[Dict[str, Tensor]]) -> None:
+    with open(path, "wb") as f:
+        f.write(b"NTLEMU01" + struct.pack("<I", len(records)))
+        for record in records:
+            f.write(struct.pack("<I", len(record)))
+            for name, tensor in record.items():
+                tensor = tensor.detach().cpu().contiguous().flatten()
+                f.write(struct.pack("<H", len(name)) + name.encode())
+                f.write(struct.pack("<BQ", _DTYPE_CODES[tensor.dtype], tensor.numel()))
+                f.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+
+def _read(path: Path) -> List[Dict[str, Tensor]]:
+    data = path.read_bytes()
+    if data[:8] != b"NTLEMU01":
+        raise RuntimeError(f"{path} is not a results file")
+    (count,), pos, records = struct.unpack_from("<I", data, 8), 12, []
+    for _ in range(count):
+        (fields,), pos, record = struct.unpack_from("<I", data, pos), pos + 4, {}
+        for _ in range(fields):
+            (length,) = struct.unpack_from("<H", data, pos)
+            name = data[pos + 2:pos + 2 + length].decode()
+            code, numel = struct.unpack_from("<BQ", data, pos + 2 + length)
+            pos += 2 + length + 9
+            dtype = _CODE_DTYPES[code]
+            size = numel * torch.empty((), dtype=dtype).element_size()
+            raw = torch.frombuffer(bytearray(data[pos:pos + size]), dtype=torch.uint8) if size else None
+            record[name] = raw.view(dtype) if raw is not None else torch.empty(0, dtype=dtype)
+            pos += size
+        records.append(record)
+    return records
+
+
+def _text(tensor: Tensor) -> str:
+    return bytes(tensor.tolist()).decode()
+
+
+def run(cases: Sequence[Case], kind: str = "memcheck", skip_barrier: Optional[str] = None,
+        timeout: float = 600) -> List[Result]:
+    """Runs every case in the emulation (one driver process for the batch)."""
+    binary = build(kind)
+    env = dict(os.environ)
+    env.pop("NTL_EMU_SKIP_BARRIER", None)
+    if skip_barrier:
+        env["NTL_EMU_SKIP_BARRIER"] = skip_barrier
+    env.setdefault("ASAN_OPTIONS", "detect_leaks=0")
+    with tempfile.TemporaryDirectory(prefix="ntl_emu_") as tmp:
+        cases_file, results_file = Path(tmp) / "cases.bin", Path(tmp) / "results.bin"
+        _write(cases_file, [_encode(case) for case in cases])
+        done = subprocess.run([str(binary), str(cases_file), str(results_file)], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"the {kind} driver failed (exit {done.returncode}):\n{done.stderr[-6000:]}")
+        records = _read(results_file)
+    results = []
+    for case, record in zip(cases, records):
+        result = Result(report_count=int(record.pop("report_count")[0]),
+                        reports=[line for line in _text(record.pop("reports")).splitlines() if line],
+                        barriers=[b for b in _text(record.pop("barriers")).split(";") if b])
+        if "error" in record:
+            result.error = _text(record.pop("error"))
+        shape = {"grad": case.logits.shape}
+        result.outputs = {name: t.reshape(shape.get(name, t.shape)) for name, t in record.items()}
+        results.append(result)
+    return results
+
+
+# --------------------------------------------------------------------------------- reference
+def reference(case: Case) -> Dict[str, Tensor]:
+    """The outputs of ``case`` from the C++ CPU operators (torch.ops.ntl_fast)."""
+    ops = torch.ops.ntl_fast
+    args = (*case.table, *case.options)
+    if case.kernel == "forward":
+        if case.with_ce:
+            ce, ntl, lse_vocab, lse_number = ops.ce_ntl_forward(case.logits, case.labels, *args, False)
+            return {"ce": ce, "ntl": ntl, "lse_vocab": lse_vocab, "lse_number": lse_number}
+        ntl, lse_vocab, lse_number = ops.ntl_forward(case.logits, case.labels, *args)
+        return {"ntl": ntl, "lse_vocab": lse_vocab, "lse_number": lse_number}
+    lse_vocab, lse_number = _forward_rows(case)
+    acc = _acc(case.logits.dtype)
+    grad_ntl = case.grad_ntl.to(acc)
+    if case.kernel == "backward_inplace":
+        grad = case.logits.clone()
+        ops.ce_ntl_backward_(grad, case.grad_ce.to(acc), grad_ntl, case.labels, lse_vocab, lse_number, *args)
+    elif case.with_ce:
+        grad = ops.ce_ntl_backward(case.grad_ce.to(acc), grad_ntl, case.logits, case.labels, lse_vocab,
+                                   lse_number, *args)
+    else:
+        grad = ops.ntl_backward(grad_ntl, case.logits, case.labels, lse_vocab, lse_number, *args)
+    return {"grad": grad}
+
+
+def _exact(case: Case, name: str) -> bool:
+    """Outputs that both backends compute with the same code of ntl_math.h from the same inputs:
+    LSE_N, and NTL without reweighing (no LSE_V in it)."""
+    reweigh = case.options[4]
+    return name == "lse_number" or (name == "ntl" and not reweigh)
+
+
+def _tolerance(case: Case, name: str) -> Tuple[float, float]:
+    """(rtol, atol) of docs/math.md §6 for this output."""
+    low_precision = case.logits.dtype in (torch.bfloat16, torch.float16)
+    if name == "grad":
+        return (2e-2, 1e-6) if low_precision else (1e-5, 1e-6)
+    return (1e-4, 1e-6) if low_precision else (1e-5, 1e-6)
+
+
+def compare(case: Case, result: Result, expected: Optional[Dict[str, Tensor]] = None) -> List[str]:
+    """Every way ``result`` disagrees with the CPU operators, plus the emulation's reports."""
+    problems = [f"emulation: {report}" for report in result.reports]
+    if result.report_count > len(result.reports):
+        problems.append(f"emulation: {result.report_count - len(result.reports)} more reports")
+    if result.error:
+        return problems + [f"launch failed: {result.error}"]
+    expected = reference(case) if expected is None else expected
+    for name, want in expected.items():
+        got = result.outputs.get(name)
+        if got is None:
+            problems.append(f"{name}: missing from the emulation's outputs")
+            continue
+        want64, got64 = want.double(), got.double()
+        nan_w, nan_g = torch.isnan(want64), torch.isnan(got64)
+        if not torch.equal(nan_w, nan_g):
+            problems.append(f"{name}: NaN at {nan_g.nonzero().flatten()[:6].tolist()} emulated, "
+                            f"{nan_w.nonzero().flatten()[:6].tolist()} on CPU")
+            continue
+        finite = torch.isfinite(want64)
+        if not torch.equal(want64[~finite & ~nan_w], got64[~finite & ~nan_w]) or \
+                not torch.equal(finite, torch.isfinite(got64)):
+            problems.append(f"{name}: infinities differ")
+            continue
+        w, g = want64[finite], got64[finite]
+        if _exact(case, name):
+            if not torch.equal(w, g):
+                problems.append(f"{name}: not bitwise equal, max |diff| {(w - g).abs().max().item():.3g}")
+            continue
+        rtol, atol = _tolerance(case, name)
+        bound = rtol * (w.abs().max().item() if w.numel() else 0.0) + atol
+        diff = (w - g).abs().max().item() if w.numel() else 0.0
+        if diff > bound:
+            problems.append(f"{name}: max |diff| {diff:.3g} > {bound:.3g}")
+    return problems
+
+
+def check(cases: Sequence[Case], kind: str = "memcheck", skip_barrier: Optional[str] = None) -> Dict[str, List[str]]:
+    """Runs and compares ``cases``; the failing ones by name, with their problems."""
+    failures = {}
+    for case, result in zip(cases, run(cases, kind, skip_barrier)):
+        problems = compare(case, result)
+        if problems:
+            failures[case.name] = problems
+    return failures
+
+
+def barrier_sites() -> List[str]:
+    """Every block barrier in the kernel file and the shared headers, as "file:line"."""
+    pattern = re.compile(r"__syncthreads(?:_or|_and|_count)?\s*\(")
+    sites = []
+    for path in [ROOT / KERNEL_SOURCE, *sorted((ROOT / "csrc").glob("*.h")), *sorted((ROOT / "csrc/cuda").glob("*.h"))]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("//")[0]
+            if pattern.search(code):
+                sites.append(f"{path.name}:{number}")
+    return sites
