@@ -336,9 +336,14 @@ void run_block() {
     r.regions.emplace(reinterpret_cast<uintptr_t>(r.dynamic_smem.get()), std::move(region));
   }
   for (int t = 0; t < r.threads; ++t) start_fibre(t);
+  // Threads run in increasing order in even blocks and in decreasing order in odd ones, so that
+  // a missing barrier shows as a wrong result (a read of poison) in one order or the other even
+  // where no race checker runs.
+  const bool descending = r.block_serial % 2 == 0;
   while (true) {
     bool ran = false;
-    for (int t = 0; t < r.threads; ++t) {
+    for (int i = 0; i < r.threads; ++i) {
+      const int t = descending ? r.threads - 1 - i : i;
       if (r.fibres[t].state != State::kReady) continue;
       resume(t);
       ran = true;

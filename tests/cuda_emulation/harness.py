@@ -18,7 +18,10 @@ API (also for case generators such as a fuzzer)::
     compare(case, result) -> List[str]
         Every disagreement (tolerances of docs/math.md §6; exact where both backends run the
         same code) and every report; empty when the kernel agrees.
-    check(cases, kind) -> Dict[str, List[str]]: run + compare, the failing cases by name.
+    check(cases, kind, skip_barrier=None) -> Dict[str, List[str]]
+        run + compare: the failing cases by name.
+    barrier_sites() -> List[str]; barrier_removal(site, cases, kind) -> List[str]
+        The block barriers of the kernels, and what goes wrong without one of them.
 
 A Case holds the operators' arguments: ``kernel`` ("forward", "backward", "backward_inplace"),
 ``logits`` (M, V) float32/bfloat16/float16/float64, ``labels`` (M,) int64/int32, ``table`` (the
@@ -217,7 +220,10 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def _forward_rows(case: Case) -> Tuple[Tensor, Tensor]:
     """LSE_V and LSE_N of the CPU forward: the backwards' saved rows, on both sides."""
     ops = torch.ops.ntl_fast
-    _, lse_vocab, lse_number = ops.ntl_forward(case.logits, case.labels, *case.table, *case.options)
+    if case.with_ce:
+        _, _, lse_vocab, lse_number = ops.ce_ntl_forward(case.logits, case.labels, *case.table, *case.options, False)
+    else:
+        _, lse_vocab, lse_number = ops.ntl_forward(case.logits, case.labels, *case.table, *case.options)
     return lse_vocab, lse_number
 
 
@@ -379,8 +385,8 @@ def compare(case: Case, result: Result, expected: Optional[Dict[str, Tensor]] = 
         want64, got64 = want.double(), got.double()
         nan_w, nan_g = torch.isnan(want64), torch.isnan(got64)
         if not torch.equal(nan_w, nan_g):
-            problems.append(f"{name}: NaN at {nan_g.nonzero().flatten()[:6].tolist()} emulated, "
-                            f"{nan_w.nonzero().flatten()[:6].tolist()} on CPU")
+            problems.append(f"{name}: NaN at flat indices {nan_g.flatten().nonzero().flatten()[:6].tolist()} "
+                            f"emulated, {nan_w.flatten().nonzero().flatten()[:6].tolist()} on CPU")
             continue
         finite = torch.isfinite(want64)
         if not torch.equal(want64[~finite & ~nan_w], got64[~finite & ~nan_w]) or \
@@ -420,3 +426,13 @@ def barrier_sites() -> List[str]:
             if pattern.search(code):
                 sites.append(f"{path.name}:{number}")
     return sites
+
+
+def barrier_removal(site: str, cases: Sequence[Case], kind: str) -> List[str]:
+    """What goes wrong when the barrier at ``site`` is left out: the failing cases' problems, or
+    the driver's own failure (a sanitizer stops it, e.g. on a poisoned bool). Empty: not caught."""
+    try:
+        failures = check(cases, kind, skip_barrier=site)
+    except RuntimeError as error:
+        return [str(error).splitlines()[-1]]
+    return [f"{name}: {problems[0]}" for name, problems in failures.items()]

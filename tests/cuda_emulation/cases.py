@@ -1,0 +1,228 @@
+"""The cases the emulated CUDA kernels are checked on (harness.Case lists, deterministic).
+
+ci_cases(): every kernel × every loss variant of the operators (squash, reweigh, Gaussian
+targets) over tables and vocabulary sizes chosen for the kernels' edges: K = 1, 7 (irregular
+ids and values), 10, ≈1,110 (multi-digit values 0-999 plus extras); V below one block, not a
+multiple of the block or of the unrolled stride, on both sides of each launch-size switch
+(1,024 and 8,192 columns); M = 1 upward. Rotated through them: every logits dtype, int32 and
+int64 labels, ignore_index inside and outside the vocabulary, bad labels, special values
+(-inf masks, big negatives, +inf and NaN rows, all number tokens masked), and buffers one element
+off 16-byte alignment.
+
+known_bug_cases(): inputs on which the CUDA kernels are known to disagree with the CPU operators
+or to race, one group per open bug, kept apart so that the CI set stays green while they are open.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+
+from ntl_fast.config import LossConfig
+from ntl_fast.cpp import _option_args, _table_args
+from ntl_fast.table import NumberTokenTable
+
+from .harness import Case
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# (kernel, with_ce): every entry point of the CUDA wrapper.
+KERNEL_MODES = (("forward", True), ("forward", False), ("backward", True), ("backward", False),
+                ("backward_inplace", True))
+SPECIALS = ("plain", "neg_inf_mask", "big_negative", "pos_inf_row", "nan_row", "numbers_masked", "large_offset",
+            "numbers_dominate", "plain")
+# The backwards differ on +inf / NaN rows (known_bug_cases, "non_finite_rows_backward").
+BACKWARD_SPECIALS = ("plain", "neg_inf_mask", "big_negative", "numbers_masked", "large_offset", "numbers_dominate",
+                     "plain")
+
+
+def _variants(ignore_index: int) -> List[LossConfig]:
+    return [
+        LossConfig("was", ignore_index=ignore_index),
+        LossConfig("was", squash_factor=4.0, ignore_index=ignore_index),
+        LossConfig("was", reweigh=True, ignore_index=ignore_index),
+        LossConfig("mse", ignore_index=ignore_index),
+        LossConfig("mae", reweigh=True, ignore_index=ignore_index),
+        LossConfig("huber", ignore_index=ignore_index),
+        LossConfig("was_cdf", ignore_index=ignore_index),
+        LossConfig("was_cdf", gaussian_sigma=1.5, reweigh=True, ignore_index=ignore_index),
+        LossConfig("was", gaussian_sigma=0.7, ignore_index=ignore_index),
+    ]
+
+
+def _table(kind: str, V: int) -> NumberTokenTable:
+    if kind == "digits":  # K = 10 at ids 7..16
+        return NumberTokenTable.from_values({7 + d: float(d) for d in range(10)}, vocab_size=V)
+    if kind == "irregular":  # K = 7: ids 0 and V-1, unsorted values, a duplicated value
+        return NumberTokenTable.from_values({0: 9.0, 4: 0.0, 11: 2.5, 20: 100.0, 31: -3.0, 44: 7.0, V - 1: 2.5},
+                                            vocab_size=V)
+    if kind == "single":  # K = 1: no gaps at all
+        return NumberTokenTable.from_values({V // 2: 3.0}, vocab_size=V)
+    if kind == "multi_digit":  # K = 1,110: 0..999, then halves, negatives and large values, spread over V
+        values = [float(v) for v in range(1000)] + [v + 0.5 for v in range(50)] + \
+                 [-float(v) for v in range(1, 41)] + [1000.0 * v for v in range(1, 21)]
+        ids = torch.randperm(V, generator=torch.Generator().manual_seed(V))[:len(values)].tolist()
+        return NumberTokenTable.from_values(dict(zip(ids, values)), vocab_size=V)
+    raise ValueError(kind)
+
+
+# (table, V, M): tails everywhere. V = 2, 40, 53 below one block of 128 threads, 131 just past
+# it, 517 past one unrolled stride (4 x 128), 1,023 (128 threads) against 1,024 (256), 1,500 and
+# 4,099 (256, tails of the 1,024 stride), 8,191 (256) against 8,203 (512 threads, a tail).
+SHAPES: Tuple[Tuple[str, int, int], ...] = (
+    ("digits", 40, 6), ("single", 2, 4), ("irregular", 53, 6), ("single", 40, 3), ("digits", 131, 5),
+    ("irregular", 517, 3), ("digits", 1023, 3), ("irregular", 1024, 2), ("multi_digit", 1500, 3),
+    ("digits", 4099, 2), ("multi_digit", 8191, 1), ("multi_digit", 8203, 2),
+)
+
+
+def _labels(table: NumberTokenTable, M: int, ignore_index: int, turn: int, g: torch.Generator) -> torch.Tensor:
+    """Number tokens, other tokens, ignore_index and bad labels, mixed differently each turn."""
+    V = table.vocab_size
+    numbers = table.number_ids
+    bad = [V, V + 7, -1 if ignore_index != -1 else -2, -(2 ** 40)]
+    pool = []
+    for r in range(M):
+        pick = (turn + r) % 6
+        if pick in (0, 1, 2):
+            pool.append(int(numbers[torch.randint(0, numbers.numel(), (1,), generator=g)]))
+        elif pick == 3:
+            pool.append(int(torch.randint(0, V, (1,), generator=g)))
+        elif pick == 4:
+            pool.append(ignore_index)
+        else:
+            pool.append(bad[(turn // 6) % len(bad)])
+    labels = torch.tensor(pool, dtype=torch.int64)
+    if turn % 3 == 1 and labels.abs().max() < 2 ** 31:
+        labels = labels.to(torch.int32)
+    return labels
+
+
+def _logits(table: NumberTokenTable, M: int, dtype: torch.dtype, special: str, g: torch.Generator) -> torch.Tensor:
+    V = table.vocab_size
+    z = torch.randn(M, V, generator=g, dtype=torch.float64) * 3
+    numbers = table.number_ids
+    if special == "neg_inf_mask":  # padded vocabulary columns and some number tokens masked
+        z[:, torch.rand(V, generator=g) < 0.3] = -float("inf")
+        z[:, numbers[0]] = 1.0  # keep one number token finite
+    elif special == "big_negative":
+        z[:, torch.rand(V, generator=g) < 0.3] = -1e4 if dtype != torch.float16 else -6e4
+    elif special == "pos_inf_row":
+        z[0, int(torch.randint(0, V, (1,), generator=g))] = float("inf")
+    elif special == "nan_row":
+        z[M - 1, int(numbers[-1])] = float("nan")
+    elif special == "numbers_masked":  # every number token -inf in row 0: LSE_N = -inf
+        z[0, numbers] = -float("inf")
+    elif special == "large_offset":  # |z| ~ 1e4: LSE of large magnitude
+        z += 1e4 if int(numbers[0]) % 2 else -1e4
+    elif special == "numbers_dominate":  # the number tokens hold almost all the mass (reweigh: m ~ 1)
+        z[:, numbers] += 30.0
+    return z.to(dtype)
+
+
+def ci_cases(seed: int = 0) -> List[Case]:
+    """The CI set: every kernel × loss variant on every shape, the other axes rotated."""
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    turn = 0
+    for (table_kind, V, M) in SHAPES:
+        table = _table(table_kind, V)
+        ignore_index = -100 if V < 1000 else 5  # an id inside the vocabulary (a non-number id)
+        if table_kind == "multi_digit":
+            ignore_index = -100 if V == 8191 else int(table.number_ids[3])  # or even a number token
+        for (kernel, with_ce), config in itertools.product(KERNEL_MODES, _variants(ignore_index)):
+            if V >= 8191 and turn % 3:  # the widest blocks cost the most: a third of the product
+                turn += 1
+                continue
+            dtype = DTYPES[turn % len(DTYPES)]
+            specials = SPECIALS if kernel == "forward" else BACKWARD_SPECIALS
+            special = specials[turn % len(specials)]
+            labels = _labels(table, M, ignore_index, turn, g)
+            grad_ce = torch.rand(M, generator=g) + 0.5
+            if turn % 5 == 2:
+                grad_ce[0] = 0.0  # a zero upstream CE gradient takes its own branch
+            cases.append(Case(
+                name=f"{table_kind}-V{V}-M{M}-{kernel}{'' if with_ce else '-ntl_only'}-{_config_name(config)}"
+                     f"-{str(dtype).split('.')[-1]}-{special}-{labels.dtype}".replace("torch.", "")
+                     + ("-misaligned" if turn % 3 == 0 else ""),
+                kernel=kernel, logits=_logits(table, M, dtype, special, g), labels=labels,
+                table=_table_args(table), options=_option_args(table, config), with_ce=with_ce,
+                grad_ce=grad_ce, grad_ntl=torch.rand(M, generator=g) - 0.25, misaligned=turn % 3 == 0,
+            ))
+            turn += 1
+    return cases
+
+
+def _config_name(config: LossConfig) -> str:
+    name = config.loss
+    if config.squash_factor is not None:
+        name += "+squash"
+    if config.reweigh:
+        name += "+reweigh"
+    if config.gaussian_sigma is not None:
+        name += "+gaussian"
+    return name
+
+
+def barrier_cases() -> List[Case]:
+    """The CI cases of the first shape: every kernel and variant, so every block barrier."""
+    table_kind, V, M = SHAPES[0]
+    return [case for case in ci_cases() if case.name.startswith(f"{table_kind}-V{V}-M{M}-")]
+
+
+@dataclass
+class KnownGroup:
+    """Cases of one open bug: what it is, and which builds show it ("memcheck", "racecheck")."""
+    bug: str
+    shown_by: Tuple[str, ...]
+    cases: List[Case]
+
+
+def known_bug_cases() -> Dict[str, KnownGroup]:
+    """Inputs on which the current kernels (or the CPU operators) disagree or race, by bug."""
+    g = torch.Generator().manual_seed(7)
+    table = _table("digits", 40)
+    M = 3
+    ids, values, index, order, gaps = _table_args(table)
+    number_labels = ids[torch.tensor([0, 4, 9])]
+
+    def make(name, kernel, logits, labels=number_labels, table_args=None, config=LossConfig("was")):
+        return Case(name=name, kernel=kernel, logits=logits, labels=labels,
+                    table=table_args or (ids, values, index, order, gaps), options=_option_args(table, config),
+                    grad_ce=torch.rand(M, generator=g) + 0.5, grad_ntl=torch.rand(M, generator=g) + 0.5)
+
+    groups: Dict[str, KnownGroup] = {}
+    # The same id twice in number_ids: two threads of the backward's fix-up loop write one column
+    # in the same barrier interval (the CPU writes them in order, the last one wins).
+    dup_ids, dup_index = ids.clone(), index.clone()
+    dup_ids[1] = dup_ids[0]
+    dup_index[ids[1]] = -1
+    groups["duplicate_number_ids"] = KnownGroup(
+        "backward fix-up loop: duplicate number_ids race on one gradient column", ("memcheck", "racecheck"),
+        [make(f"duplicate_number_ids-{kernel}-{loss}", kernel, torch.randn(M, 40, generator=g), number_labels[[0, 2, 2]],
+              (dup_ids, values, dup_index, order, gaps), LossConfig(loss))
+         for kernel in ("backward", "backward_inplace") for loss in ("was", "mse")])
+    # A value_order that is not a permutation: was_cdf skips the entries out of range, so their
+    # fix-up slots keep the poisoned (uninitialised) shared memory; the CPU's are zero.
+    bad_order = order.clone()
+    bad_order[3] = 99
+    bad_order[5] = bad_order[4]
+    groups["non_permutation_value_order"] = KnownGroup(
+        "was_cdf backward with a non-permutation value_order: unwritten fix-up slots", ("memcheck", "racecheck"),
+        [make(f"non_permutation_value_order-{kernel}", kernel, torch.randn(M, 40, generator=g),
+              table_args=(ids, values, index, bad_order, gaps), config=LossConfig("was_cdf"))
+         for kernel in ("backward", "backward_inplace")])
+    # A +inf or NaN logit in a row that has a CE or reweighing gradient: z - LSE_V is NaN, and the
+    # CPU operators' vectorised exp turns it into +inf where the CUDA kernels (and torch.exp) give NaN.
+    rows = []
+    for special in ("nan", "inf"):
+        z = torch.randn(M, 40, generator=g)
+        z[:, 20 if special == "nan" else 30] = float(special)
+        for kernel in ("backward", "backward_inplace"):
+            rows.append(make(f"non_finite_rows_backward-{special}-{kernel}", kernel, z.clone(),
+                             labels=torch.tensor([ids[0], 25, 3]), config=LossConfig("was", reweigh=True)))
+    groups["non_finite_rows_backward"] = KnownGroup(
+        "CPU operators: the vectorised exp of the dense backward maps NaN to +inf", ("memcheck", "racecheck"), rows)
+    return groups
