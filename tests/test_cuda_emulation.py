@@ -6,7 +6,10 @@ needed, and the emulation's own checks shown to fire.
 Needs g++ (skipped with the reason otherwise) and the compiled operators (the CPU reference).
 """
 
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +109,89 @@ def test_each_barrier_is_needed(site):
     findings = harness.barrier_removal(site, emulation_cases.barrier_cases(), "racecheck")
     print(f"without {site}: {findings[:2]}")
     assert findings, f"removing the barrier at {site} went unnoticed"
+
+
+# selftest.cu: kernel -> what the emulation must print for it, per build ("" = nothing at all).
+FAULTS = {
+    "warp_ops": {"memcheck": "", "racecheck": ""},
+    "shared_race": {"racecheck": "race on __shared__ x"},
+    "global_race": {"racecheck": "race on out byte 0: write after write"},
+    "cross_block_race": {"racecheck": "of another block"},
+    "divergent_barrier": {"memcheck": "divergent __syncthreads", "racecheck": "divergent __syncthreads"},
+    "early_exit": {"memcheck": "exited while threads", "racecheck": "exited while threads"},
+    "deadlock": {"memcheck": "deadlock in block", "racecheck": "deadlock in block"},
+    "poisoned_read": {"memcheck": "", "racecheck": ""},
+}
+
+
+def _selftest(kind):
+    try:
+        return harness.build(kind, "selftest")
+    except harness.BuildUnavailable as reason:
+        pytest.skip(f"the CUDA emulation needs a C++ compiler: {reason}")
+
+
+@pytest.mark.parametrize("fault,build", [(f, b) for f in sorted(FAULTS) for b in sorted(FAULTS[f])])
+def test_emulation_reports_each_fault(fault, build):
+    """Each fault the emulation promises to catch is reported, deterministically (races by the
+    race checker's build only); a kernel without faults (every warp operation, counting barriers,
+    atomics, dynamic shared memory) computes CUDA's results, and unwritten shared memory reads NaN."""
+    kind = build
+    done = subprocess.run([str(_selftest(kind)), fault], capture_output=True, text=True, timeout=120,
+                          env={"ASAN_OPTIONS": "detect_leaks=0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = FAULTS[fault][kind]
+    if expected:
+        assert expected in done.stdout, done.stdout
+    else:
+        assert done.stdout == "", done.stdout  # poisoned_read prints any thread that read a non-NaN
+
+
+def test_address_sanitizer_sees_an_overrun_by_one():
+    done = subprocess.run([str(_selftest("memcheck")), "overrun"], capture_output=True, text=True, timeout=120,
+                          env={"ASAN_OPTIONS": "detect_leaks=0"})
+    assert done.returncode != 0 and "heap-buffer-overflow" in done.stderr, done.stderr[-3000:]
+
+
+def _conversion_inputs():
+    halves = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    bf16s = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    values = []
+    for grid in (halves, bf16s):
+        finite = grid[torch.isfinite(grid)].double().unique()
+        middles = (finite[1:] + finite[:-1]) / 2  # the ties: round to even
+        values += [grid, middles.float(), torch.nextafter(middles, torch.full_like(middles, 1e300)).float(),
+                   torch.nextafter(middles, torch.full_like(middles, -1e300)).float()]
+    special = torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 65536.0, 2 ** -24, 2 ** -25, 3 * 2 ** -26,
+                            1e-30, 3.4e38, float("inf"), -float("inf"), float("nan")])
+    random = torch.randn(100000, generator=torch.Generator().manual_seed(0)) * torch.logspace(-30, 30, 100000)
+    return torch.cat(values + [special, random.float()])
+
+
+def test_half_and_bfloat16_conversions_round_like_cuda():
+    """float -> half / bfloat16 round to nearest even, as CUDA's __float2half / __float2bfloat16;
+    half / bfloat16 -> float are exact: both checked against torch's conversions, all ties included."""
+    values = _conversion_inputs()
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
+        source.write_bytes(values.numpy().tobytes())
+        done = subprocess.run([str(_selftest("memcheck")), "convert", str(source), str(target)], capture_output=True,
+                              text=True, timeout=120, env={"ASAN_OPTIONS": "detect_leaks=0"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = torch.frombuffer(bytearray(target.read_bytes()), dtype=torch.uint8)
+    n = values.numel()
+    got_half = out[:2 * n].view(torch.int16)
+    got_bf16 = out[2 * n:4 * n].view(torch.int16)
+    got_from_half, got_from_bf16 = out[4 * n:].view(torch.float32).split(65536)
+    nan = torch.isnan(values)
+    for got, dtype in ((got_half, torch.float16), (got_bf16, torch.bfloat16)):
+        want = values.to(dtype)
+        assert torch.isnan(got.view(dtype)).equal(nan)
+        assert torch.equal(got[~nan], want.view(torch.int16)[~nan]), dtype
+    for got, dtype in ((got_from_half, torch.float16), (got_from_bf16, torch.bfloat16)):
+        want = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).float()
+        assert torch.isnan(got).equal(torch.isnan(want))
+        assert torch.equal(got[~torch.isnan(want)].view(torch.int32), want[~torch.isnan(want)].view(torch.int32))
 
 
 KNOWN = emulation_cases.known_bug_cases()

@@ -3,10 +3,11 @@ CPU operators (README.md in this folder tells how the emulation works).
 
 API (also for case generators such as a fuzzer)::
 
-    build(kind) -> Path
+    build(kind, target="driver") -> Path
         Compiles the driver: kind "memcheck" (AddressSanitizer + UBSan) or "racecheck" (the
         kernel file instrumented for the race checker, + UBSan). Cached by source hash under
-        build/cuda_emulation/. Raises BuildUnavailable without g++.
+        build/cuda_emulation/. Raises BuildUnavailable without g++. target="selftest" builds
+        the emulation's own test (selftest.cu).
     run(cases, kind="memcheck", skip_barrier=None, timeout=600) -> List[Result]
         Runs each Case through its kernel in the emulation; skip_barrier "file:line" leaves that
         barrier out. Result.outputs: the kernel's tensors ("ce", "ntl", "lse_vocab",
@@ -147,32 +148,44 @@ BUILD_FLAGS = {
 }
 
 
-def build(kind: str = "memcheck") -> Path:
-    """The driver executable of ``kind`` ("memcheck" or "racecheck"), built once per source hash."""
+# target: (the .cu file, the host file beside it); the self-test's .cu has its own main().
+TARGETS = {
+    "driver": (KERNEL_SOURCE, HERE / "driver.cpp"),
+    "selftest": (Path("tests/cuda_emulation/selftest.cu"), None),
+}
+
+
+def build(kind: str = "memcheck", target: str = "driver") -> Path:
+    """The executable of ``target`` ("driver": the kernels of ntl_kernels.cu behind the case file
+    protocol; "selftest": selftest.cu) in build ``kind`` ("memcheck" or "racecheck"), built once
+    per source hash."""
     if kind not in BUILD_FLAGS:
         raise ValueError(f"kind must be one of {sorted(BUILD_FLAGS)}, got {kind!r}")
     compiler = _compiler()
+    cuda_source, host_source = TARGETS[target]
     digest = hashlib.sha256()
-    for path in _sources():
+    for path in _sources() + [ROOT / cuda_source]:
         digest.update(str(path).encode() + path.read_bytes())
     digest.update(repr((BUILD_FLAGS[kind], _math_flags())).encode() + compiler.encode())
-    out_dir = BUILD_ROOT / f"{kind}-{digest.hexdigest()[:16]}"
-    binary = out_dir / "driver"
+    out_dir = BUILD_ROOT / f"{target}-{kind}-{digest.hexdigest()[:16]}"
+    binary = out_dir / target
     if binary.exists():
         return binary
     out_dir.mkdir(parents=True, exist_ok=True)
-    kernel_cc = out_dir / "ntl_kernels.cu.cc"
-    kernel_cc.write_text(rewrite_cuda_source((ROOT / KERNEL_SOURCE).read_text(), str(KERNEL_SOURCE)))
+    rewritten = out_dir / (cuda_source.name + ".cc")
+    rewritten.write_text(rewrite_cuda_source((ROOT / cuda_source).read_text(), str(cuda_source)))
     kernel_flags, host_flags, link_flags = BUILD_FLAGS[kind]
     kernel_flags = kernel_flags + _math_flags()
-    includes = ["-I", str(HERE / "include"), "-I", str(HERE), "-I", str(ROOT / "csrc/cuda")]
+    includes = ["-I", str(HERE / "include"), "-I", str(HERE), "-I", str(ROOT / cuda_source.parent)]
     objects = []
-    for source, flags in ((kernel_cc, kernel_flags), (HERE / "emulation_runtime.cpp", host_flags),
-                          (HERE / "driver.cpp", host_flags)):
+    units = [(rewritten, kernel_flags), (HERE / "emulation_runtime.cpp", host_flags)]
+    if host_source is not None:
+        units.append((host_source, host_flags))
+    for source, flags in units:
         obj = out_dir / (source.name + ".o")
         _compile([compiler, *COMMON_FLAGS, *flags, *includes, "-c", str(source), "-o", str(obj)])
         objects.append(str(obj))
-    tmp = out_dir / "driver.tmp"
+    tmp = out_dir / f"{target}.tmp"
     _compile([compiler, *COMMON_FLAGS, *link_flags, *objects, "-o", str(tmp)])
     tmp.replace(binary)
     return binary
