@@ -55,6 +55,12 @@ struct Region {
   size_t size;
   std::string name;
   bool shared;  // per block: reset at every block start
+
+  Region(size_t size_, std::string name_, bool shared_) : size(size_), name(std::move(name_)), shared(shared_) {
+#ifdef NTL_EMU_RACECHECK
+    cells.resize(size);
+#endif
+  }
 #ifdef NTL_EMU_RACECHECK
   struct Cell {
     uint32_t write_epoch = 0, read_epoch = 0, atomic_epoch = 0;
@@ -330,9 +336,6 @@ void run_block() {
   if (r.config.dynamic_smem) {
     std::memset(r.dynamic_smem.get(), 0xff, r.config.dynamic_smem);
     Region region{r.config.dynamic_smem, "extern __shared__ (dynamic)", true};
-#ifdef NTL_EMU_RACECHECK
-    region.cells.resize(region.size);
-#endif
     r.regions.emplace(reinterpret_cast<uintptr_t>(r.dynamic_smem.get()), std::move(region));
   }
   for (int t = 0; t < r.threads; ++t) start_fibre(t);
@@ -443,9 +446,6 @@ void register_shared(void* address, size_t size, const char* name, const char* f
   if (r.regions.count(key)) return;  // another thread of this block declared it first
   std::memset(address, 0xff, size);  // poison: NaN in floating point, -1 in integers
   Region region{size, std::string("__shared__ ") + name + " (" + site(file, line) + ")", true};
-#ifdef NTL_EMU_RACECHECK
-  region.cells.resize(size);
-#endif
   r.regions.emplace(key, std::move(region));
   r.static_smem += size;
 }
@@ -502,10 +502,10 @@ const char* error_string(cudaError_t error) {
 void track_memory(const void* address, size_t size, const char* name) {
   if (!size) return;
   Region region{size, name, false};
-#ifdef NTL_EMU_RACECHECK
-  region.cells.resize(size);
-#endif
-  rt().regions[reinterpret_cast<uintptr_t>(address)] = std::move(region);
+  auto& regions = rt().regions;
+  const uintptr_t key = reinterpret_cast<uintptr_t>(address);
+  regions.erase(key);
+  regions.emplace(key, std::move(region));
 }
 
 void forget_memory() {

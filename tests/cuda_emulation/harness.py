@@ -24,7 +24,8 @@ API (also for case generators such as a fuzzer)::
     barrier_sites() -> List[str]; barrier_removal(site, cases, kind) -> List[str]
         The block barriers of the kernels, and what goes wrong without one of them.
 
-A Case holds the operators' arguments: ``kernel`` ("forward", "backward", "backward_inplace"),
+A Case (or Case.from_table(name, kernel, logits, labels, table, config, ...) with a
+NumberTokenTable and a LossConfig) holds the operators' arguments: ``kernel`` ("forward", "backward", "backward_inplace"),
 ``logits`` (M, V) float32/bfloat16/float16/float64, ``labels`` (M,) int64/int32, ``table`` (the
 five table tensors of NumberTokenTable), ``options`` (the operators' eight option arguments: loss,
 squash_factor, min_distance, max_distance, reweigh, reweigh_constant, gaussian_sigma,
@@ -73,8 +74,10 @@ _NAME = re.compile(r"[A-Za-z_]\w*")
 def _split_top_level(text: str) -> List[str]:
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(text):
-        depth += ch in "<([" and 1 or 0
-        depth -= ch in ">)]" and 1 or 0
+        if ch in "<([":
+            depth += 1
+        elif ch in ">)]":
+            depth -= 1
         if ch == "," and depth == 0:
             parts.append(text[start:i])
             start = i + 1
@@ -211,6 +214,13 @@ class Case:
     grad_ntl: Optional[Tensor] = None
     misaligned: bool = False
 
+    @classmethod
+    def from_table(cls, name: str, kernel: str, logits: Tensor, labels: Tensor, table, config, **kwargs) -> "Case":
+        """A case from a NumberTokenTable and a LossConfig, with the operators' arguments for them."""
+        from ntl_fast.cpp import _option_args, _table_args
+
+        return cls(name, kernel, logits, labels, _table_args(table), _option_args(table, config), **kwargs)
+
 
 @dataclass
 class Result:
@@ -230,9 +240,15 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _cpu_operators():
+    from ntl_fast import cpp  # noqa: F401  (importing it registers torch.ops.ntl_fast)
+
+    return torch.ops.ntl_fast
+
+
 def _forward_rows(case: Case) -> Tuple[Tensor, Tensor]:
     """LSE_V and LSE_N of the CPU forward: the backwards' saved rows, on both sides."""
-    ops = torch.ops.ntl_fast
+    ops = _cpu_operators()
     if case.with_ce:
         _, _, lse_vocab, lse_number = ops.ce_ntl_forward(case.logits, case.labels, *case.table, *case.options, False)
     else:
@@ -345,7 +361,7 @@ def run(cases: Sequence[Case], kind: str = "memcheck", skip_barrier: Optional[st
 # --------------------------------------------------------------------------------- reference
 def reference(case: Case) -> Dict[str, Tensor]:
     """The outputs of ``case`` from the C++ CPU operators (torch.ops.ntl_fast)."""
-    ops = torch.ops.ntl_fast
+    ops = _cpu_operators()
     args = (*case.table, *case.options)
     if case.kernel == "forward":
         if case.with_ce:
