@@ -108,6 +108,8 @@ def rewrite_cuda_source(text: str, path: str) -> str:
 
 # --------------------------------------------------------------------------------- build
 def _compiler() -> str:
+    """g++ (or $CXX, which must take GCC's flags: the race checker relies on GCC's
+    -fsanitize=thread instrumentation and its --param)."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise BuildUnavailable(f"no C++ compiler ({compiler}) on the PATH")
@@ -174,23 +176,30 @@ def build(kind: str = "memcheck", target: str = "driver") -> Path:
     binary = out_dir / target
     if binary.exists():
         return binary
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rewritten = out_dir / (cuda_source.name + ".cc")
-    rewritten.write_text(rewrite_cuda_source((ROOT / cuda_source).read_text(), str(cuda_source)))
-    kernel_flags, host_flags, link_flags = BUILD_FLAGS[kind]
-    kernel_flags = kernel_flags + _math_flags()
-    includes = ["-I", str(HERE / "include"), "-I", str(HERE), "-I", str(ROOT / cuda_source.parent)]
-    objects = []
-    units = [(rewritten, kernel_flags), (HERE / "emulation_runtime.cpp", host_flags)]
-    if host_source is not None:
-        units.append((host_source, host_flags))
-    for source, flags in units:
-        obj = out_dir / (source.name + ".o")
-        _compile([compiler, *COMMON_FLAGS, *flags, *includes, "-c", str(source), "-o", str(obj)])
-        objects.append(str(obj))
-    tmp = out_dir / f"{target}.tmp"
-    _compile([compiler, *COMMON_FLAGS, *link_flags, *objects, "-o", str(tmp)])
-    tmp.replace(binary)
+    # Built aside and renamed into place: concurrent test processes never see half a build.
+    BUILD_ROOT.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=BUILD_ROOT))
+    try:
+        rewritten = work / (cuda_source.name + ".cc")
+        rewritten.write_text(rewrite_cuda_source((ROOT / cuda_source).read_text(), str(cuda_source)))
+        kernel_flags, host_flags, link_flags = BUILD_FLAGS[kind]
+        kernel_flags = kernel_flags + _math_flags()
+        includes = ["-I", str(HERE / "include"), "-I", str(HERE), "-I", str(ROOT / cuda_source.parent)]
+        objects = []
+        units = [(rewritten, kernel_flags), (HERE / "emulation_runtime.cpp", host_flags)]
+        if host_source is not None:
+            units.append((host_source, host_flags))
+        for source, flags in units:
+            obj = work / (source.name + ".o")
+            _compile([compiler, *COMMON_FLAGS, *flags, *includes, "-c", str(source), "-o", str(obj)])
+            objects.append(str(obj))
+        _compile([compiler, *COMMON_FLAGS, *link_flags, *objects, "-o", str(work / target)])
+        try:
+            os.rename(work, out_dir)
+        except OSError:  # another process finished the same build first
+            pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return binary
 
 
