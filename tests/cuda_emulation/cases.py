@@ -70,11 +70,12 @@ def _table(kind: str, V: int) -> NumberTokenTable:
 
 # (table, V, M): tails everywhere. V = 2, 40, 53 below one block of 128 threads, 131 just past
 # it, 517 past one unrolled stride (4 x 128), 1,023 (128 threads) against 1,024 (256), 1,500 and
-# 4,099 (256, tails of the 1,024 stride), 8,191 (256) against 8,203 (512 threads, a tail).
+# 4,099 (256, tails of the 1,024 stride), 8,191 (256) against 8,203 (512 threads, a tail);
+# V = 1,111 with K = 1,110 leaves a single token that is not a number.
 SHAPES: Tuple[Tuple[str, int, int], ...] = (
     ("digits", 40, 6), ("single", 2, 4), ("irregular", 53, 6), ("single", 40, 3), ("digits", 131, 5),
     ("irregular", 517, 3), ("digits", 1023, 3), ("irregular", 1024, 2), ("multi_digit", 1500, 3),
-    ("digits", 4099, 2), ("multi_digit", 8191, 1), ("multi_digit", 8203, 2),
+    ("multi_digit", 1111, 2), ("digits", 4099, 2), ("multi_digit", 8191, 1), ("multi_digit", 8203, 2),
 )
 
 
