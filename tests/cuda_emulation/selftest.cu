@@ -1,6 +1,6 @@
 // The emulation's own test: kernels with one fault each (and one with none that uses every warp
 // operation), to show that cuda_emulation.h reports each fault it promises, and its half /
-// bfloat16 conversions.
+// bfloat16 conversions. Built through the emulation only (its host code calls ntl_emu directly).
 //
 //   selftest KERNEL          runs one kernel, prints each report (and each wrong value) on a line
 //   selftest convert IN OUT  IN: float32 values; OUT: their half and bfloat16 bits (u16 each),
