@@ -34,8 +34,10 @@ from .table import NumberTokenTable
 
 __version__ = "0.1.0"
 
+from ._extension import preload as _preload_extension  # noqa: E402
 from .backends import load_backends as _load_backends  # noqa: E402
 
+_preload_extension()  # the CPU build of ntl_fast._C this machine runs best, before the backends import it
 _load_backends()
 
 __all__ = [
