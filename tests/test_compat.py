@@ -9,7 +9,9 @@ from helpers import assert_spec_close
 from ntl_fast import compat
 from test_table import DIGITS, TEXT, make_tokenizer
 
-ntloss = pytest.importorskip("ntloss", reason="the authors' ntloss package is a test dependency (pip install ntloss==0.3.2)")
+ntloss = pytest.importorskip(
+    "ntloss", reason="the authors' ntloss package is a test dependency (pip install ntloss==0.3.2)"
+)
 
 DIGIT_VOCABULARY = TEXT + DIGITS + ["12", "\u25815"]
 SHUFFLED = ["7", "[PAD]", "3", "[UNK]", "0", "the", "9", "1", "sum", "4", "8", ".", "2", "6", "5", "=", "+"]
