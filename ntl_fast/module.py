@@ -1,4 +1,9 @@
-"""``torch.nn.Module`` wrappers: build the number-token table once, call like any loss."""
+"""``torch.nn.Module`` wrappers: build the number-token table once, call like any loss.
+
+:class:`NumberTokenLoss` (NTL alone), :class:`CrossEntropyWithNTL` (CE + λ·NTL from the logits)
+and :class:`LinearCrossEntropyWithNTL` (CE + λ·NTL from the LM head's input). Each holds a
+:class:`~ntl_fast.NumberTokenTable` and its options, and hands the table to the logits' device.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +50,22 @@ class NumberTokenLoss(_TableModule):
     Build it from a Hugging Face tokenizer (``NumberTokenLoss(tokenizer)``) or a table
     (``NumberTokenLoss(table=...)``). ``shift_labels=True`` for causal LMs whose logits at
     position t predict the label at t + 1.
+
+    Args:
+        tokenizer: a Hugging Face or ``tokenizers`` tokenizer to build the table from (only read).
+            Pass exactly one of ``tokenizer`` and ``table``.
+        table (NumberTokenTable, optional): keyword only; a ready table instead of a tokenizer.
+        vocab_size (int, optional): the logits' width V when it exceeds the tokenizer.
+        digit_level (bool): number tokens are the digits 0-9 (default True); see
+            :meth:`NumberTokenTable.from_tokenizer`.
+        include_marked (bool): also accept ``▁5``-style marked tokens (default False).
+        loss, squash_factor, reweigh, reduction, ignore_index, shift_labels, validate, backend:
+            as :func:`ntl_fast.number_token_loss`; defaults ``"was"``, None, False, ``"mean"``,
+            -100, False, True, ``"auto"``.
+
+    Raises:
+        ValueError, TypeError: invalid options, both or neither of ``tokenizer``/``table``, or a
+            tokenizer the table cannot be built from — at construction, not at the first call.
     """
 
     def __init__(
@@ -74,6 +95,9 @@ class NumberTokenLoss(_TableModule):
 
     def forward(self, logits: Tensor, labels: Tensor, weights: Optional[Tensor] = None,
                 normalizer: Normalizer = None) -> Tensor:
+        """NTL of ``logits (..., V)`` against ``labels (...)``; ``weights`` per position and
+        ``normalizer`` (the mean's denominator) as :func:`ntl_fast.number_token_loss`, which
+        gives the return value and the errors."""
         return number_token_loss(
             logits, labels, self.table_for(logits), weights=weights, normalizer=normalizer, **self.options
         )
@@ -86,6 +110,15 @@ class CrossEntropyWithNTL(_TableModule):
     """Cross-entropy + ``ntl_weight`` x NTL as a module (see :func:`ntl_fast.cross_entropy_with_ntl`).
 
     Returns an :class:`~ntl_fast.NTLOutput` ``(loss, ce, ntl)``.
+
+    Args:
+        tokenizer, table, vocab_size, digit_level, include_marked: as :class:`NumberTokenLoss`.
+        ntl_weight, loss, gaussian_sigma, squash_factor, reweigh, reduction, ignore_index,
+        shift_labels, validate, backend: as :func:`ntl_fast.cross_entropy_with_ntl`; defaults 0.3,
+            ``"was"``, None, None, False, ``"mean"``, -100, False, True, ``"auto"``.
+
+    Raises:
+        ValueError, TypeError: as :class:`NumberTokenLoss`, at construction.
     """
 
     def __init__(
@@ -118,6 +151,9 @@ class CrossEntropyWithNTL(_TableModule):
 
     def forward(self, logits: Tensor, labels: Tensor, weights: Optional[Tensor] = None,
                 ce_normalizer: Normalizer = None, ntl_normalizer: Normalizer = None) -> NTLOutput:
+        """CE + NTL of ``logits (..., V)`` against ``labels (...)``; ``weights``, ``ce_normalizer``
+        and ``ntl_normalizer`` as :func:`ntl_fast.cross_entropy_with_ntl`, which gives the return
+        value (:class:`~ntl_fast.NTLOutput`) and the errors."""
         return cross_entropy_with_ntl(
             logits, labels, self.table_for(logits), weights=weights,
             ce_normalizer=ce_normalizer, ntl_normalizer=ntl_normalizer, **self.options,
