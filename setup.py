@@ -35,7 +35,7 @@ _NO_TORCH = (
     "ntl_fast: torch is not importable in the build environment, so the C++ extension cannot be "
     "built against it. Install torch first, then install ntl_fast with pip's build isolation off:\n"
     "    pip install setuptools wheel ninja\n"
-    "    pip install --no-build-isolation ntl_fast\n"
+    "    pip install --no-build-isolation <this source tree or ntl_fast-*.tar.gz>\n"
     "(or set NTL_FAST_NO_EXTENSION=1 for the pure-Python package: Triton on GPUs, the slower "
     "PyTorch reference on CPUs)."
 )
