@@ -40,7 +40,7 @@ test: setup
 lint: setup
 	PYTHON=$(BIN)/python bash scripts/lint.sh
 
-# about 5 minutes: a fresh venv, torch, and the C++ extension compiled from the sdist
+# about 4 minutes: a fresh venv, torch, and the C++ extension compiled from the sdist
 check-install:
 	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX="$(TORCH_INDEX)" bash scripts/check_sdist_install.sh
 
