@@ -1,15 +1,19 @@
 # Two entry points, each doing all of its set-up on a fresh CPU machine:
 #   make demo   the main job: the T5 arithmetic experiment on its defaults (CE vs NTL-WAS)
 #   make test   the whole test suite (what CI runs)
+# and checks: make lint (ruff), make check-install (the README's install, from the sdist).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU builds of torch and triton (an unpinned torch resolves to a multi-GB CUDA build).
+# The torch the tests run on. On Linux, PyPI's torch==2.13.0 is the multi-GB CUDA build; for the
+# CPU build pass PyTorch's CPU index: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (empty by default, for machines whose pip configuration already serves the CPU build).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 TRITON_SPEC ?= triton==3.8.0
 SOURCES := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup demo test bench-cpu gpu-check
+.PHONY: setup demo test lint check-install bench-cpu gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +21,7 @@ $(BIN)/python:
 
 # --no-build-isolation: the extension in csrc/ builds against the torch installed just before.
 $(VENV)/.installed: $(BIN)/python $(SOURCES)
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	$(BIN)/python -m pip install -q setuptools wheel ninja
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
@@ -31,6 +36,13 @@ test: setup
 	@if [ -f scripts/check_cuda_compile.sh ] && command -v nvcc >/dev/null; then bash scripts/check_cuda_compile.sh; fi
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; fi; exit $$rc
+
+lint: setup
+	PYTHON=$(BIN)/python bash scripts/lint.sh
+
+# about 4 minutes: a fresh venv, torch, and the C++ extension compiled from the sdist
+check-install:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX="$(TORCH_INDEX)" bash scripts/check_sdist_install.sh
 
 bench-cpu: setup
 	$(BIN)/python benchmarks/bench.py --preset cpu --cpu-memory --out benchmarks/results/cpu.csv

@@ -26,7 +26,12 @@ BACKENDS = ("auto", "reference", "triton", "cpp")
 
 
 class BackendChoice(NamedTuple):
-    """The backend that serves a device, and why it was chosen."""
+    """The backend that serves a device, and why it was chosen.
+
+    Attributes:
+        name (str): ``"triton"``, ``"cpp"`` or ``"reference"``.
+        reason (str): why, in words (e.g. which import failed).
+    """
 
     name: str
     reason: str
@@ -96,8 +101,19 @@ _CHECKS: Dict[str, Tuple[str, Callable[[torch.device], Optional[str]]]] = {
 def explain_backend(device, backend: str = "auto") -> BackendChoice:
     """Name the backend that serves tensors on ``device`` and the reason, running nothing.
 
-    ``device`` may be a tensor, a device or a string. An explicit ``backend`` that cannot serve
-    the device raises ``RuntimeError`` with the reason.
+    Args:
+        device (Tensor, torch.device or str): the tensors' device (a tensor stands for its own).
+        backend (str): ``"auto"`` (default): Triton for CUDA tensors when it imports, else the
+            compiled operators when built, else the reference; or ``"triton"``, ``"cpp"``,
+            ``"reference"`` to check that one.
+
+    Returns:
+        BackendChoice: ``(name, reason)``. With ``"auto"`` on a CPU without the C++ extension,
+        the first call also warns once (``RuntimeWarning``) with the command that builds it.
+
+    Raises:
+        ValueError: an unknown ``backend``.
+        RuntimeError: an explicit ``backend`` that cannot serve the device, with the reason.
     """
     if isinstance(device, torch.Tensor):
         device = device.device
@@ -128,7 +144,8 @@ def explain_backend(device, backend: str = "auto") -> BackendChoice:
 
 
 def get_backend(name: str) -> ModuleType:
-    """The module implementing backend ``name`` (``ntl_rows`` / ``ce_ntl_rows``)."""
+    """The module implementing backend ``name`` (``ntl_rows`` / ``ce_ntl_rows``); ``name`` is one
+    of ``"triton"``, ``"cpp"``, ``"reference"`` (``KeyError`` otherwise)."""
     module_name = _CHECKS[name][0]
     if module_name not in _MODULES:
         _import_error(module_name)

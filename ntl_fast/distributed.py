@@ -1,4 +1,4 @@
-"""Global counts for exact means under data parallelism and gradient accumulation (NTL_SPEC §3).
+"""Global counts for exact means under data parallelism and gradient accumulation (docs/math.md §3).
 
 A mean over a global batch split across ranks and micro-batches is ``Σ_parts sum_part / count``
 with one global ``count`` per term: CE counts the non-ignored positions, NTL the number
@@ -49,6 +49,21 @@ def token_counts(
     ``labels`` is one tensor or a sequence of micro-batches; with ``weights`` (same structure)
     the counts are weight sums, as the weighted means of :func:`ntl_fast.cross_entropy_with_ntl`
     use. ``shift_labels=True`` drops each row's first label, as the loss functions do.
+
+    Args:
+        labels (Tensor or sequence of Tensors): token ids, ``ignore_index`` for ignored positions.
+        table (NumberTokenTable): the number tokens (moved to the labels' device, cached).
+        ignore_index (int): default -100.
+        weights (Tensor or sequence of Tensors, optional): per-position weights, one tensor per
+            label tensor, of the same shapes.
+        shift_labels (bool): keyword only; count as the causal shift scores (default False).
+
+    Returns:
+        tuple[Tensor, Tensor]: ``(ce_count, ntl_count)``: the (weighted) numbers of non-ignored
+        positions and of number positions, float32 0-d tensors; no host synchronisation.
+
+    Raises:
+        ValueError: no label tensor, or a different number of weight tensors.
     """
     label_list = _as_list(labels)
     weight_list = _as_list(weights)
@@ -90,6 +105,18 @@ def global_counts(
     """:func:`token_counts` summed over the ranks of ``group`` (one all-reduce).
 
     Without an initialised process group this is :func:`token_counts`.
+
+    Args:
+        labels, table, ignore_index, weights, shift_labels: as :func:`token_counts`.
+        group (ProcessGroup, optional): the ranks to sum over; default the world.
+
+    Returns:
+        tuple[Tensor, Tensor]: the global ``(ce_count, ntl_count)``, float32 0-d tensors on the
+        labels' device, the same on every rank: pass them as ``ce_normalizer`` /
+        ``ntl_normalizer``.
+
+    Raises:
+        ValueError: as :func:`token_counts`; the all-reduce's own errors.
     """
     ce_count, ntl_count = token_counts(labels, table, ignore_index=ignore_index, weights=weights,
                                        shift_labels=shift_labels)

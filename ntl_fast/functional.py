@@ -1,7 +1,10 @@
 """The public loss functions: input checks, label shifting, reductions, then one backend call.
 
-Everything here runs on the device without host synchronisation, except the optional eager
-label-range and weight-sign check (``validate=True``, skipped while ``torch.compile`` traces).
+:func:`number_token_loss` (NTL alone), :func:`cross_entropy_with_ntl` (CE + λ·NTL) and
+:func:`number_level_loss` (whole numbers); the math is docs/math.md. Everything here runs on the
+device without host synchronisation, except the optional eager label-range and weight-sign check
+(``validate=True``: one device-to-host read per call; skipped with ``validate=False`` and while
+``torch.compile`` traces).
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ _LABEL_DTYPES = (torch.int64, torch.int32)
 
 
 class NTLOutput(NamedTuple):
-    """``loss = ce + ntl_weight * ntl`` (differentiable); ``ce`` and ``ntl`` detached, for logging."""
+    """What the CE + NTL functions return.
+
+    Attributes:
+        loss (Tensor): ``ce + ntl_weight * ntl``, differentiable: call ``loss.backward()``.
+        ce (Tensor): the cross-entropy term, detached (for logging).
+        ntl (Tensor): the Number Token Loss term (before ``ntl_weight``), detached.
+    """
 
     loss: Tensor
     ce: Tensor
@@ -250,7 +259,7 @@ def number_token_loss(
     validate: bool = True,
     backend: str = "auto",
 ) -> Tensor:
-    """The Number Token Loss of ``logits (..., V)`` against ``labels (...)`` (NTL_SPEC §2).
+    """The Number Token Loss of ``logits (..., V)`` against ``labels (...)`` (docs/math.md §2).
 
     Positions whose label is a number token are scored: ``loss="was"`` is the Wasserstein-1
     distance ``Σ_j q_j |y - v_j|`` (optionally squashed), ``"mse"``/``"mae"``/``"huber"`` score
@@ -259,6 +268,46 @@ def number_token_loss(
     (weighted by ``weights``, or divided by ``normalizer`` when given, e.g. a global count under
     data parallelism); a mean over no position is 0 with a zero gradient. Returns float32
     (float64 for float64 logits).
+
+    Args:
+        logits (Tensor): ``(..., V)`` float32, bfloat16, float16 or float64, any layout. V may
+            exceed ``table.vocab_size`` (a padded LM head: the extra ids are text tokens).
+        labels (Tensor): ``(...)`` int64 or int32 token ids in ``[0, V)``, or ``ignore_index``.
+        table (NumberTokenTable): the number tokens and their values, on the logits' device
+            (``table.to(logits.device)``).
+        loss (str): ``"was"`` (default, NTL-WAS, §2.2), ``"mse"``, ``"mae"``, ``"huber"`` (δ = 1)
+            (§2.1), or ``"was_cdf"`` (§2.3).
+        squash_factor (float, optional): ``s > 1``, ``loss="was"`` only: map the non-zero
+            distances linearly onto ``[1, s]`` (for multi-digit vocabularies). Default None.
+        reweigh (bool): ``m L + c (1 - m)`` with ``m`` the probability mass on number tokens
+            (§2.4): ``ntloss``'s default, not the paper's. Default False.
+        reduction (str): ``"mean"`` (default; over the number positions, §3), ``"sum"``, or
+            ``"none"`` (a tensor of the labels' shape, 0 off the number positions).
+        weights (Tensor, optional): ``(...)`` floating-point per-position weights >= 0; the mean
+            becomes ``Σ w L / Σ w`` over the number positions.
+        ignore_index (int): the label of positions that count for nothing. Default -100.
+        normalizer (int, float or 0-d Tensor, optional): replaces the mean's denominator (e.g.
+            the global number-position count from :func:`ntl_fast.global_counts`).
+        shift_labels (bool): score position t against label t + 1 (causal LMs; the output then
+            has one position less). Default False.
+        validate (bool): check label values (and weight signs) eagerly: one device-to-host read
+            per call, which on a GPU waits for the queued work. Pass False in production, or run
+            under ``torch.compile`` (skipped while tracing); a bad label then yields NaN, never an
+            out-of-bounds access. Default True.
+        backend (str): ``"auto"`` (default; see :func:`ntl_fast.explain_backend`), ``"triton"``,
+            ``"cpp"`` or ``"reference"``.
+
+    Returns:
+        Tensor: a 0-d tensor for ``"mean"``/``"sum"``, the labels' shape for ``"none"``; float32
+        (float64 for float64 logits); differentiable with respect to ``logits``.
+
+    Raises:
+        TypeError: wrong argument types or dtypes (logits, labels, table, weights, reweigh).
+        ValueError: shape, device or vocabulary-size mismatches, an empty tensor, an unknown
+            ``loss``/``reduction``, ``squash_factor <= 1`` or with a loss other than ``"was"``,
+            a non-0-d ``normalizer``; with ``validate=True``, labels outside ``[0, V)`` that are
+            not ``ignore_index``, and negative or NaN weights.
+        RuntimeError: an explicit ``backend`` that cannot serve the logits' device.
     """
     config = LossConfig(loss, squash_factor, reweigh, None, ignore_index)
     check_reduction(reduction)
@@ -298,19 +347,39 @@ def cross_entropy_with_ntl(
     ``loss = ce + ntl_weight * ntl`` is differentiable; ``ce`` and ``ntl`` are returned detached.
     CE is averaged over the non-ignored positions (or divided by ``ce_normalizer``, e.g. Hugging
     Face's ``num_items_in_batch``), NTL over the number positions (or ``ntl_normalizer``): two
-    different counts. ``gaussian_sigma`` turns the CE targets of number positions into a Gaussian
-    over the number tokens (Gaussian-CE); with ``loss="was_cdf"`` NTL is then W1 against those
-    same targets (the paper's GCE + NTL). Other options as in :func:`number_token_loss`.
+    different counts (docs/math.md §3). ``gaussian_sigma`` turns the CE targets of number
+    positions into a Gaussian over the number tokens (Gaussian-CE, §2.5); with
+    ``loss="was_cdf"`` NTL is then W1 against those same targets (the paper's GCE + NTL).
 
     With the C++ backend on CPU tensors and reduction ``"mean"``/``"sum"``, the gradient is
     computed in the same pass as the loss (every row's share of the loss is known up to the one
     scalar ``grad_output``), so a forward that requires grad holds one logits-sized gradient until
     the backward, which then has almost nothing left to do.
 
-    ``inplace=True`` lets a kernel backend write the gradient into the logits' own buffer
-    during the backward, saving one logits-sized allocation. Only safe when nothing else reads
-    those logits after this loss (no second loss on them, no logging of them after backward);
-    the reference backend ignores it.
+    Args:
+        logits, labels, table: as :func:`number_token_loss`.
+        ntl_weight (float or 0-d Tensor): λ in ``CE + λ·NTL``; the paper uses 0.3 (default).
+        loss (str): the NTL variant, as :func:`number_token_loss`. Default ``"was"``.
+        gaussian_sigma (float, optional): σ > 0 of the Gaussian-CE targets; None (default) keeps
+            one-hot CE targets.
+        ce_normalizer, ntl_normalizer (int, float or 0-d Tensor, optional): replace the two means'
+            denominators (global counts under gradient accumulation or data parallelism).
+        squash_factor, reweigh, reduction, weights, ignore_index, shift_labels, validate, backend:
+            as :func:`number_token_loss` (defaults None, False, ``"mean"``, None, -100, False,
+            True, ``"auto"``); ``weights`` weigh CE and NTL alike.
+        inplace (bool): let a kernel backend write the gradient into the logits' own buffer
+            during the backward, saving one logits-sized allocation. Only safe when nothing else
+            reads those logits after this loss (no second loss on them, no logging of them after
+            backward); the reference backend ignores it. Default False.
+
+    Returns:
+        NTLOutput: ``(loss, ce, ntl)``, 0-d tensors (the labels' shape for ``"none"``), float32
+        (float64 for float64 logits); only ``loss`` carries a gradient.
+
+    Raises:
+        TypeError: as :func:`number_token_loss`, and a non-numeric ``ntl_weight``.
+        ValueError: as :func:`number_token_loss`, and ``gaussian_sigma <= 0``.
+        RuntimeError: an explicit ``backend`` that cannot serve the logits' device.
     """
     if isinstance(ntl_weight, bool) or not isinstance(ntl_weight, (int, float, Tensor)):
         raise TypeError(f"ntl_weight must be a number, got {ntl_weight!r}")
@@ -358,13 +427,34 @@ def number_level_loss(
     shift_labels: bool = False,
     validate: bool = True,
 ) -> Tensor:
-    """Number-level NTL (NTL_SPEC §2.7): symmetric relative error of whole numbers.
+    """Number-level NTL (docs/math.md §2.7): symmetric relative error of whole numbers.
 
     Along the last axis of ``labels (..., T)``, each maximal run of digit labels is one number
     ``Y = Σ y_r 10^(R-r)``, predicted as ``Ŷ = Σ ŷ_r 10^(R-r)``; its loss
     ``|Ŷ - Y| / (|Ŷ| + |Y| + ε)`` sits at its first digit, where ``weights`` are read; the mean is
     over numbers. ``float_level=True`` lets a single ``.`` between digits join a number (its id
-    from ``dot_token_id`` or the table). Digit tables only.
+    from ``dot_token_id`` or the table). Digit tables only. No reweighing (``ntloss``'s default
+    reweighing of this loss is :class:`ntl_fast.compat.NumberLevelLoss`).
+
+    Args:
+        logits (Tensor): ``(..., T, V)`` float logits (a sequence axis is needed).
+        labels (Tensor): ``(..., T)`` token ids or ``ignore_index``.
+        table (NumberTokenTable): a digit table (values 0-9), on the logits' device.
+        float_level (bool): read ``12.5`` as one number. Default False.
+        dot_token_id (int, optional): the ``.`` token's id; default ``table.dot_id``.
+        max_number_length (int): exponents are clamped to ``max_number_length - 1``. Default 20.
+        reduction, weights, ignore_index, normalizer, shift_labels, validate: as
+            :func:`number_token_loss` (the mean is over numbers, weights read at first digits).
+
+    Returns:
+        Tensor: 0-d for ``"mean"``/``"sum"``; ``(..., T)`` for ``"none"`` (each number's loss at
+        its first digit, 0 elsewhere); float32 (float64 for float64 logits).
+
+    Raises:
+        TypeError: as :func:`number_token_loss`.
+        ValueError: as :func:`number_token_loss`; labels without a sequence axis; a table with
+            values other than digits (with ``validate=True``); ``max_number_length < 1``;
+            ``float_level=True`` without a ``.`` token id.
     """
     check_reduction(reduction)
     if isinstance(max_number_length, bool) or not isinstance(max_number_length, int) or max_number_length < 1:

@@ -232,6 +232,30 @@ def linear_cross_entropy_with_ntl(
     M x V of them and their gradient. Gradients flow to ``hidden``, ``weight`` and ``bias``.
     Under ``torch.autocast`` the three are cast to the autocast dtype first, as ``F.linear``
     would. Every other option means what it means in :func:`ntl_fast.cross_entropy_with_ntl`.
+
+    Args:
+        hidden (Tensor): ``(..., H)`` float32, bfloat16, float16 or float64.
+        weight (Tensor): ``(V, H)``, the LM head's weight, same dtype and device as ``hidden``.
+        labels (Tensor): ``(...)`` int64 or int32 token ids in ``[0, V)``, or ``ignore_index``.
+        table (NumberTokenTable): on the device of ``hidden``; ``V >= table.vocab_size``.
+        bias (Tensor, optional): ``(V,)``, the LM head's bias. Default None.
+        chunk_size (int, optional): rows per chunk, >= 1. Default: about 64 MiB of float32
+            logits (:func:`default_chunk_size`).
+        ntl_weight, loss, gaussian_sigma, ce_normalizer, ntl_normalizer, squash_factor, reweigh,
+        reduction, weights, ignore_index, shift_labels, validate, backend: as
+            :func:`ntl_fast.cross_entropy_with_ntl` (defaults 0.3, ``"was"``, None, None, None,
+            None, False, ``"mean"``, None, -100, False, True, ``"auto"``).
+
+    Returns:
+        NTLOutput: ``(loss, ce, ntl)`` as :func:`ntl_fast.cross_entropy_with_ntl`. With
+        ``"mean"``/``"sum"`` the gradients are computed during the forward and only scaled in the
+        backward, so a second backward through the same loss raises ``RuntimeError``.
+
+    Raises:
+        TypeError: non-tensor or mismatched dtypes of ``hidden``, ``weight``, ``bias``; a
+            non-numeric ``ntl_weight``; and the errors of :func:`ntl_fast.cross_entropy_with_ntl`.
+        ValueError: ``weight`` not ``(V, H)``, ``bias`` not ``(V,)``, devices that differ, an
+            invalid ``chunk_size``, and the errors of :func:`ntl_fast.cross_entropy_with_ntl`.
     """
     if isinstance(ntl_weight, bool) or not isinstance(ntl_weight, (int, float, Tensor)):
         raise TypeError(f"ntl_weight must be a number, got {ntl_weight!r}")

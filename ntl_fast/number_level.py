@@ -1,4 +1,4 @@
-"""Number-level NTL (NTL_SPEC §2.7) in vectorised torch ops: no Python loop over numbers.
+"""Number-level NTL (docs/math.md §2.7) in vectorised torch ops: no Python loop over numbers.
 
 The readable per-run loop is :func:`ntl_fast.reference.number_level_rows`; this computes the same
 ``(loss, first_digit)`` with cumulative sums and one scatter, without a host synchronisation.
@@ -80,7 +80,7 @@ def number_level_rows(
     max_number_length: int = 20,
     ignore_index: int = -100,
 ) -> Tuple[Tensor, Tensor]:
-    """Number-level loss of ``(B, T, V)`` logits with ``(B, T)`` labels (NTL_SPEC §2.7).
+    """Number-level loss of ``(B, T, V)`` logits with ``(B, T)`` labels (docs/math.md §2.7).
 
     Returns ``(loss, first_digit)``, both ``(B, T)``: ``|Ŷ - Y| / (|Ŷ| + |Y| + ε)`` of each number
     at its first digit (0 elsewhere, NaN at bad labels) and the mask of those first digits.

@@ -1,4 +1,4 @@
-"""Number-token tables (NTL_SPEC §1): which vocabulary ids are numbers, and their values.
+"""Number-token tables (docs/math.md §1): which vocabulary ids are numbers, and their values.
 
 A table is built once on the host from a tokenizer (or from explicit values) and is immutable
 afterwards. Every backend reads the same tensors from it; the scalar constants a kernel needs
@@ -72,7 +72,13 @@ def _tokenizer_vocab(tokenizer: Any) -> Tuple[Dict[str, int], int]:
 
 
 class NumberTokenTable:
-    """The number tokens of a vocabulary and their values (NTL_SPEC §1).
+    """The number tokens of a vocabulary and their values (docs/math.md §1).
+
+    Build it with :meth:`from_tokenizer` or :meth:`from_values`; the constructor takes the dense
+    value vector ``values`` (``(V,)``, NaN for non-number tokens; anything ``torch.as_tensor``
+    accepts) and an optional ``dot_id`` (the ``.`` token, for the float-level number-level loss).
+    It raises ``ValueError`` for an empty vocabulary, infinite values, a vocabulary with no number
+    token or only number tokens, and a ``dot_id`` outside ``[0, V)``.
 
     Attributes (all on :attr:`device`):
         values: ``(V,)`` float32, the value of each token id, NaN off the number tokens.
@@ -158,6 +164,16 @@ class NumberTokenTable:
                 Otherwise any token spelling an ASCII decimal literal (``12``, ``1.5``, ``-3``).
             include_marked: also accept tokens with one leading ``▁``, ``Ġ`` or space
                 (``▁5`` has value 5). Off by default, as in ``ntloss``.
+
+        Returns:
+            NumberTokenTable: on the CPU (move it with :meth:`to`); ``dot_id`` is the ``.``
+            token's id when the vocabulary has one.
+
+        Raises:
+            TypeError: ``tokenizer`` has no ``get_vocab()``.
+            ValueError: ``vocab_size`` smaller than the tokenizer; in digit mode, missing digit
+                tokens (named in the message; the tokenizer is not changed); no number token, or
+                only number tokens.
         """
         vocab, tokenizer_size = _tokenizer_vocab(tokenizer)
         if vocab_size is None:
@@ -200,6 +216,14 @@ class NumberTokenTable:
             vocab_size: V. Required with a mapping; with a dense vector, pads it with
                 non-number tokens up to V.
             dot_id: the id of the ``.`` token, for the float-level number-level loss.
+
+        Returns:
+            NumberTokenTable: on the CPU.
+
+        Raises:
+            ValueError: a mapping without ``vocab_size``, ids outside ``[0, vocab_size)``,
+                non-finite values, ``vocab_size`` below the dense length, and the constructor's
+                errors.
         """
         if isinstance(values, Mapping):
             if vocab_size is None:
@@ -226,10 +250,12 @@ class NumberTokenTable:
     # ----------------------------------------------------------------------------- devices
     @property
     def device(self) -> torch.device:
+        """The device of the table's tensors."""
         return self.values.device
 
     def to(self, device: Union[str, torch.device]) -> "NumberTokenTable":
-        """This table on ``device`` (a cached copy; the table itself is never changed)."""
+        """This table on ``device`` (a str or ``torch.device``): a cached copy, so calling it at
+        every step costs a dictionary lookup; the table itself is never changed."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -246,7 +272,8 @@ class NumberTokenTable:
         return cached
 
     def resized(self, vocab_size: int) -> "NumberTokenTable":
-        """This table for logits with ``vocab_size >= V`` columns (extra ids are non-number tokens)."""
+        """This table for logits with ``vocab_size >= V`` columns (extra ids are non-number tokens;
+        cached). Raises ``ValueError`` when ``vocab_size < V``."""
         if vocab_size == self.vocab_size:
             return self
         if vocab_size < self.vocab_size:
@@ -261,13 +288,15 @@ class NumberTokenTable:
 
     # ----------------------------------------------------------------------------- distances
     def squash_map(self, squash_factor: float) -> Tuple[float, float]:
-        """``(d_min, scale)`` of the squash map ``D' = 1 + (D - d_min) * scale`` (Python floats)."""
+        """``(d_min, scale)`` of the squash map ``D' = 1 + (D - d_min) * scale`` (Python floats).
+
+        Raises ``TypeError``/``ValueError`` unless ``squash_factor`` is a number > 1."""
         check_squash_factor(squash_factor)
         span = self.max_distance - self.min_distance
         return self.min_distance, ((squash_factor - 1.0) / span if span > 0 else 0.0)
 
     def squash(self, distance: Tensor, squash_factor: Optional[float]) -> Tensor:
-        """Map non-zero distances linearly onto ``[1, squash_factor]`` (NTL_SPEC §2.2).
+        """Map non-zero distances linearly onto ``[1, squash_factor]`` (docs/math.md §2.2).
 
         ``D' = 1 + (D - d_min)(s - 1)/(d_max - d_min)`` for D > 0, 0 where D = 0; every non-zero
         distance maps to 1 when ``d_max == d_min``. ``None`` returns the distances unchanged.
@@ -288,7 +317,10 @@ class NumberTokenTable:
         return cached
 
     def reweigh_constant(self, loss: str, squash_factor: Optional[float] = None) -> float:
-        """``c = 1.01 * max_dist`` of NTL_SPEC §2.4 for a loss variant (a Python float)."""
+        """``c = 1.01 * max_dist`` of docs/math.md §2.4 for a loss variant (a Python float).
+
+        ``loss`` is one of ``"was"`` (with the optional ``squash_factor``), ``"was_cdf"``,
+        ``"mse"``, ``"mae"``, ``"huber"``; anything else raises ``ValueError``."""
         spread = self.max_value - self.min_value
         if loss == "was":
             # pure Python: this runs inside torch.compile'd code, where float(tensor) would sync

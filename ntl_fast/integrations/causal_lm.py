@@ -89,6 +89,19 @@ def enable_ntl(
         return_logits: also compute (materialise) the logits when labels are given.
         loss_options: ``squash_factor``, ``reweigh``, ``gaussian_sigma``, ``ignore_index``,
             ``validate`` of :func:`ntl_fast.cross_entropy_with_ntl`.
+        Defaults: ``ntl_weight=0.3``, ``loss="was"``, ``digit_level=True``,
+        ``include_marked=False``, ``chunk_size=None``, ``backend="auto"``, ``return_logits=False``.
+
+    Returns:
+        torch.nn.Module: ``model`` itself. With labels its forward returns a
+        :class:`CausalLMOutputWithNTL` (``loss``, ``ce_loss``, ``ntl_loss``; ``logits`` None
+        unless ``return_logits``).
+
+    Raises:
+        RuntimeError: ``enable_ntl`` was already called on this model.
+        TypeError: no Linear LM head, no ``base_model``, or unknown ``loss_options``.
+        ValueError: the config transforms the logits (soft-capping, logit scaling), which the
+            fused path does not apply; or the table cannot be built from the tokenizer.
     """
     if getattr(model, "_ntl_original_forward", None) is not None:
         raise RuntimeError("enable_ntl was already called on this model: call disable_ntl(model) first")
@@ -159,7 +172,8 @@ def enable_ntl(
 
 
 def disable_ntl(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`enable_ntl`: the model computes its own loss again."""
+    """Undo :func:`enable_ntl`: the model computes its own loss again. Returns ``model``;
+    raises ``RuntimeError`` when :func:`enable_ntl` was not called on it."""
     original = getattr(model, "_ntl_original_forward", None)
     if original is None:
         raise RuntimeError("enable_ntl was not called on this model")

@@ -54,7 +54,17 @@ def count_loss_items(
     ignore_index: int = -100,
 ) -> Tuple[Tensor, Tensor]:
     """``(ce_count, ntl_count)`` over several label tensors: the non-ignored labels, and those
-    that are number tokens (the positions CE and NTL average over), after the causal shift."""
+    that are number tokens (the positions CE and NTL average over), after the causal shift.
+
+    Args:
+        labels_list (iterable of Tensors): the label tensors of one optimizer step.
+        table (NumberTokenTable): the number tokens.
+        shift_labels (bool): keyword only; drop each row's first label (causal models).
+        ignore_index (int): default -100.
+
+    Returns:
+        tuple[Tensor, Tensor]: int64 0-d tensors on the labels' device (no host synchronisation).
+    """
     ce_count = torch.zeros((), dtype=torch.int64)
     ntl_count = torch.zeros((), dtype=torch.int64)
     for labels in labels_list:
@@ -79,8 +89,14 @@ class NTLTrainerMixin:
         ntl_loss: ``"was"`` (default), ``"mse"``, ``"mae"``, ``"huber"``, ``"was_cdf"``.
         gaussian_sigma: Gaussian-CE targets on number positions (σ); with ``"was_cdf"`` the
             paper's GCE + NTL.
-        squash_factor, reweigh, backend: passed to :func:`cross_entropy_with_ntl`.
+        squash_factor, reweigh, backend: passed to :func:`cross_entropy_with_ntl` (defaults
+            None, False, ``"auto"``).
         shift_labels: None (default) decides from ``model.config.is_encoder_decoder``.
+
+    Raises:
+        TypeError: ``number_token_table`` is not a :class:`NumberTokenTable`.
+        ValueError: ``label_smoothing_factor`` is set in the training arguments (use
+            ``gaussian_sigma``).
     """
 
     def __init__(
@@ -134,7 +150,11 @@ class NTLTrainerMixin:
         return count
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, *args: Any, **kwargs: Any):
-        """Collect one optimizer step's micro-batches and count CE and NTL positions over all of them."""
+        """Collect one optimizer step's micro-batches and count CE and NTL positions over all of them.
+
+        Returns the Trainer's ``(batch_samples, num_items_in_batch)`` with the CE count (summed
+        over processes under ``average_tokens_across_devices``); keeps the NTL count for
+        :meth:`compute_loss`."""
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         labels = [batch["labels"] for batch in batch_samples if "labels" in batch]
         if not labels:
@@ -156,6 +176,13 @@ class NTLTrainerMixin:
         return_outputs: bool = False,
         num_items_in_batch: Optional[Union[Tensor, int]] = None,
     ):
+        """CE + ``ntl_weight`` x NTL of ``model(**inputs)`` against ``inputs["labels"]``.
+
+        In training with the step's global counts, CE is divided by ``num_items_in_batch`` and
+        NTL by the NTL count of :meth:`get_batch_samples` (exact means under accumulation), and
+        the detached terms are recorded for logging; elsewhere (evaluation) both are per-batch
+        means. Returns the loss, or ``(loss, outputs)`` with ``return_outputs=True``.
+        """
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         if self.ntl_shift_labels is False and "decoder_input_ids" not in inputs:
@@ -194,6 +221,8 @@ class NTLTrainerMixin:
             self._ntl_logged_this_step = True
 
     def log(self, logs: Dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add ``ce`` and ``ntl`` (means over the optimizer steps since the last log) beside
+        ``loss``, then log as the Trainer does."""
         if "loss" in logs and self._logged_sums is not None and self._logged_steps > 0:
             sums = self._logged_sums
             if self.args.world_size > 1:
