@@ -42,6 +42,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,20 +129,19 @@ COMMON_FLAGS = ["-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "
 
 
 def _math_flags() -> List[str]:
-    """setup.py's code-generation flags for the CPU operators (-O3, and FMA where the CPU has it):
-    the kernel file gets them too, so the compiler contracts the shared math of ntl_math.h into
-    the same instructions on both sides, and outputs computed by that code alone can be compared
-    bit for bit."""
+    """The code-generation flags of the CPU operators this process loaded (-O3, and AVX2+FMA where
+    ntl_fast picked its AVX2 build, see ntl_fast/_extension.py): the kernel file gets them too, so
+    the compiler contracts the shared math of ntl_math.h into the same instructions on both sides,
+    and outputs computed by that code alone can be compared bit for bit."""
+    from ntl_fast import cpp  # noqa: F401  (loads ntl_fast._C, the AVX2 build where the CPU runs it)
+
+    library = os.path.normpath(sys.modules["ntl_fast._C"].__file__)
     flags = ["-O3"]
-    if os.environ.get("NTL_FAST_CPU_BASELINE") != "1" and os.uname().machine in ("x86_64", "amd64"):
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu = set(next((line for line in f if line.startswith("flags")), "").split())
-        except OSError:
-            cpu = set()
-        if {"avx2", "fma"} <= cpu:
-            flags += ["-mavx2", "-mfma", "-mf16c"]
+    if os.path.basename(os.path.dirname(library)) == "_avx2":
+        flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags
+
+
 UBSAN = ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
 BUILD_FLAGS = {
     # kind: (kernel file flags, runtime and driver flags, link flags)
