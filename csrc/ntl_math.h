@@ -87,9 +87,10 @@ NTL_HD acc_t lse_log_share(const LogSumExp<acc_t>& part, const LogSumExp<acc_t>&
 // The LSE of the union of two disjoint sets.
 template <typename acc_t>
 NTL_HD LogSumExp<acc_t> lse_union(const LogSumExp<acc_t>& a, const LogSumExp<acc_t>& b) {
-  const acc_t mx = ntl_max(a.max, b.max);
   if (a.max != a.max || b.max != b.max) return {ntl_nan<acc_t>(), ntl_nan<acc_t>()};
-  if (mx == acc_t(-INFINITY)) return {mx, acc_t(0)};
+  if (a.max == acc_t(-INFINITY)) return b;  // exact: m is 1 to the last bit when the text is all -inf
+  if (b.max == acc_t(-INFINITY)) return a;
+  const acc_t mx = ntl_max(a.max, b.max);
   const acc_t sum = ntl_exp((a.max - mx) + a.log_sum) + ntl_exp((b.max - mx) + b.log_sum);
   return {mx, ntl_log(sum)};
 }
@@ -255,7 +256,8 @@ template <typename acc_t>
 struct NumberStats {
   acc_t loss;        // L of §2.1-2.3
   acc_t y;           // the label's value
-  acc_t center;      // ŷ = Σ q_j v_j (regression losses)
+  acc_t diff;        // ŷ - y = Σ q_j (v_j - y) (regression losses): the label's own term is 0,
+                     // so a confident prediction's small error is not lost against |y|
   acc_t slope;       // f'(ŷ - y) (regression losses)
   acc_t log_norm;    // Gaussian target normaliser (was_cdf with Gaussian targets)
   acc_t cdf_total;   // a of the smallest value: Σ_k sign(F_q(k) - F_t(k)) gap_k (was_cdf)
@@ -303,8 +305,8 @@ NTL_HD NumberStats<acc_t> number_stats(const Row& row, int64_t label_number, con
     }
   } else {
     for (int64_t k = 0; k < row.K; ++k)
-      s.center += number_prob(row, k, lse_number) * acc_t(row.value(k));
-    const acc_t d = s.center - s.y;
+      s.diff += number_prob(row, k, lse_number) * (acc_t(row.value(k)) - s.y);
+    const acc_t d = s.diff;
     s.loss = regression_value(d, opt.loss);
     s.slope = regression_slope(d, opt.loss);
   }
@@ -337,7 +339,7 @@ NTL_HD void number_gradients(const Row& row, int64_t label_number, const LogSumE
   } else {
     for (int64_t k = 0; k < row.K; ++k) {
       const acc_t q = number_prob(row, k, lse_number);
-      emit(k, s.slope * q * (acc_t(row.value(k)) - s.center));
+      emit(k, s.slope * q * ((acc_t(row.value(k)) - s.y) - s.diff));
     }
   }
 }
