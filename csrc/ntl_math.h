@@ -235,6 +235,75 @@ NTL_HD acc_t number_target(const Row& row, int64_t k, int64_t label_number, acc_
   return k == label_number ? acc_t(1) : acc_t(0);
 }
 
+// The CDF differences D_i = F_q(i) - F_t(i) of §2.3 at the ranks i = 0..K-1 (by value), in order.
+// Each is summed from its shorter side: the prefix Σ_{j<=i} (q_j - t_j) below the split rank, the
+// negated suffix -Σ_{j>i} (q_j - t_j) from it on (equal, as q and t both sum to 1), the split being
+// the first rank whose suffix holds less than half the mass of q + t. Either sum's rounding error
+// is eps times its own mass, so a confident prediction keeps the relative precision of its small
+// differences, where F_q(i) - 1 would be rounding noise of 1.
+template <typename acc_t, typename Row>
+struct CdfWalk {
+  const Row& row;
+  const LogSumExp<acc_t>& lse_number;
+  int64_t label_number;
+  acc_t y, log_norm;
+  const Options& opt;
+  int64_t split = 0;
+  acc_t split_suffix = 0;  // Σ_{j>split} (q_j - t_j)
+  bool complete = true;    // false when value_order names a position outside N
+  int64_t rank = -1;
+  acc_t prefix = 0, suffix = 0;
+
+  NTL_HD CdfWalk(const Row& r, const LogSumExp<acc_t>& lse, int64_t label, acc_t y_, acc_t norm, const Options& o)
+      : row(r), lse_number(lse), label_number(label), y(y_), log_norm(norm), opt(o) {
+    acc_t mass = 0, sum = 0;
+    for (int64_t i = row.K - 1; i > 0; --i) {  // adds rank i to the suffix of rank i - 1
+      acc_t q, t;
+      probabilities(i, &q, &t);
+      mass += q + t;
+      if (mass >= acc_t(1)) {
+        split = i;
+        split_suffix = sum;
+        return;
+      }
+      sum += q - t;
+    }
+    split_suffix = sum;
+  }
+
+  // q and t of the token at rank i (0 for a position outside N; see complete).
+  NTL_HD int64_t probabilities(int64_t i, acc_t* q, acc_t* t) {
+    const int64_t o = row.sorted(i);
+    if (o < 0) {
+      complete = false;
+      *q = *t = 0;
+      return o;
+    }
+    *q = number_prob(row, o, lse_number);
+    *t = number_target(row, o, label_number, y, log_norm, opt.gaussian, opt);
+    return o;
+  }
+
+  // Moves to the next rank: its token's position in N (-1 outside), q, and D at that rank.
+  NTL_HD int64_t next(acc_t* q, acc_t* diff) {
+    ++rank;
+    acc_t t;
+    const int64_t o = probabilities(rank, q, &t);
+    if (rank < split) {
+      prefix += *q - t;
+      *diff = prefix;
+    } else {
+      if (rank == split) {
+        suffix = split_suffix;
+      } else {
+        suffix -= *q - t;
+      }
+      *diff = -suffix;
+    }
+    return o;
+  }
+};
+
 // f(d) and f'(d) of §2.1.
 template <typename acc_t>
 NTL_HD acc_t regression_value(acc_t d, int loss) {
@@ -273,34 +342,26 @@ NTL_HD NumberStats<acc_t> number_stats(const Row& row, int64_t label_number, con
     for (int64_t k = 0; k < row.K; ++k)
       s.loss += number_prob(row, k, lse_number) * label_distance<acc_t>(row, k, label_number, opt);
   } else if (opt.loss == kWasCdf) {
-    // W1 in CDF form, tokens sorted by value (§2.3): Σ_k |F_q(k) - F_t(k)| gap_k.
+    // W1 in CDF form, tokens sorted by value (§2.3): Σ_i |F_q(i) - F_t(i)| gap_i.
     if (opt.gaussian) s.log_norm = gaussian_log_norm(row, s.y, opt);
-    acc_t cdf_q = 0, cdf_t = 0;
+    CdfWalk<acc_t, Row> walk(row, lse_number, label_number, s.y, s.log_norm, opt);
     for (int64_t i = 0; i + 1 < row.K; ++i) {
-      const int64_t o = row.sorted(i);
-      if (o < 0) return NumberStats<acc_t>{ntl_nan<acc_t>(), 0, 0, 0, 0, 0, 0};
-      cdf_q += number_prob(row, o, lse_number);
-      cdf_t += number_target(row, o, label_number, s.y, s.log_norm, opt.gaussian, opt);
-      const acc_t diff = cdf_q - cdf_t;
+      acc_t q, diff;
+      walk.next(&q, &diff);
       const acc_t gap = acc_t(row.gap(i));
       s.loss += ntl_abs(diff) * gap;
       s.cdf_total += ntl_sign(diff) * gap;
     }
+    if (!walk.complete) return NumberStats<acc_t>{ntl_nan<acc_t>(), 0, 0, 0, 0, 0, 0};
     if (for_gradient) {
-      // a at rank i = Σ_{k>=i} sign(F_q(k) - F_t(k)) gap_k; the same sums in the same order.
+      // a at rank i = Σ_{k>=i} sign(D_k) gap_k; the same differences as above.
+      CdfWalk<acc_t, Row> again(row, lse_number, label_number, s.y, s.log_norm, opt);
       acc_t a = s.cdf_total;
-      cdf_q = 0;
-      cdf_t = 0;
       for (int64_t i = 0; i < row.K; ++i) {
-        const int64_t o = row.sorted(i);
-        if (o < 0) continue;
-        const acc_t q = number_prob(row, o, lse_number);
+        acc_t q, diff;
+        again.next(&q, &diff);
         s.cdf_mean_a += q * a;
-        if (i + 1 < row.K) {
-          cdf_q += q;
-          cdf_t += number_target(row, o, label_number, s.y, s.log_norm, opt.gaussian, opt);
-          a -= ntl_sign(cdf_q - cdf_t) * acc_t(row.gap(i));
-        }
+        if (i + 1 < row.K) a -= ntl_sign(diff) * acc_t(row.gap(i));
       }
     }
   } else {
@@ -324,17 +385,13 @@ NTL_HD void number_gradients(const Row& row, int64_t label_number, const LogSumE
       emit(k, q * (label_distance<acc_t>(row, k, label_number, opt) - s.loss));
     }
   } else if (opt.loss == kWasCdf) {
-    acc_t a = s.cdf_total, cdf_q = 0, cdf_t = 0;
+    CdfWalk<acc_t, Row> walk(row, lse_number, label_number, s.y, s.log_norm, opt);
+    acc_t a = s.cdf_total;
     for (int64_t i = 0; i < row.K; ++i) {
-      const int64_t o = row.sorted(i);
-      if (o < 0) continue;
-      const acc_t q = number_prob(row, o, lse_number);
-      emit(o, q * (a - s.cdf_mean_a));
-      if (i + 1 < row.K) {
-        cdf_q += q;
-        cdf_t += number_target(row, o, label_number, s.y, s.log_norm, opt.gaussian, opt);
-        a -= ntl_sign(cdf_q - cdf_t) * acc_t(row.gap(i));
-      }
+      acc_t q, diff;
+      const int64_t o = walk.next(&q, &diff);
+      if (o >= 0) emit(o, q * (a - s.cdf_mean_a));
+      if (i + 1 < row.K) a -= ntl_sign(diff) * acc_t(row.gap(i));
     }
   } else {
     for (int64_t k = 0; k < row.K; ++k) {

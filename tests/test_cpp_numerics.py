@@ -153,7 +153,7 @@ def test_masked_logits_give_the_reference_result(config_name, pattern, mask):
 # --------------------------------------------------------------------------------- number mass 1
 @pytest.mark.parametrize("mask", [float("-inf"), -1e6], ids=["-inf", "-1e6"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("loss", ["mse", "was", "mae", "huber"])
+@pytest.mark.parametrize("loss", ["mse", "was", "mae", "huber", "was_cdf"])
 def test_reweigh_when_every_text_logit_is_masked(loss, dtype, mask):
     """m = 1 to the last bit: c (1 - m) must be 0, not rounding noise times c (about 82 for MSE),
     which dwarfs a confident prediction's small loss (the tolerance scales with the largest loss)."""
@@ -169,6 +169,24 @@ def test_reweigh_when_every_text_logit_is_masked(loss, dtype, mask):
     upstream = torch.full((2, rows), 1.0 / rows, dtype=torch.float64)
     expected = run_reference(logits, labels, table, config, upstream)
     assert_matches(run_cpp(logits.to(dtype), labels, table, config, upstream), expected, dtype, loss)
+
+
+@pytest.mark.parametrize("config_name", ["was", "mse", "mae", "huber", "was_cdf", "was_cdf-gauss"])
+def test_confident_predictions_keep_their_small_losses_precise(config_name):
+    """Most number mass on the label: the losses are small, and so is the tolerance (it scales with
+    the largest loss). ŷ - y is summed as Σ q (v - y) and each CDF difference from its shorter side,
+    so neither is rounding noise of |y| or of 1."""
+    table, config = irregular_table(), CONFIGS[config_name]
+    rows = 32
+    generator = torch.Generator().manual_seed(22)
+    labels = table.number_ids[torch.randint(0, table.number_ids.numel(), (rows,), generator=generator)]
+    logits = torch.randn(rows, table.vocab_size, generator=generator, dtype=torch.float64)
+    logits.scatter_(1, labels[:, None], 11.0)
+    upstream = torch.full((2, rows), 1.0 / rows, dtype=torch.float64)
+    _, ntl, grad = run_cpp(logits.float(), labels, table, config, upstream)
+    _, ntl_ref, grad_ref = run_reference(logits, labels, table, config, upstream)
+    assert_spec_close(ntl, ntl_ref, torch.float32, what="ntl")
+    assert_spec_close(grad, grad_ref, torch.float32, gradient=True, what="grad")
 
 
 @pytest.mark.parametrize("text_logit", [-30.0, -60.0])
