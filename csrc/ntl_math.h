@@ -175,10 +175,10 @@ NTL_HD LogSumExp<acc_t> number_logsumexp(const Row& row) {
   return lse_finish(mx, sum, false);
 }
 
-// Which dense log-sum-exp a row's forward needs: none, over the whole vocabulary (CE, or a
-// reweighed row's LSE_V), or over the text tokens V∖N only (reweighed NTL-valid rows: there
-// LSE_V is the union of LSE_{V∖N} and LSE_N, so that 1 - m = exp(LSE_{V∖N} - LSE_V) is formed
-// from the text tokens' own sum and never as 1 - m, which cancels when m is 1 to the last bits).
+// Which dense log-sum-exp a row's forward needs: none, over the whole vocabulary (CE), or over
+// the text tokens V∖N only (reweighed NTL-valid rows, with or without CE: there LSE_V is the
+// union of LSE_{V∖N} and LSE_N, so that 1 - m = exp(LSE_{V∖N} - LSE_V) is formed from the text
+// tokens' own sum and never as 1 - m, which cancels when m is 1 to the last bits).
 enum DenseLse : int { kNoDense = 0, kDenseVocab = 1, kDenseText = 2 };
 
 NTL_HD int dense_lse_kind(const RowLabel& lab, bool with_ce, const Options& opt) {

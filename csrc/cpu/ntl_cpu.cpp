@@ -113,8 +113,6 @@ class RowLogSumExp {
   }
 
  private:
-  // The lowest finite value, not -inf, as the starting max: exp(x - max) then never sees
-  // -inf - (-inf); a -inf or -finfo.max logit adds exactly 0 once any larger logit is seen.
   void add_scalar_block(const scalar_t* z, int64_t begin, int64_t end) {
     acc_t next = max_;
     for (int64_t j = begin; j < end; ++j) {
@@ -128,6 +126,8 @@ class RowLogSumExp {
     max_ = next;
   }
 
+  // The lowest finite value, not -inf, as the starting max: exp(x - max) then never sees
+  // -inf - (-inf); a -inf or -finfo.max logit adds exactly 0 once any larger logit is seen.
   fVec vmax_{-FLT_MAX}, vsum_{0.0f};
   acc_t max_ = std::numeric_limits<acc_t>::lowest(), sum_ = 0;
   bool nan_ = false;
