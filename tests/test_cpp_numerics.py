@@ -210,6 +210,29 @@ def test_reweigh_when_the_text_mass_is_tiny(text_logit):
     assert ((text_grad - text_grad_ref).abs() <= 1e-4 * text_grad_ref.abs()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_reweigh_with_scattered_number_ids(dtype):
+    """The text-only sum of reweighed rows skips every number column, wherever the ids fall
+    relative to the vector blocks: runs of adjacent ids, ids on block edges, at 0 and at V - 1."""
+    from ntl_fast import NumberTokenTable
+
+    vocab_size = 2003
+    generator = torch.Generator().manual_seed(23)
+    ids = set(torch.randperm(vocab_size, generator=generator)[:250].tolist())
+    ids |= {0, 1, 2, 31, 32, 63, 64, 95, 96, 97, vocab_size - 2, vocab_size - 1}
+    values = {i: float(k % 37) - 4.5 for k, i in enumerate(sorted(ids))}
+    table = NumberTokenTable.from_values(values, vocab_size=vocab_size)
+    rows = 12
+    logits = torch.randn(rows, vocab_size, generator=generator, dtype=torch.float64) * 2
+    labels = table.number_ids[torch.randint(0, len(ids), (rows,), generator=generator)]
+    labels[::4] = 5 if 5 not in ids else 6
+    logits = logits.to(dtype)
+    upstream = torch.rand(2, rows, dtype=torch.float64, generator=generator)
+    for config in (LossConfig("mse", reweigh=True), LossConfig("was_cdf", reweigh=True, gaussian_sigma=2.0)):
+        got = run_cpp(logits, labels, table, config, upstream)
+        assert_matches(got, run_reference(logits, labels, table, config, upstream), dtype, config.loss)
+
+
 # --------------------------------------------------------------------------------- non-finite rows
 @pytest.mark.parametrize("config_name", ["was", "mse-reweigh", "was_cdf-gauss", "huber-reweigh-gce"])
 def test_non_finite_logits_stay_in_their_row(config_name):

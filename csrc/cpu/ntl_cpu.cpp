@@ -66,18 +66,19 @@ inline void store_step(scalar_t* p, const fVec& a, const fVec& b) {
 }
 
 // Online log-sum-exp over ranges of one row (docs/math.md §4): a running max and sum per vector
-// lane, rescaled once per block of 2 * kStep elements (about one exp per element), and a scalar
-// running pair for float64 and for the ends of ranges. Feeding it several ranges (the text
-// tokens between the number ids) costs no more than one range of the same length.
-template <typename scalar_t>
+// lane, rescaled once per block of kBlock elements (about one exp per element), and a scalar
+// running pair for float64 and for the ends of ranges. acc_t float: vectorised, from float,
+// bfloat16 or float16 elements; acc_t double: scalar.
+template <typename acc_t>
 class RowLogSumExp {
  public:
-  using acc_t = acc_type<scalar_t>;
+  static constexpr int64_t kBlock = 2 * kStep;
 
-  void add(const scalar_t* z, int64_t begin, int64_t end) {
+  template <typename T>
+  void add(const T* z, int64_t begin, int64_t end) {
     int64_t i = begin;
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      for (; i + 2 * kStep <= end; i += 2 * kStep) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      for (; i + kBlock <= end; i += kBlock) {
         fVec x0, x1, x2, x3;
         load_step(z + i, x0, x1);
         load_step(z + i + kStep, x2, x3);
@@ -90,14 +91,14 @@ class RowLogSumExp {
         vmax_ = next;
       }
     }
-    for (; i < end; i += 2 * kStep) add_scalar_block(z, i, std::min(i + 2 * kStep, end));
+    for (; i < end; i += kBlock) add_scalar_block(z, i, std::min(i + kBlock, end));
   }
 
   LogSumExp<acc_t> result() const {
     acc_t mx = max_;
     bool nan = nan_;
     acc_t lane_max[fVec::size()], lane_sum[fVec::size()];
-    if constexpr (!std::is_same_v<scalar_t, double>) {
+    if constexpr (std::is_same_v<acc_t, float>) {
       vmax_.store(lane_max);
       vsum_.store(lane_sum);
       for (int64_t l = 0; l < fVec::size(); ++l) {
@@ -107,13 +108,14 @@ class RowLogSumExp {
     }
     if (nan) return lse_finish(mx, acc_t(0), true);
     acc_t sum = sum_ * std::exp(max_ - mx);
-    if constexpr (!std::is_same_v<scalar_t, double>)
+    if constexpr (std::is_same_v<acc_t, float>)
       for (int64_t l = 0; l < fVec::size(); ++l) sum += lane_sum[l] * std::exp(lane_max[l] - mx);
     return lse_finish(mx, sum, false);
   }
 
  private:
-  void add_scalar_block(const scalar_t* z, int64_t begin, int64_t end) {
+  template <typename T>
+  void add_scalar_block(const T* z, int64_t begin, int64_t end) {
     acc_t next = max_;
     for (int64_t j = begin; j < end; ++j) {
       const acc_t x = acc_t(z[j]);
@@ -133,20 +135,35 @@ class RowLogSumExp {
   bool nan_ = false;
 };
 
-// LSE over the whole row, or over its text tokens (every column but the sorted number ids).
+// LSE over the whole row, or over its text tokens: then the runs of whole blocks without a number
+// id are read in place, and each block holding some is copied with those columns set to -inf, so
+// that the pass stays vectorised however many and however scattered the number ids are.
 template <typename scalar_t>
 LogSumExp<acc_type<scalar_t>> dense_logsumexp(const scalar_t* z, int64_t V, int dense_kind,
                                               const std::vector<int64_t>& sorted_ids) {
-  RowLogSumExp<scalar_t> lse;
-  if (dense_kind == kDenseText) {
-    int64_t begin = 0;
-    for (const int64_t id : sorted_ids) {
-      lse.add(z, begin, id);
-      begin = id + 1;
-    }
-    lse.add(z, begin, V);
-  } else {
+  using acc_t = acc_type<scalar_t>;
+  using Lse = RowLogSumExp<acc_t>;
+  Lse lse;
+  if (dense_kind != kDenseText) {
     lse.add(z, 0, V);
+    return lse.result();
+  }
+  acc_t block[Lse::kBlock];
+  auto id = sorted_ids.begin();
+  int64_t i = 0;
+  while (i < V) {
+    const int64_t next_id = id == sorted_ids.end() ? V : *id;
+    const int64_t clean_end = i + (next_id - i) / Lse::kBlock * Lse::kBlock;
+    if (clean_end > i) {
+      lse.add(z, i, clean_end);
+      i = clean_end;
+      continue;
+    }
+    const int64_t end = std::min(i + Lse::kBlock, V);  // holds next_id, or is the row's last block
+    for (int64_t j = i; j < end; ++j) block[j - i] = acc_t(z[j]);
+    for (; id != sorted_ids.end() && *id < end; ++id) block[*id - i] = -std::numeric_limits<acc_t>::infinity();
+    lse.add(block, 0, end - i);
+    i = end;
   }
   return lse.result();
 }
