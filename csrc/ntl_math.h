@@ -320,27 +320,50 @@ NTL_HD acc_t regression_slope(acc_t d, int loss) {
   return ntl_abs(d) < acc_t(1) ? d : ntl_sign(d);
 }
 
+// The most probable number token (the first of the largest logits; 0 when a logit is NaN).
+template <typename acc_t, typename Row>
+NTL_HD int64_t number_mode(const Row& row) {
+  int64_t mode = 0;
+  acc_t best = row.logit(0);
+  for (int64_t k = 1; k < row.K; ++k) {
+    const acc_t z = row.logit(k);
+    if (z > best) {
+      best = z;
+      mode = k;
+    }
+  }
+  return mode;
+}
+
 // What the loss of one NTL-valid row needs to be differentiated (before reweighing).
+//
+// Each loss is an expectation over q, and its gradient q_k (x_k - E_q[x]) (x: v for the
+// regression losses, D(y, v) for WAS, a for was_cdf). Both are summed relative to x at the most
+// probable token, E_q[x] - x_mode = Σ q_j (x_j - x_mode): that token's own term is then exactly 0,
+// so when q is nearly one-hot the small differences x_k - E_q[x] are not rounding noise of |x|.
 template <typename acc_t>
 struct NumberStats {
   acc_t loss;        // L of §2.1-2.3
   acc_t y;           // the label's value
-  acc_t diff;        // ŷ - y = Σ q_j (v_j - y) (regression losses): the label's own term is 0,
-                     // so a confident prediction's small error is not lost against |y|
+  int64_t mode;      // position in N of the most probable number token
+  acc_t pivot;       // x_mode: v_mode (regression), D(y, v_mode) (WAS), a_mode (was_cdf)
+  acc_t offset;      // E_q[x] - x_mode = Σ_j q_j (x_j - x_mode)
   acc_t slope;       // f'(ŷ - y) (regression losses)
   acc_t log_norm;    // Gaussian target normaliser (was_cdf with Gaussian targets)
   acc_t cdf_total;   // a of the smallest value: Σ_k sign(F_q(k) - F_t(k)) gap_k (was_cdf)
-  acc_t cdf_mean_a;  // Σ_i q_i a_i (was_cdf)
 };
 
 template <typename acc_t, typename Row>
 NTL_HD NumberStats<acc_t> number_stats(const Row& row, int64_t label_number, const LogSumExp<acc_t>& lse_number,
                                        const Options& opt, bool for_gradient) {
-  NumberStats<acc_t> s{0, 0, 0, 0, 0, 0, 0};
+  NumberStats<acc_t> s{0, 0, 0, 0, 0, 0, 0, 0};
   s.y = acc_t(row.value(label_number));
+  s.mode = number_mode<acc_t>(row);
   if (opt.loss == kWas) {
+    s.pivot = label_distance<acc_t>(row, s.mode, label_number, opt);
     for (int64_t k = 0; k < row.K; ++k)
-      s.loss += number_prob(row, k, lse_number) * label_distance<acc_t>(row, k, label_number, opt);
+      s.offset += number_prob(row, k, lse_number) * (label_distance<acc_t>(row, k, label_number, opt) - s.pivot);
+    s.loss = s.pivot + s.offset;
   } else if (opt.loss == kWasCdf) {
     // W1 in CDF form, tokens sorted by value (§2.3): Σ_i |F_q(i) - F_t(i)| gap_i.
     if (opt.gaussian) s.log_norm = gaussian_log_norm(row, s.y, opt);
@@ -352,29 +375,38 @@ NTL_HD NumberStats<acc_t> number_stats(const Row& row, int64_t label_number, con
       s.loss += ntl_abs(diff) * gap;
       s.cdf_total += ntl_sign(diff) * gap;
     }
-    if (!walk.complete) return NumberStats<acc_t>{ntl_nan<acc_t>(), 0, 0, 0, 0, 0, 0};
+    if (!walk.complete) {
+      s.loss = ntl_nan<acc_t>();
+      return s;
+    }
     if (for_gradient) {
-      // a at rank i = Σ_{k>=i} sign(D_k) gap_k; the same differences as above.
-      CdfWalk<acc_t, Row> again(row, lse_number, label_number, s.y, s.log_norm, opt);
-      acc_t a = s.cdf_total;
-      for (int64_t i = 0; i < row.K; ++i) {
-        acc_t q, diff;
-        again.next(&q, &diff);
-        s.cdf_mean_a += q * a;
-        if (i + 1 < row.K) a -= ntl_sign(diff) * acc_t(row.gap(i));
+      // a at rank i = Σ_{k>=i} sign(D_k) gap_k, from the same differences as above: first a_mode,
+      // then Σ_i q_i (a_i - a_mode).
+      for (int pass = 0; pass < 2; ++pass) {
+        CdfWalk<acc_t, Row> again(row, lse_number, label_number, s.y, s.log_norm, opt);
+        acc_t a = s.cdf_total;
+        for (int64_t i = 0; i < row.K; ++i) {
+          acc_t q, diff;
+          const int64_t o = again.next(&q, &diff);
+          if (pass == 0 && o == s.mode) s.pivot = a;
+          if (pass == 1) s.offset += q * (a - s.pivot);
+          if (i + 1 < row.K) a -= ntl_sign(diff) * acc_t(row.gap(i));
+        }
       }
     }
   } else {
+    // ŷ - y = (ŷ - v_mode) + (v_mode - y): exact-ish when the mode is the label, large otherwise.
+    s.pivot = acc_t(row.value(s.mode));
     for (int64_t k = 0; k < row.K; ++k)
-      s.diff += number_prob(row, k, lse_number) * (acc_t(row.value(k)) - s.y);
-    const acc_t d = s.diff;
+      s.offset += number_prob(row, k, lse_number) * (acc_t(row.value(k)) - s.pivot);
+    const acc_t d = s.offset + (s.pivot - s.y);
     s.loss = regression_value(d, opt.loss);
     s.slope = regression_slope(d, opt.loss);
   }
   return s;
 }
 
-// Calls emit(k, ∂L/∂z_k) for every number token k (before reweighing):
+// Calls emit(k, ∂L/∂z_k) for every number token k (before reweighing), q_k (x_k - E_q[x]) as
 //   WAS q_k (D_k - L); regression f'(ŷ - y) q_k (v_k - ŷ); was_cdf q_k (a_k - Σ_i q_i a_i).
 template <typename acc_t, typename Row, typename Emit>
 NTL_HD void number_gradients(const Row& row, int64_t label_number, const LogSumExp<acc_t>& lse_number,
@@ -382,7 +414,7 @@ NTL_HD void number_gradients(const Row& row, int64_t label_number, const LogSumE
   if (opt.loss == kWas) {
     for (int64_t k = 0; k < row.K; ++k) {
       const acc_t q = number_prob(row, k, lse_number);
-      emit(k, q * (label_distance<acc_t>(row, k, label_number, opt) - s.loss));
+      emit(k, q * ((label_distance<acc_t>(row, k, label_number, opt) - s.pivot) - s.offset));
     }
   } else if (opt.loss == kWasCdf) {
     CdfWalk<acc_t, Row> walk(row, lse_number, label_number, s.y, s.log_norm, opt);
@@ -390,13 +422,13 @@ NTL_HD void number_gradients(const Row& row, int64_t label_number, const LogSumE
     for (int64_t i = 0; i < row.K; ++i) {
       acc_t q, diff;
       const int64_t o = walk.next(&q, &diff);
-      if (o >= 0) emit(o, q * (a - s.cdf_mean_a));
+      if (o >= 0) emit(o, q * ((a - s.pivot) - s.offset));
       if (i + 1 < row.K) a -= ntl_sign(diff) * acc_t(row.gap(i));
     }
   } else {
     for (int64_t k = 0; k < row.K; ++k) {
       const acc_t q = number_prob(row, k, lse_number);
-      emit(k, s.slope * q * ((acc_t(row.value(k)) - s.y) - s.diff));
+      emit(k, s.slope * q * ((acc_t(row.value(k)) - s.pivot) - s.offset));
     }
   }
 }
