@@ -320,6 +320,47 @@ NTL_HD acc_t regression_slope(acc_t d, int loss) {
   return ntl_abs(d) < acc_t(1) ? d : ntl_sign(d);
 }
 
+// Σ_k q_k (x_k - c), compensated (Kahan): with c near E_q[x] its terms cancel.
+template <typename acc_t, typename Row, typename X>
+NTL_HD acc_t centred_expectation(const Row& row, const LogSumExp<acc_t>& lse_number, const X& x, acc_t c) {
+  acc_t sum = 0, carry = 0;
+  for (int64_t k = 0; k < row.K; ++k) {
+    const acc_t term = number_prob(row, k, lse_number) * (x(k) - c) - carry;
+    const acc_t next = sum + term;
+    carry = (next - sum) - term;
+    sum = next;
+  }
+  return sum;
+}
+
+// E_q[x] as a rounded centre plus a residual Σ_k q_k (x_k - centre), so that x_k - E_q[x] is
+// formed as (x_k - centre) - residual. The computed q carry a common relative error (the
+// rounding of their normaliser) that scales Σ q_k (x_k - c) by 1 + δ: with c the centre itself that
+// sum is the tiny residual, so neither the loss E_q[x] - y nor a gradient q_k (x_k - E_q[x]) is
+// rounding noise of |x| when it is small (a confident prediction, or ŷ near y over 0-999).
+// The first centre is x at the most probable token, already close when q is nearly one-hot.
+template <typename acc_t, typename Row, typename X>
+NTL_HD void expectation(const Row& row, const LogSumExp<acc_t>& lse_number, const X& x, int64_t mode,
+                        acc_t* centre, acc_t* residual) {
+  const acc_t first = x(mode);
+  *centre = first + centred_expectation(row, lse_number, x, first);
+  *residual = centred_expectation(row, lse_number, x, *centre);
+}
+
+template <typename acc_t, typename Row>
+struct NumberValue {  // x = v (regression losses)
+  const Row& row;
+  NTL_HD acc_t operator()(int64_t k) const { return acc_t(row.value(k)); }
+};
+
+template <typename acc_t, typename Row>
+struct LabelDistance {  // x = D(y, v) (WAS)
+  const Row& row;
+  int64_t label_number;
+  const Options& opt;
+  NTL_HD acc_t operator()(int64_t k) const { return label_distance<acc_t>(row, k, label_number, opt); }
+};
+
 // The most probable number token (the first of the largest logits; 0 when a logit is NaN).
 template <typename acc_t, typename Row>
 NTL_HD int64_t number_mode(const Row& row) {
@@ -335,35 +376,29 @@ NTL_HD int64_t number_mode(const Row& row) {
   return mode;
 }
 
-// What the loss of one NTL-valid row needs to be differentiated (before reweighing).
-//
-// Each loss is an expectation over q, and its gradient q_k (x_k - E_q[x]) (x: v for the
-// regression losses, D(y, v) for WAS, a for was_cdf). Both are summed relative to x at the most
-// probable token, E_q[x] - x_mode = Σ q_j (x_j - x_mode): that token's own term is then exactly 0,
-// so when q is nearly one-hot the small differences x_k - E_q[x] are not rounding noise of |x|.
+// What the loss of one NTL-valid row needs to be differentiated (before reweighing). Every
+// variant's gradient is q_k (x_k - E_q[x]) (x: v for the regression losses, D(y, v) for WAS, a
+// for was_cdf), formed from E_q[x] = centre + residual (expectation above).
 template <typename acc_t>
 struct NumberStats {
-  acc_t loss;        // L of §2.1-2.3
-  acc_t y;           // the label's value
-  int64_t mode;      // position in N of the most probable number token
-  acc_t pivot;       // x_mode: v_mode (regression), D(y, v_mode) (WAS), a_mode (was_cdf)
-  acc_t offset;      // E_q[x] - x_mode = Σ_j q_j (x_j - x_mode)
-  acc_t slope;       // f'(ŷ - y) (regression losses)
-  acc_t log_norm;    // Gaussian target normaliser (was_cdf with Gaussian targets)
-  acc_t cdf_total;   // a of the smallest value: Σ_k sign(F_q(k) - F_t(k)) gap_k (was_cdf)
+  acc_t loss;       // L of §2.1-2.3
+  acc_t y;          // the label's value
+  acc_t centre;     // E_q[x], rounded
+  acc_t residual;   // Σ_k q_k (x_k - centre)
+  acc_t slope;      // f'(ŷ - y) (regression losses)
+  acc_t log_norm;   // Gaussian target normaliser (was_cdf with Gaussian targets)
+  acc_t cdf_total;  // a of the smallest value: Σ_k sign(F_q(k) - F_t(k)) gap_k (was_cdf)
 };
 
 template <typename acc_t, typename Row>
 NTL_HD NumberStats<acc_t> number_stats(const Row& row, int64_t label_number, const LogSumExp<acc_t>& lse_number,
                                        const Options& opt, bool for_gradient) {
-  NumberStats<acc_t> s{0, 0, 0, 0, 0, 0, 0, 0};
+  NumberStats<acc_t> s{0, 0, 0, 0, 0, 0, 0};
   s.y = acc_t(row.value(label_number));
-  s.mode = number_mode<acc_t>(row);
   if (opt.loss == kWas) {
-    s.pivot = label_distance<acc_t>(row, s.mode, label_number, opt);
-    for (int64_t k = 0; k < row.K; ++k)
-      s.offset += number_prob(row, k, lse_number) * (label_distance<acc_t>(row, k, label_number, opt) - s.pivot);
-    s.loss = s.pivot + s.offset;
+    const LabelDistance<acc_t, Row> distance{row, label_number, opt};
+    expectation(row, lse_number, distance, number_mode<acc_t>(row), &s.centre, &s.residual);
+    s.loss = s.centre + s.residual;
   } else if (opt.loss == kWasCdf) {
     // W1 in CDF form, tokens sorted by value (§2.3): Σ_i |F_q(i) - F_t(i)| gap_i.
     if (opt.gaussian) s.log_norm = gaussian_log_norm(row, s.y, opt);
@@ -380,26 +415,35 @@ NTL_HD NumberStats<acc_t> number_stats(const Row& row, int64_t label_number, con
       return s;
     }
     if (for_gradient) {
-      // a at rank i = Σ_{k>=i} sign(D_k) gap_k, from the same differences as above: first a_mode,
-      // then Σ_i q_i (a_i - a_mode).
-      for (int pass = 0; pass < 2; ++pass) {
+      // a at rank i = Σ_{k>=i} sign(D_k) gap_k, from the same differences as above; E_q[a] as in
+      // expectation(): a at the most probable token, then two compensated centred sums.
+      const int64_t mode = number_mode<acc_t>(row);
+      acc_t centre = 0;
+      for (int pass = 0; pass < 3; ++pass) {
         CdfWalk<acc_t, Row> again(row, lse_number, label_number, s.y, s.log_norm, opt);
-        acc_t a = s.cdf_total;
+        acc_t a = s.cdf_total, sum = 0, carry = 0;
         for (int64_t i = 0; i < row.K; ++i) {
           acc_t q, diff;
           const int64_t o = again.next(&q, &diff);
-          if (pass == 0 && o == s.mode) s.pivot = a;
-          if (pass == 1) s.offset += q * (a - s.pivot);
+          if (pass == 0 && o == mode) centre = a;
+          if (pass > 0) {
+            const acc_t term = q * (a - centre) - carry;
+            const acc_t next = sum + term;
+            carry = (next - sum) - term;
+            sum = next;
+          }
           if (i + 1 < row.K) a -= ntl_sign(diff) * acc_t(row.gap(i));
         }
+        if (pass == 1) centre += sum;
+        if (pass == 2) s.residual = sum;
       }
+      s.centre = centre;
     }
   } else {
-    // ŷ - y = (ŷ - v_mode) + (v_mode - y): exact-ish when the mode is the label, large otherwise.
-    s.pivot = acc_t(row.value(s.mode));
-    for (int64_t k = 0; k < row.K; ++k)
-      s.offset += number_prob(row, k, lse_number) * (acc_t(row.value(k)) - s.pivot);
-    const acc_t d = s.offset + (s.pivot - s.y);
+    // ŷ - y = (centre - y) + residual.
+    const NumberValue<acc_t, Row> value{row};
+    expectation(row, lse_number, value, number_mode<acc_t>(row), &s.centre, &s.residual);
+    const acc_t d = (s.centre - s.y) + s.residual;
     s.loss = regression_value(d, opt.loss);
     s.slope = regression_slope(d, opt.loss);
   }
@@ -414,7 +458,7 @@ NTL_HD void number_gradients(const Row& row, int64_t label_number, const LogSumE
   if (opt.loss == kWas) {
     for (int64_t k = 0; k < row.K; ++k) {
       const acc_t q = number_prob(row, k, lse_number);
-      emit(k, q * ((label_distance<acc_t>(row, k, label_number, opt) - s.pivot) - s.offset));
+      emit(k, q * ((label_distance<acc_t>(row, k, label_number, opt) - s.centre) - s.residual));
     }
   } else if (opt.loss == kWasCdf) {
     CdfWalk<acc_t, Row> walk(row, lse_number, label_number, s.y, s.log_norm, opt);
@@ -422,13 +466,13 @@ NTL_HD void number_gradients(const Row& row, int64_t label_number, const LogSumE
     for (int64_t i = 0; i < row.K; ++i) {
       acc_t q, diff;
       const int64_t o = walk.next(&q, &diff);
-      if (o >= 0) emit(o, q * ((a - s.pivot) - s.offset));
+      if (o >= 0) emit(o, q * ((a - s.centre) - s.residual));
       if (i + 1 < row.K) a -= ntl_sign(diff) * acc_t(row.gap(i));
     }
   } else {
     for (int64_t k = 0; k < row.K; ++k) {
       const acc_t q = number_prob(row, k, lse_number);
-      emit(k, s.slope * q * ((acc_t(row.value(k)) - s.pivot) - s.offset));
+      emit(k, s.slope * q * ((acc_t(row.value(k)) - s.centre) - s.residual));
     }
   }
 }

@@ -210,6 +210,26 @@ def test_confident_wrong_predictions_keep_their_gradient_precise(config_name):
     assert_spec_close(grad, grad_ref, torch.float32, gradient=True, what="grad")
 
 
+@pytest.mark.parametrize("config_name", ["was", "mse", "huber", "was_cdf", "was_cdf-gauss", "mse-reweigh"])
+def test_multi_digit_table_with_the_expectation_near_the_label(config_name):
+    """K = 1000 values 0-999 and spread predictions: ŷ is about 500, and so are the labels, so
+    ŷ - y (and each v_k - ŷ) is small against |v|. The common rounding of the normaliser of q
+    must not scale a sum of that size (MSE gradient error 5.5e-5 against 1.5e-5 before)."""
+    from ntl_fast import NumberTokenTable
+
+    table = NumberTokenTable.from_values({10 + i: float(i) for i in range(1000)}, vocab_size=1100)
+    config = CONFIGS[config_name]
+    rows = 16
+    generator = torch.Generator().manual_seed(25)
+    logits = torch.randn(rows, table.vocab_size, generator=generator, dtype=torch.float64) * 0.5
+    labels = 10 + torch.randint(490, 510, (rows,), generator=generator)
+    upstream = torch.full((2, rows), 1.0 / rows, dtype=torch.float64)
+    _, ntl, grad = run_cpp(logits.float(), labels, table, config, upstream)
+    _, ntl_ref, grad_ref = run_reference(logits, labels, table, config, upstream)
+    assert_spec_close(ntl, ntl_ref, torch.float32, what="ntl")
+    assert_spec_close(grad, grad_ref, torch.float32, gradient=True, what="grad")
+
+
 @pytest.mark.parametrize("text_logit", [-30.0, -60.0])
 def test_reweigh_when_the_text_mass_is_tiny(text_logit):
     """1 - m of 1e-13..1e-26 is formed from the text tokens' own sum, with full relative precision."""
