@@ -210,17 +210,14 @@ void run_forward(const Record& c, Record& out) {
   Launch l(c);
   Buffer* ce = l.rows.with_ce ? &l.output("ce", l.acc(), l.rows.M) : nullptr;
   Buffer& ntl = l.output("ntl", l.acc(), l.rows.M);
-  Buffer& lse_vocab = l.output("lse_vocab", l.acc(), l.rows.M);
-  Buffer& lse_number = l.output("lse_number", l.acc(), l.rows.M);
+  Buffer& row_stats = l.output("row_stats", l.acc(), l.rows.M * 5);
   l.rows.ce = ce ? ce->data() : nullptr;
   l.rows.ntl = ntl.data();
-  l.rows.lse_vocab = lse_vocab.data();
-  l.rows.lse_number = lse_number.data();
+  l.rows.row_stats = row_stats.data();
   finish(ntl::launch_forward(l.rows, nullptr), out);
   if (ce) out["ce"] = ce->field();
   out["ntl"] = ntl.field();
-  out["lse_vocab"] = lse_vocab.field();
-  out["lse_number"] = lse_number.field();
+  out["row_stats"] = row_stats.field();
 }
 
 // The backward into a fresh buffer (ntl_backward, ce_ntl_backward) or over the logits
@@ -229,8 +226,7 @@ template <bool kInPlace>
 void run_backward(const Record& c, Record& out) {
   Launch l(c);
   if (kInPlace && !l.rows.with_ce) throw std::runtime_error("the in-place backward is CE+NTL only");
-  l.rows.lse_vocab = l.input(c, "lse_vocab").data();
-  l.rows.lse_number = l.input(c, "lse_number").data();
+  l.rows.row_stats = l.input(c, "row_stats").data();
   l.rows.grad_ce = l.rows.with_ce ? l.input(c, "grad_ce").data() : nullptr;
   l.rows.grad_ntl = l.input(c, "grad_ntl").data();
   Buffer* grad = kInPlace ? l.owned.front().get() : &l.output("grad_logits", uint8_t(l.rows.dtype), l.rows.M * l.rows.V);

@@ -10,8 +10,8 @@ API (also for case generators such as a fuzzer)::
         the emulation's own test (selftest.cu).
     run(cases, kind="memcheck", skip_barrier=None, timeout=600) -> List[Result]
         Runs each Case through its kernel in the emulation; skip_barrier "file:line" leaves that
-        barrier out. Result.outputs: the kernel's tensors ("ce", "ntl", "lse_vocab",
-        "lse_number" for "forward"; "grad" for the backwards); Result.reports: what the
+        barrier out. Result.outputs: the kernel's tensors ("ce", "ntl",
+        "row_stats" for "forward"; "grad" for the backwards); Result.reports: what the
         emulation found (races, divergent barriers, early exits, deadlocks); Result.error: a
         failed launch.
     reference(case) -> Dict[str, Tensor]
@@ -30,8 +30,9 @@ NumberTokenTable and a LossConfig) holds the operators' arguments: ``kernel`` ("
 five table tensors of NumberTokenTable), ``options`` (the operators' eight option arguments: loss,
 squash_factor, min_distance, max_distance, reweigh, reweigh_constant, gaussian_sigma,
 ignore_index), ``with_ce``, ``grad_ce`` / ``grad_ntl`` (M,) for the backwards, ``misaligned``
-(every buffer starts one element off 16-byte alignment). The backwards get LSE_V and LSE_N from
-the CPU forward, so both sides differentiate from the same saved rows.
+(every buffer starts one element off 16-byte alignment), ``saved_table`` (the table the saved
+rows come from, when ``table`` is one the CPU forward refuses). The backwards get the row
+statistics from the CPU forward, so both sides differentiate from the same saved rows.
 """
 
 from __future__ import annotations
@@ -222,6 +223,7 @@ class Case:
     grad_ce: Optional[Tensor] = None
     grad_ntl: Optional[Tensor] = None
     misaligned: bool = False
+    saved_table: Optional[Tuple[Tensor, ...]] = None  # the table of the saved rows; default: ``table``
 
     @classmethod
     def from_table(cls, name: str, kernel: str, logits: Tensor, labels: Tensor, table, config, **kwargs) -> "Case":
@@ -255,14 +257,16 @@ def _cpu_operators():
     return torch.ops.ntl_fast
 
 
-def _forward_rows(case: Case) -> Tuple[Tensor, Tensor]:
-    """LSE_V and LSE_N of the CPU forward: the backwards' saved rows, on both sides."""
+def _forward_rows(case: Case) -> Tensor:
+    """The row statistics of the CPU forward (LSE_V, LSE_N, log(1 - m)): the backwards' saved rows,
+    on both sides."""
     ops = _cpu_operators()
+    table = case.saved_table if case.saved_table is not None else case.table
     if case.with_ce:
-        _, _, lse_vocab, lse_number = ops.ce_ntl_forward(case.logits, case.labels, *case.table, *case.options, False)
+        _, _, row_stats = ops.ce_ntl_forward(case.logits, case.labels, *table, *case.options, False)
     else:
-        _, lse_vocab, lse_number = ops.ntl_forward(case.logits, case.labels, *case.table, *case.options)
-    return lse_vocab, lse_number
+        _, row_stats = ops.ntl_forward(case.logits, case.labels, *table, *case.options)
+    return row_stats
 
 
 def _kernel_options(options: tuple) -> Dict[str, object]:
@@ -293,7 +297,7 @@ def _encode(case: Case) -> Dict[str, Tensor]:
         fields[name] = torch.tensor([value], dtype=torch.float64 if isinstance(value, float) else torch.int64)
     if case.kernel != "forward":
         acc = _acc(case.logits.dtype)
-        fields["lse_vocab"], fields["lse_number"] = _forward_rows(case)
+        fields["row_stats"] = _forward_rows(case)
         fields["grad_ntl"] = case.grad_ntl.to(acc)
         if case.with_ce:
             fields["grad_ce"] = case.grad_ce.to(acc)
@@ -361,7 +365,7 @@ def run(cases: Sequence[Case], kind: str = "memcheck", skip_barrier: Optional[st
                         barriers=[b for b in _text(record.pop("barriers")).split(";") if b])
         if "error" in record:
             result.error = _text(record.pop("error"))
-        shape = {"grad": case.logits.shape}
+        shape = {"grad": case.logits.shape, "row_stats": (case.logits.shape[0], 5)}
         result.outputs = {name: t.reshape(shape.get(name, t.shape)) for name, t in record.items()}
         results.append(result)
     return results
@@ -374,21 +378,21 @@ def reference(case: Case) -> Dict[str, Tensor]:
     args = (*case.table, *case.options)
     if case.kernel == "forward":
         if case.with_ce:
-            ce, ntl, lse_vocab, lse_number = ops.ce_ntl_forward(case.logits, case.labels, *args, False)
-            return {"ce": ce, "ntl": ntl, "lse_vocab": lse_vocab, "lse_number": lse_number}
-        ntl, lse_vocab, lse_number = ops.ntl_forward(case.logits, case.labels, *args)
-        return {"ntl": ntl, "lse_vocab": lse_vocab, "lse_number": lse_number}
-    lse_vocab, lse_number = _forward_rows(case)
+            ce, ntl, row_stats = ops.ce_ntl_forward(case.logits, case.labels, *args, False)
+            return {"ce": ce, "ntl": ntl, "row_stats": row_stats}
+        ntl, row_stats = ops.ntl_forward(case.logits, case.labels, *args)
+        return {"ntl": ntl, "row_stats": row_stats}
+    row_stats = _forward_rows(case)
     acc = _acc(case.logits.dtype)
     grad_ntl = case.grad_ntl.to(acc)
     if case.kernel == "backward_inplace":
         grad = case.logits.clone()
-        ops.ce_ntl_backward_(grad, case.grad_ce.to(acc), grad_ntl, case.labels, lse_vocab, lse_number, *args)
+        ops.ce_ntl_backward_(grad, case.grad_ce.to(acc), grad_ntl, case.labels, row_stats, *args)
     elif case.with_ce:
-        grad = ops.ce_ntl_backward(case.grad_ce.to(acc), grad_ntl, case.logits, case.labels, lse_vocab,
-                                   lse_number, *args)
+        grad = ops.ce_ntl_backward(case.grad_ce.to(acc), grad_ntl, case.logits, case.labels, row_stats,
+                                   *args)
     else:
-        grad = ops.ntl_backward(grad_ntl, case.logits, case.labels, lse_vocab, lse_number, *args)
+        grad = ops.ntl_backward(grad_ntl, case.logits, case.labels, row_stats, *args)
     return {"grad": grad}
 
 
@@ -396,7 +400,7 @@ def _exact(case: Case, name: str) -> bool:
     """Outputs that both backends compute with the same code of ntl_math.h from the same inputs:
     LSE_N, and NTL without reweighing (no LSE_V in it)."""
     reweigh = case.options[4]
-    return name == "lse_number" or (name == "ntl" and not reweigh)
+    return name == "ntl" and not reweigh
 
 
 def _tolerance(case: Case, name: str) -> Tuple[float, float]:
