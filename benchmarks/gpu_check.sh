@@ -77,6 +77,31 @@ for path in sys.argv[1:]:
 EOF
 }
 
+# The steps: each records its outcome (and why it failed) for the summary; none stops the script.
+status=0
+summary=()
+record() {  # record NAME EXIT_CODE SECONDS TIMEOUT
+  local why
+  case "$2" in
+    0) why="ok" ;;
+    124) why="timed out after ${4}s" ;;
+    127) why="command not found" ;;
+    5) why="no tests collected" ;;
+    not-run*) why=${2#not-run: } ;;
+    *) why="failed, exit code $2 (see its output above)" ;;
+  esac
+  if [ "$2" != 0 ]; then status=1; echo "STEP FAILED: $1: $why"; fi
+  summary+=("$(printf '%-58s %5ss  %s' "$1" "$3" "$why")")
+}
+step() {  # step NAME TIMEOUT COMMAND...: runs it under its timeout, records the outcome, never stops
+  local name=$1 limit=$2 begin rc
+  shift 2
+  begin=$(date +%s)
+  elapsed "$name (timeout ${limit}s)"
+  timeout "$limit" "$@"
+  rc=$?
+  record "$name" "$rc" "$(( $(date +%s) - begin ))" "$limit"
+}
 # ------------------------------------------------------------------------------------ dry run
 if [ "$dry_run" = 1 ]; then
   problems=0
@@ -136,6 +161,15 @@ if [ "$dry_run" = 1 ]; then
   echo "  build command: ${BUILD[*]}"
   check "baseline wheels (make wheels)" wheels
   for tool in "${SANITIZER_TOOLS[@]}"; do echo "  would run: compute-sanitizer --tool $tool --error-exitcode 9 $PYTHON benchmarks/sanitizer_case.py"; done
+  steps_report() {  # the step machinery on commands with known outcomes
+    step "a step that passes" 5 true > /dev/null
+    step "a step that fails" 5 false > /dev/null
+    step "a step that runs too long" 1 sleep 5 > /dev/null
+    printf '%s\n' "${summary[@]}"
+    [[ "${summary[0]}" == *" ok" && "${summary[1]}" == *"failed, exit code 1"* \
+       && "${summary[2]}" == *"timed out after 1s"* && "$status" = 1 ]]
+  }
+  check "steps report their outcome and go on" steps_report
   if [ "$problems" = 0 ]; then echo "gpu_check --dry-run: ok"; exit 0; fi
   echo "gpu_check --dry-run: $problems checks failed"
   exit 1
@@ -149,30 +183,6 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
   exit 2
 fi
 [ "$worst_case" -le "$BUDGET_S" ] || echo "gpu_check: worst case ${worst_case}s exceeds the ${BUDGET_S}s budget"
-status=0
-summary=()
-record() {  # record NAME EXIT_CODE SECONDS TIMEOUT
-  local why
-  case "$2" in
-    0) why="ok" ;;
-    124) why="timed out after ${4}s" ;;
-    127) why="command not found" ;;
-    5) why="no tests collected" ;;
-    not-run*) why=${2#not-run: } ;;
-    *) why="failed, exit code $2 (see its output above)" ;;
-  esac
-  if [ "$2" != 0 ]; then status=1; echo "STEP FAILED: $1: $why"; fi
-  summary+=("$(printf '%-58s %5ss  %s' "$1" "$3" "$why")")
-}
-step() {  # step NAME TIMEOUT COMMAND...: runs it under its timeout, records the outcome, never stops
-  local name=$1 limit=$2 begin rc
-  shift 2
-  begin=$(date +%s)
-  elapsed "$name (timeout ${limit}s)"
-  timeout "$limit" "$@"
-  rc=$?
-  record "$name" "$rc" "$(( $(date +%s) - begin ))" "$limit"
-}
 xdist=()
 "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 4)  # the tests' Triton compiles in parallel
 rm -f "$OUT/bench.csv"
@@ -195,6 +205,7 @@ git rev-parse HEAD 2>/dev/null || echo "commit: see benchmarks/results (no .git 
 
 elapsed "building the CUDA extension in the background: ${BUILD[*]}"
 build_begin=$(date +%s)
+rm -f "$OUT/build.rc"
 ( timeout "$T_BUILD" "${BUILD[@]}" > "$OUT/build.log" 2>&1; echo $? > "$OUT/build.rc" ) &
 build_pid=$!
 
@@ -203,7 +214,8 @@ step "Triton tests on CUDA" "$T_TRITON_TESTS" "$PYTHON" -m pytest -q -p no:cache
 step "benchmarks ($preset): Triton, reference, baselines" "$T_BENCH" "$PYTHON" "${BENCH_MAIN[@]}" --out "$OUT/bench.csv"
 
 wait "$build_pid"
-record "CUDA extension build (background)" "$(cat "$OUT/build.rc")" "$(( $(date +%s) - build_begin ))" "$T_BUILD"
+record "CUDA extension build (background)" "$(cat "$OUT/build.rc" 2>/dev/null || echo "not-run: no exit code")" \
+  "$(( $(date +%s) - build_begin ))" "$T_BUILD"
 tail -n 5 "$OUT/build.log"
 if [ "$(cat "$OUT/build.rc")" = 0 ] && cp "$BUILD_LIB"/ntl_fast/_C*.so ntl_fast/; then
   "$PYTHON" -c 'import ntl_fast.cpp as c; print("ntl_fast._C CUDA kernels:", c.unsupported_reason("cuda") or "registered")'

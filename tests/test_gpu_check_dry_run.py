@@ -21,7 +21,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert "gpu_check --dry-run: ok" in result.stdout
     assert "DRY-RUN FAILED" not in result.stdout
     for check in ("step timeouts within", "GPU test selection collects", "benchmark calls set up",
-                  "baseline wheels"):
+                  "baseline wheels", "steps report their outcome"):
         assert f"dry-run ok: {check}" in result.stdout
     # every benchmark call of the GPU run wrote rows, the Triton provider among them
     with open(tmp_path / "bench.csv") as handle:
