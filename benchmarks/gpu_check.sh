@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of everything that has landed, in one command for a short device lease: each timed
+# The GPU check of everything that has landed, in one command for a short GPU session: each timed
 # step below has a timeout, and in the worst case they add up to at most BUDGET_S = 270 s.
 #   - installs the baselines' wheels carried in .whl/ (make wheels: benchmarks/baseline_wheels.txt),
 #   - builds the CUDA extension in the background (csrc/, torch-free .cu files + ninja),
@@ -38,7 +38,7 @@ BUDGET_S=270
 T_WHEELS=10 T_TRITON_TESTS=55 T_BENCH=50 T_BUILD=105 T_CPP_TESTS=25 T_CPP_BENCH=20 T_LINEAR=15
 T_SANITIZER=15  # each of memcheck, racecheck, synccheck
 T_EXTRA=45      # reserved for one more timed step (see EXTRA STEP below)
-[ "$preset" = full ] && T_BENCH=1800 T_CPP_BENCH=600  # the full sweep does not fit a lease's budget
+[ "$preset" = full ] && T_BENCH=1800 T_CPP_BENCH=600  # the full sweep does not fit the budget
 worst_case=$(( T_WHEELS + (T_BUILD > T_TRITON_TESTS + T_BENCH ? T_BUILD : T_TRITON_TESTS + T_BENCH)
                + T_CPP_TESTS + T_CPP_BENCH + T_LINEAR + 3 * T_SANITIZER + T_EXTRA ))
 

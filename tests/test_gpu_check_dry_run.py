@@ -1,7 +1,7 @@
 """benchmarks/gpu_check.sh --dry-run: the GPU check's logic on this machine, so it cannot rot unseen.
 
 The dry run collects the GPU test selection, sets up every benchmark call on tiny CPU tensors,
-checks the step timeouts against the lease budget and the baseline wheels (see the script).
+checks the step timeouts against the time budget and the baseline wheels (see the script).
 """
 
 import os
