@@ -217,7 +217,7 @@ wait "$build_pid"
 record "CUDA extension build (background)" "$(cat "$OUT/build.rc" 2>/dev/null || echo "not-run: no exit code")" \
   "$(( $(date +%s) - build_begin ))" "$T_BUILD"
 tail -n 5 "$OUT/build.log"
-if [ "$(cat "$OUT/build.rc")" = 0 ] && cp "$BUILD_LIB"/ntl_fast/_C*.so ntl_fast/; then
+if [ "$(cat "$OUT/build.rc" 2>/dev/null)" = 0 ] && cp "$BUILD_LIB"/ntl_fast/_C*.so ntl_fast/; then
   "$PYTHON" -c 'import ntl_fast.cpp as c; print("ntl_fast._C CUDA kernels:", c.unsupported_reason("cuda") or "registered")'
   step "CUDA extension tests" "$T_CPP_TESTS" "$PYTHON" -m pytest -q -p no:cacheprovider "${CPP_TESTS[@]}" \
     --junitxml="$OUT/junit_cpp.xml"
