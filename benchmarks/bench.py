@@ -20,6 +20,12 @@ of the gradient when a backward runs, at the device-to-device copy rate measured
     python benchmarks/bench.py --preset gpu-check --out benchmarks/results/gpu.csv
     python benchmarks/bench.py --preset cpu --cpu-memory --out benchmarks/results/cpu.csv
     python benchmarks/bench.py --preset full          # the full sweep (GPU)
+    python benchmarks/bench.py --summarize results.csv  # the table of multiples of a run
+
+``--dry-run`` runs a preset's argument parsing and set-up (providers, inputs, modes, floors, CSV)
+once on tiny CPU tensors, a nominal bandwidth and no timing worth reading: what
+``benchmarks/gpu_check.sh --dry-run`` checks on a machine without a GPU (set TRITON_INTERPRET=1
+for the Triton provider). Exit status 1 when any measurement failed.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NTL_WEIGHT = 0.3
 FIRST_DIGIT_ID = 15  # where a T5-like vocabulary keeps its digits; any ids would do
 LINEAR_OPS = ("linear_ce_ntl", "matmul_ce_ntl")
+# --dry-run: rows, vocabulary cap (above the digits' ids), hidden size, a nominal copy rate (B/s)
+DRY_RUN_M, DRY_RUN_V, DRY_RUN_H, DRY_RUN_BANDWIDTH = 16, 96, 32, 1e12
 PRESETS = {
     # what benchmarks/gpu_check.sh runs (the cpp provider separately, once its CUDA build is done)
     "gpu-check": dict(ops=["ce_ntl", "ntl", "ce"], M=[16384], V=[32128, 128256], dtypes=["bf16"],
@@ -367,11 +375,17 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--cpu-memory", action="store_true", help="measure CPU peak memory (a process each)")
     parser.add_argument("--out", default=None, help="CSV file to append to")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the preset's set-up once on tiny CPU tensors (see the module's docstring)")
+    parser.add_argument("--summarize", metavar="CSV", help="print the table of multiples of a results CSV")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
         memory_probe(json.loads(args.memory_probe))
-        return
+        return 0
+    if args.summarize:
+        print_summary(read_rows(args.summarize))
+        return 0
     preset = PRESETS[args.preset or ("gpu-check" if args.device == "cuda" else "cpu")]
     ops = args.ops or preset["ops"]
     providers = args.providers or preset["providers"]
@@ -381,9 +395,13 @@ def main(argv=None) -> None:
     hidden_size = args.H or preset.get("H", 1024)
     device = args.device
     repeats = args.repeats or (20 if device == "cuda" else 5)
-    bandwidth = copy_bandwidth(device) if device == "cuda" else None
+    warmup = 2 if device == "cpu" else 5
+    if args.dry_run:
+        device, repeats, warmup, args.cpu_memory = "cpu", 1, 0, False
+        sizes_m, sizes_v, hidden_size = [DRY_RUN_M], sorted({min(V, DRY_RUN_V) for V in sizes_v}), DRY_RUN_H
+    bandwidth = copy_bandwidth(device) if device == "cuda" else (DRY_RUN_BANDWIDTH if args.dry_run else None)
     if bandwidth:
-        print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s")
+        print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s" + (" (nominal: dry run)" if args.dry_run else ""))
     triton_version = "none"
     try:
         import triton
@@ -391,6 +409,7 @@ def main(argv=None) -> None:
     except ImportError:
         pass
     rows: List[Row] = []
+    failures = 0
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     for V in sizes_v:
         for M in sizes_m:
@@ -408,11 +427,13 @@ def main(argv=None) -> None:
                     for provider in providers:
                         function = build_provider(provider, op, V, device)
                         if function is None:
+                            if args.dry_run:
+                                print(f"  {op}/{provider}: skipped (not provided, or not on CPU)")
                             continue
                         for mode in modes:
                             try:
                                 run = mode_runner(function, inputs, labels, mode)
-                                median, p20, p80 = _time(run, device, repeats, warmup=2 if device == "cpu" else 5)
+                                median, p20, p80 = _time(run, device, repeats, warmup=warmup)
                                 if device == "cuda":
                                     peak = peak_memory_cuda(run)
                                 elif args.cpu_memory:
@@ -422,6 +443,7 @@ def main(argv=None) -> None:
                             except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
                                 print(f"  {op}/{provider}/{mode} M={M} V={V} {dtype_name} failed: {error}",
                                       file=sys.stderr)
+                                failures += 1
                                 if device == "cuda":
                                     torch.cuda.empty_cache()
                                 continue
@@ -449,6 +471,9 @@ def main(argv=None) -> None:
                 writer.writerow(row.__dict__)
         print(f"appended {len(rows)} rows to {args.out}")
     print_ratios(rows)
+    if failures:
+        print(f"{failures} measurements failed (messages above)", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def print_ratios(rows: List[Row]) -> None:
@@ -480,5 +505,55 @@ def print_ratios(rows: List[Row]) -> None:
         print("\n".join(["", "ratios (same run):"] + lines))
 
 
+def read_rows(path: str) -> List[Row]:
+    """The rows of a results CSV, numbers parsed (empty fields become None)."""
+    fields = Row.__dataclass_fields__
+    rows = []
+    with open(path, newline="") as handle:
+        for raw in csv.DictReader(handle):
+            values = {}
+            for name, field in fields.items():
+                text = raw.get(name, "")
+                kind = str(field.type)
+                if text in ("", "None"):
+                    values[name] = None
+                elif "int" in kind:
+                    values[name] = int(text)
+                elif "float" in kind:
+                    values[name] = float(text)
+                else:
+                    values[name] = text
+            rows.append(Row(**values))
+    return rows
+
+
+# the summary's baseline columns: for each operation, the (op, provider) it is divided by
+# (provider None: the row's own provider)
+BASELINE_COLUMNS = [
+    ("x ntloss", {"ce_ntl": ("ce_ntl", "ntloss"), "ntl": ("ntl", "ntloss")}),
+    ("x liger+ntloss", {"ce_ntl": ("ce_ntl", "liger-ce+ntloss")}),
+    ("x torch-ce", {"ce_ntl": ("ce", "torch-ce")}),
+    ("x liger-ce", {"ce_ntl": ("ce", "liger-ce")}),
+    ("x materialised", {"linear_ce_ntl": ("matmul_ce_ntl", None)}),
+]
+
+
+def print_summary(rows: List[Row]) -> None:
+    """Each measurement as a multiple of the bandwidth floor and of each baseline's time (< 1: faster)."""
+    index = {(r.op, r.provider, r.mode, r.M, r.V, r.dtype): r.median_ms for r in rows}
+    print(f"{'op':14s} {'provider':16s} {'mode':4s} {'M':>6s} {'V':>6s} {'dtype':5s} {'ms':>9s} {'x floor':>9s}"
+          + "".join(f" {label:>14s}" for label, _ in BASELINE_COLUMNS))
+    for r in rows:
+        cells = []
+        for _, by_op in BASELINE_COLUMNS:
+            op, provider = by_op.get(r.op, (None, None))
+            other = index.get((op, provider or r.provider, r.mode, r.M, r.V, r.dtype)) if op else None
+            same = (op, provider) == (r.op, r.provider)
+            cells.append(f" {r.median_ms / other:14.3g}" if other and not same else " " * 15)
+        floor = f"{r.x_floor:9.3g}" if r.x_floor else " " * 9
+        print(f"{r.op:14s} {r.provider:16s} {r.mode:4s} {r.M:6d} {r.V:6d} {r.dtype:5s} {r.median_ms:9.3f} {floor}"
+              + "".join(cells))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -36,9 +36,11 @@ if [ "${1:-}" = "--plumbing" ]; then
   printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
   includes=(-isystem "$cuda_include" -isystem "$py_include")
   for dir in $torch_include; do includes+=(-isystem "$dir"); done
-  while IFS= read -r src; do
+  mapfile -t plumbing < <(find csrc -name '*_cuda.cpp' | sort)
+  [ "${#plumbing[@]}" -gt 0 ] || { echo "check_cuda_compile: no *_cuda.cpp files under csrc/" >&2; exit 2; }
+  for src in "${plumbing[@]}"; do
     start=$(date +%s)
     ${CXX:-g++} -std=c++20 -fsyntax-only -Wall "${includes[@]}" -I"$out/stub" "$src"
     echo "ok  $src  (syntax, host compiler)  $(( $(date +%s) - start ))s"
-  done < <(find csrc -name '*_cuda.cpp' | sort)
+  done
 fi
