@@ -110,7 +110,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                           "quick: seconds, for tests; paper: add_sub_multiple at T5-small size, for a GPU")
     run.add_argument("--quick", action="store_true", help="the 'quick' preset")
     run.add_argument("--smoke", action="store_true",
-                     help=f"throughput and memory check: train at most {SMOKE_SECONDS:.0f} s (or --max-steps steps),\n"
+                     help=f"throughput and memory check: train {SMOKE_SECONDS:.0f} s (or exactly --max-steps steps),\n"
                           "print steps/s, peak memory and the first and last loss, write OUTPUT_DIR/smoke.json")
     run.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
                      help="loss variants, trained on the same data, initial weights and budget")
@@ -565,17 +565,18 @@ def smoke(args: argparse.Namespace) -> Dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     variant = args.variants[-1]
+    # a short warm-up, so that the loss moves within the few hundred steps of a smoke test
     training_args = training_arguments(args, os.path.join(args.output_dir, "smoke"), seed, steps,
-                                       logging_steps=1, save_strategy="no")
+                                       logging_steps=1, save_strategy="no", warmup_steps=min(args.warmup_steps, 10))
     trainer = make_trainer(args, variant, args.ntl_weight[0], model, tokenizer, table, encode(tokenizer, data.train),
                            training_args)
-    timer = _StopAfter(SMOKE_SECONDS)
+    timer = _StopAfter(math.inf if args.max_steps_given else SMOKE_SECONDS)
     trainer.add_callback(timer)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     done = len(timer.step_ends)
     # the first step holds the one-off costs (allocation, kernel compilation): timed from its end
-    rate = (done - 1) / (timer.step_ends[-1] - timer.step_ends[0]) if done > 1 else float("nan")
+    rate = (done - 1) / (timer.step_ends[-1] - timer.step_ends[0]) if done > 1 else None
     if cuda:
         peak, kind = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
     else:
@@ -591,7 +592,7 @@ def smoke(args: argparse.Namespace) -> Dict[str, Any]:
     with open(os.path.join(args.output_dir, "smoke.json"), "w") as handle:
         json.dump(result, handle, indent=1)
     print(f"smoke ({args.preset}, {variant}, {result['parameters'] / 1e6:.1f}M parameters, {result['device']}): "
-          f"{done} steps in {result['seconds']} s, {rate:.2f} steps/s after the first, peak memory "
+          f"{done} steps in {result['seconds']} s, {rate or float('nan'):.2f} steps/s after the first, peak memory "
           f"{peak / 2**30:.2f} GiB ({kind}), loss {result['first_loss']} -> {result['last_loss']}")
     return result
 
