@@ -270,6 +270,14 @@ def test_every_variant_trains_and_resumes(tmp_path, capsys):
     first_run = [entry for entry in results[("ntl-was", 1)]["log_history"] if "loss" in entry]
     assert losses[:2] == first_run
 
+    # --summarise trains nothing and reports what has finished, as partial when runs are missing
+    (out / "results.md").unlink()
+    summarised = train.main(common[:-1] + ["1", "2", "--variants", "ce", "ntl-was", "--summarise"])
+    assert sorted((r["label"], r["seed"]) for r in summarised["runs"]) == [("ce", 1), ("ntl-was", 1)]
+    assert not (out / "ce" / "seed2").exists()
+    table = (out / "results.md").read_text()
+    assert "partial: 2 of 4 runs finished" in table and "seeds 1;" in table
+
 
 def _comparable(run):
     """What must not change between two runs of the same seed (timings may), as JSON (NaN == NaN)."""

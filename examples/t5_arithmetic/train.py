@@ -119,6 +119,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run.add_argument("--output_dir", "--out", dest="output_dir", help="everything a run writes goes here")
     run.add_argument("--resume", action="store_true",
                      help="reuse finished runs and resume the others from their last checkpoint")
+    run.add_argument("--summarise", action="store_true",
+                     help="train nothing: write the tables from the runs of OUTPUT_DIR that have finished\n"
+                          "(e.g. of a study stopped early), marked as partial when some are missing")
     run.add_argument("--workers", type=int, help="runs trained side by side, each in its own process")
     run.add_argument("--threads", type=int,
                      help="torch threads per run (0 = torch's default). The CPU presets use 1 thread and 2\n"
@@ -399,7 +402,7 @@ def worker(spec_path: str) -> None:
 COLUMNS = [("accuracy", "accuracy", "pct"), ("within ±1", "within_1", "pct"), ("within 10%", "within_10pct", "pct"),
            ("median AE", "median_ae", "num"), ("MAE", "mae", "num"), ("runaway", "runaway", "num"),
            ("no number", "no_number", "num")]
-DIFFERENCES = [("accuracy", "accuracy", "pct"), ("within 10%", "within_10pct", "pct"), ("median AE", "median_ae", "num")]
+DIFFERENCES = [("accuracy", "accuracy", "pct"), ("within 10%", "within_10pct", "pct"), ("MAE", "mae", "num")]
 LEARNT = 0.05  # a split with no variant's mean accuracy above this is reported as not learnt
 
 
@@ -450,6 +453,8 @@ def summarise(results: List[Dict[str, Any]], baselines: Dict[int, Dict[str, Dict
 
 def _interval(value: Dict[str, float], kind: str) -> str:
     scale, unit = (100.0, " points") if kind == "pct" else (1.0, "")
+    if math.isnan(value["mean"]):
+        return "-"
     if math.isnan(value["low"]):
         return f"{value['mean'] * scale:+.3g}{unit} (one seed: no interval)"
     return f"{value['mean'] * scale:+.1f}{unit} [{value['low'] * scale:+.1f}, {value['high'] * scale:+.1f}]" \
@@ -512,7 +517,7 @@ def plot(results: List[Dict[str, Any]], summary: Dict[str, Any], path: str, titl
 
     labels = summary["labels"]
     panels = [("accuracy", "accuracy", 100.0), ("within 10% of the truth", "within_10pct", 100.0),
-              ("median absolute error", "median_ae", 1.0)]
+              ("MAE (generation capped)", "mae", 1.0)]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.9))
     for axis, (name, key, scale) in zip(axes, panels):
         for index, label in enumerate(labels):
@@ -617,9 +622,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     os.makedirs(args.output_dir, exist_ok=True)
     print(f"data: {args.task}, {args.train_size} train / {args.test_size} per test split, seeds {args.seeds}")
     baselines = {seed: baseline(load_data(args, seed)) for seed in args.seeds}  # generates and caches the data
+    if args.summarise:
+        args.resume = True  # the tokenizer of the runs, not a new one
     tokenizer = prepare_tokenizer(args, load_data(args, args.seeds[0]))
-    with open(os.path.join(args.output_dir, "run_config.json"), "w") as handle:
-        json.dump(vars(args), handle, indent=1)
+    if not args.summarise:
+        with open(os.path.join(args.output_dir, "run_config.json"), "w") as handle:
+            json.dump(vars(args), handle, indent=1)
     # seed-major order: whatever has finished when a long study is stopped covers whole seeds
     jobs: List[Tuple[str, float, int]] = []
     for seed in args.seeds:
@@ -637,7 +645,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     )
     headline = run_label(args, "ntl-was", args.ntl_weight[0]) if "ntl-was" in args.variants else ""
 
-    def write(result: Dict[str, Any]) -> None:
+    def write(result: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], Dict[str, Any], str]:
+        """Add a finished run and rewrite the tables: a long study stopped early keeps its results."""
         results.append(result)
         print(f"[{result['label']} seed {result['seed']}] interpolate accuracy "
               f"{result['metrics']['interpolate']['accuracy']:.1%} (train {result['train_seconds']} s, "
@@ -646,22 +655,35 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         summary = summarise(ordered, {s: baselines[s] for s in sorted({r["seed"] for r in ordered})})
         text = report(summary, headline)
         complete = len(results) == len(jobs)
-        status = "" if complete else f" (partial: {len(results)} of {len(jobs)} runs finished)"
-        heading = (f"{describe}; {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), "
-                   f"wall time {time.time() - started:.0f} s{status}")
+        seeds = sorted({r["seed"] for r in ordered})
+        status = "" if complete else (f" (partial: {len(results)} of {len(jobs)} runs finished; "
+                                      f"runs per variant in the 'seeds' column)")
+        timing = "summarised from the finished runs" if args.summarise else f"wall time {time.time() - started:.0f} s"
+        heading = f"{describe}; seeds {', '.join(map(str, seeds))}; {timing}{status}"
         with open(os.path.join(args.output_dir, "results.md"), "w") as handle:
             handle.write(heading + "\n\n" + text + "\n")
         with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
             json.dump({"description": heading, "complete": complete, "summary": summary,
                        "runs": [{k: v for k, v in r.items() if k != "log_history"} for r in ordered]},
                       handle, indent=1)
-        if complete:
-            plot(ordered, summary, os.path.join(args.output_dir, "results.png"),
-                 f"T5 on {args.task}, interpolate split: {len(args.seeds)} seeds per variant")
-            print("\n" + heading + "\n\n" + text)
-            print(f"\nwritten: {args.output_dir}/results.md, results.json, results.png")
+        return ordered, summary, heading + "\n\n" + text
 
-    run_all(args, jobs, write)
+    if args.summarise:
+        finished = [job for job in jobs if os.path.exists(os.path.join(run_folder(args, *job), "metrics.json"))]
+        if not finished:
+            raise FileNotFoundError(f"no finished run under {args.output_dir}")
+        for job in finished:
+            with open(os.path.join(run_folder(args, *job), "metrics.json")) as handle:
+                last = write(json.load(handle))
+    else:
+        outputs: List[Any] = []
+        run_all(args, jobs, lambda result: outputs.append(write(result)))
+        last = outputs[-1]
+    ordered, summary, text = last
+    plot(ordered, summary, os.path.join(args.output_dir, "results.png"),
+         f"T5 on {args.task}, interpolate split: every seed and the mean ± sd")
+    print("\n" + text)
+    print(f"\nwritten: {args.output_dir}/results.md, results.json, results.png")
     return {"runs": results}
 
 
