@@ -528,9 +528,9 @@ def plot(results: List[Dict[str, Any]], summary: Dict[str, Any], path: str, titl
             axis.errorbar([index + 0.3], [stat["mean"] * scale], yerr=[0 if math.isnan(stat["sd"]) else stat["sd"] * scale],
                           fmt="o", color="tab:blue", capsize=4, zorder=3, label="mean ± sd" if index == 0 else None)
         axis.set_xticks(range(len(labels)), labels, rotation=25, ha="right")
-        axis.set_title(name + (" (%)" if scale == 100.0 else ", log scale"))
-        if scale != 100.0:
-            axis.set_yscale("log")  # one variant's runaway answers would flatten all the others
+        axis.set_title(name + (" (%)" if scale == 100.0 else ", log scale above 1"))
+        if scale != 100.0:  # one variant's runaway answers would flatten all the others
+            axis.set_yscale("symlog", linthresh=1.0)
     axes[0].legend(fontsize=8)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
