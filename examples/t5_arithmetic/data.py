@@ -1,7 +1,7 @@
 """Arithmetic question/answer data: DeepMind's generator (offline, seeded, cached) or released files.
 
 Every split is stored in the format of the released ``mathematics_dataset-v1.0`` text files: a
-question line followed by its answer line. Two tasks:
+question line followed by its answer line. The tasks:
 
 - ``add_sub_multiple`` (the paper's): train = ``train-*/arithmetic__add_sub_multiple``
   (entropy 3-10), interpolate = ``interpolate/arithmetic__add_sub_multiple`` (entropy 8),
@@ -9,6 +9,10 @@ question line followed by its answer line. Two tasks:
 - ``add_or_sub_small`` (the CPU demo's): two-operand ``add_or_sub`` at entropy 1-3 (small
   integers and decimals, e.g. ``What is -12 - 11?``, ``0.3 + 7``) for train and interpolate; its
   extrapolate split draws from entropy 4-5 (longer operands than most in training).
+
+- the integer tasks in ``INTEGER_TASKS`` (the CPU demo's), generated directly from a seeded
+  ``numpy`` generator: ``What is 347 - 6?``, the first operand up to a given size, the second
+  smaller; the extrapolate split's first operand has one digit more than any in training.
 
 Interpolate and extrapolate questions that also occur in the training set are removed.
 """
@@ -41,7 +45,11 @@ RELEASED_FILES = {
         "extrapolate/arithmetic__add_or_sub_big.txt",
     ),
 }
-TASKS = ("add_or_sub_small", "add_sub_multiple")
+# name: (largest first operand, largest second operand) of ``a + b`` / ``a - b`` questions, the
+# operands uniform on [0, largest]. The extrapolate split's first operand is uniform on
+# (largest, 10·largest], one digit longer.
+INTEGER_TASKS = {"add_sub_3by1": (999, 9), "add_sub_3by2": (999, 99), "add_sub_2by2": (99, 99)}
+TASKS = ("add_or_sub_small", "add_sub_multiple") + tuple(INTEGER_TASKS)
 
 
 @dataclass
@@ -106,8 +114,23 @@ def _entropy_level(level: int, levels: int) -> Callable:
     return restrict
 
 
+def _integer_pairs(task: str, count: int, rng: np.random.Generator, longer: bool) -> Pairs:
+    first_max, second_max = INTEGER_TASKS[task]
+    low = first_max + 1 if longer else 0
+    high = 10 * first_max + 10 if longer else first_max + 1
+    firsts = rng.integers(low, high, count)
+    seconds = rng.integers(0, second_max + 1, count)
+    minus = rng.integers(0, 2, count).astype(bool)
+    return [
+        (f"What is {a} {'-' if m else '+'} {b}?", str(a - b if m else a + b))
+        for a, b, m in zip(firsts.tolist(), seconds.tolist(), minus.tolist())
+    ]
+
+
 def generate(task: str, sizes: Dict[str, int], seed: int) -> ArithmeticData:
-    """Generate the three splits with DeepMind's generator; the same seed gives the same data."""
+    """Generate the three splits; the same seed gives the same data."""
+    if task in INTEGER_TASKS:
+        return _generate_integer(task, sizes, seed)
     _, _, settings = _import_generator()
     modules = _modules(task)
     random.seed(seed)
@@ -129,6 +152,24 @@ def generate(task: str, sizes: Dict[str, int], seed: int) -> ArithmeticData:
         else:
             raise ValueError(f"{task}: too few {name} questions that are not in the training set")
         splits[name] = pairs
+    return ArithmeticData(**splits)
+
+
+def _generate_integer(task: str, sizes: Dict[str, int], seed: int) -> ArithmeticData:
+    rng = np.random.default_rng(seed)
+    train = _integer_pairs(task, sizes["train"], rng, longer=False)
+    seen = {question for question, _ in train}
+    splits = {"train": train}
+    for name in ("interpolate", "extrapolate"):
+        pairs: Pairs = []
+        for _ in range(100):
+            if len(pairs) >= sizes[name]:
+                break
+            fresh = _integer_pairs(task, sizes[name], rng, longer=name == "extrapolate")
+            pairs += [p for p in fresh if p[0] not in seen]
+        else:
+            raise ValueError(f"{task}: too few {name} questions that are not in the training set")
+        splits[name] = pairs[: sizes[name]]
     return ArithmeticData(**splits)
 
 

@@ -1,9 +1,11 @@
 """The paper's evaluation: the last number of each generated answer against the true value.
 
-Accuracy counts exact values (an output without a number is wrong). MAE, median absolute error
-and R² are over the outputs that hold a number; how many do not is reported beside them, and so
-is the count of *runaway* outputs (generation that never emitted end-of-sequence), because a
-few runaway digit strings dominate MAE.
+Accuracy and the shares of answers within ±1 and within 10% of the truth count every example (an
+output without a number is wrong). MAE, median absolute error and R² are over the outputs that
+hold a number; how many do not is reported beside them, and so is the count of *runaway*
+outputs (generation that never emitted end-of-sequence before its length cap). A few runaway
+digit strings would dominate MAE and R²: the caller caps generation at the answers' plausible
+length, so a runaway's error stays of the answers' own order.
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ def number_metrics(
     targets: Sequence[str],
     runaway: Optional[Sequence[bool]] = None,
 ) -> Dict[str, float]:
-    """Accuracy, MAE, median absolute error and R² of the last numbers of ``predictions``."""
+    """Accuracy, within-±1 and within-10% shares, MAE, median absolute error and R² of the last
+    numbers of ``predictions`` (within 10%: ``|guess - truth| <= 0.1·|truth|``, exact for 0)."""
     if len(predictions) != len(targets):
         raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
     if not targets:
         raise ValueError("no examples to score")
     truths: List[float] = []
     guesses: List[float] = []
-    correct = 0
+    correct = within_one = within_tenth = 0
     for prediction, target in zip(predictions, targets):
         truth = last_number(target)
         if truth is None:
@@ -46,12 +49,17 @@ def number_metrics(
             continue
         truths.append(truth)
         guesses.append(guess)
-        correct += math.isclose(guess, truth, rel_tol=0.0, abs_tol=1e-9)
+        error = abs(guess - truth)
+        correct += error <= 1e-9
+        within_one += error <= 1.0 + 1e-9
+        within_tenth += error <= 0.1 * abs(truth) + 1e-9
     errors = sorted(abs(g - t) for g, t in zip(guesses, truths))
     count = len(errors)
     metrics = {
         "n": len(targets),
         "accuracy": correct / len(targets),
+        "within_1": within_one / len(targets),
+        "within_10pct": within_tenth / len(targets),
         "mae": sum(errors) / count if count else float("nan"),
         "median_ae": _median(errors) if count else float("nan"),
         "r2": _r2(guesses, truths) if count else float("nan"),
