@@ -98,7 +98,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         workers=1, variants=["ce", "ntl-was"], seeds=[42], ntl_weight=[0.3], output_dir="runs/t5_paper",
     ),
 }
-SMOKE_SECONDS = 40.0  # --smoke trains this long at most (or --max-steps steps, whichever comes first)
+SMOKE_SECONDS = 25.0  # --smoke trains this long at most (or --max-steps steps, whichever comes first)
 SPLITS = ("interpolate", "extrapolate")
 
 
