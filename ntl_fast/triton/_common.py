@@ -11,6 +11,7 @@ logits) loss outputs, passed to the helpers as ``acc_ptr``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -37,11 +38,28 @@ CUDA_BLOCK_V = 4096
 CUDA_NUM_WARPS = 8
 CUDA_NUMBER_TILE = 2048  # rows x BLOCK_K elements per program of the number-token-only kernel
 
+# Which settings launches take: the interpreter's, or a CUDA launch's. Tests switch to "cuda"
+# under the interpreter (use_launch_settings) to run the exact tiling a GPU runs.
+_launch_profile = "interpret" if INTERPRET else "cuda"
+
+
+@contextlib.contextmanager
+def use_launch_settings(profile: str):
+    """Launch with ``profile`` ("interpret" or "cuda") settings inside the ``with`` block."""
+    global _launch_profile
+    if profile not in ("interpret", "cuda"):
+        raise ValueError(f"profile must be 'interpret' or 'cuda', got {profile!r}")
+    previous, _launch_profile = _launch_profile, profile
+    try:
+        yield
+    finally:
+        _launch_profile = previous
+
 
 def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: bool) -> dict:
     """``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K`` and ``num_warps`` for one launch (shapes only)."""
     block_k = triton.next_power_of_2(num_numbers)
-    if INTERPRET:
+    if _launch_profile == "interpret":
         block_v = min(INTERPRET_BLOCK_V, triton.next_power_of_2(vocab_size))
         return dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=1)
     block_v = min(CUDA_BLOCK_V, triton.next_power_of_2(vocab_size))
@@ -52,9 +70,10 @@ def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: 
     return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=4)
 
 
-def table_tensors(table: NumberTokenTable) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def table_tensors(table: NumberTokenTable) -> Tuple[Tensor, ...]:
     """The table's tensors the kernels read, in the order the ops take them."""
-    return table.number_ids, table.number_values, table.number_index, table.value_order, table.value_rank
+    return (table.number_ids, table.number_values, table.number_index, table.value_order,
+            table.value_rank, table.is_number)
 
 
 def loss_options(config: LossConfig, table: NumberTokenTable):
@@ -108,16 +127,19 @@ def row_block(M, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def row_labels(labels_ptr, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V, ignore_index):
+def row_labels(labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V,
+               ignore_index):
     """Classify each row's label (NTL_SPEC §2, §4); a bad label never indexes memory.
 
     Returns ``(label, in_range, bad, valid, rank, y)``: the label clamped into ``[0, V)``; whether
     it counts for CE; whether it is neither in range nor ignore_index; whether the row is
     NTL-valid; the label's position among the number tokens sorted by value; its value.
+    ``ignore_index`` may lie inside ``[0, V)``: such labels are ignored, not scored.
     """
-    label = tl.load(labels_ptr + rows).to(tl.int64)
-    in_range = (label >= 0) & (label < V)
-    bad = (label != ignore_index) & ((label < 0) | (label >= V))
+    label = tl.load(labels_ptr + rows * stride_label).to(tl.int64)
+    ignored = label == ignore_index
+    in_range = (label >= 0) & (label < V) & (ignored == 0)
+    bad = (ignored == 0) & ((label < 0) | (label >= V))
     label = tl.where(in_range, label, 0)
     number = tl.load(number_index_ptr + label)
     valid = in_range & (number >= 0)
@@ -128,23 +150,54 @@ def row_labels(labels_ptr, number_index_ptr, value_rank_ptr, number_values_ptr, 
 
 
 @triton.jit
-def row_logsumexp(row_ptrs, V, acc_ptr, BLOCK_V: tl.constexpr):
-    """``LSE_V`` of each row by an online max / sum over BLOCK_V chunks (one read of the row)."""
+def finite_or_zero(x):
+    """``x`` where finite, else 0: the shift that keeps an all ``-inf`` block at ``exp(-inf) = 0``
+    instead of ``exp(-inf - (-inf)) = NaN`` (an ``inf``/NaN row stays non-finite through its sum)."""
+    return tl.where((x > float("-inf")) & (x < float("inf")), x, 0.0)
+
+
+@triton.jit
+def scaled(upstream, term):
+    """``upstream * term``, exactly 0 where ``upstream == 0``: rows that do not count (ignored,
+    zero weight, no NTL label) get a zero gradient even when their logits are inf or NaN."""
+    return tl.where(upstream == 0, 0.0, upstream * term)
+
+
+@triton.jit
+def row_logsumexp(row_ptrs, V, is_number_ptr, acc_ptr, BLOCK_V: tl.constexpr, TEXT: tl.constexpr):
+    """Row statistics by an online max / sum over BLOCK_V chunks (one read of the row).
+
+    Returns ``(shift, log_sum, log_text)``: the row max (0 where not finite), ``log Σ_k exp(z_k -
+    shift)`` (so ``LSE_V = shift + log_sum``) and, with TEXT, the same sum over the non-number
+    tokens only (``1 - m = exp(log_text - log_sum)`` without cancellation, NTL_SPEC §2.4).
+    Callers form ``(z - shift) - log_sum``, never ``z - LSE_V``: a rounded LSE_V of large
+    magnitude would cost the shift invariance of §4.
+    """
     cols = tl.arange(0, BLOCK_V)
     x = tl.load(row_ptrs[:, None] + cols[None, :], mask=(cols < V)[None, :], other=float("-inf"))
     x = x.to(acc_ptr.dtype.element_ty)
     running_max = tl.max(x, axis=1)
-    running_sum = tl.sum(tl.exp(x - running_max[:, None]), axis=1)
+    e = tl.exp(x - finite_or_zero(running_max)[:, None])
+    running_sum = tl.sum(e, axis=1)
+    if TEXT:
+        is_text = tl.load(is_number_ptr + cols, mask=cols < V, other=1) == 0
+        running_text = tl.sum(tl.where(is_text[None, :], e, 0.0), axis=1)
+    else:
+        running_text = running_sum
     for start in range(BLOCK_V, V, BLOCK_V):
         c = start + cols
         x = tl.load(row_ptrs[:, None] + c[None, :], mask=(c < V)[None, :], other=float("-inf"))
         x = x.to(acc_ptr.dtype.element_ty)
         new_max = tl.maximum(running_max, tl.max(x, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
-            tl.exp(x - new_max[:, None]), axis=1
-        )
+        shift = finite_or_zero(new_max)
+        alpha = tl.exp(running_max - shift)  # 0 while every earlier logit was -inf
+        e = tl.exp(x - shift[:, None])
+        running_sum = running_sum * alpha + tl.sum(e, axis=1)
+        if TEXT:
+            is_text = tl.load(is_number_ptr + c, mask=c < V, other=1) == 0
+            running_text = running_text * alpha + tl.sum(tl.where(is_text[None, :], e, 0.0), axis=1)
         running_max = new_max
-    return running_max + tl.log(running_sum)
+    return finite_or_zero(running_max), tl.log(running_sum), tl.log(running_text)
 
 
 @triton.jit
@@ -203,8 +256,10 @@ def number_token_terms(
         suffix = tl.sum(slope, axis=1)[:, None] - tl.cumsum(slope, axis=1) + slope
         dloss = q * (suffix - tl.sum(q * suffix, axis=1)[:, None])
     else:  # f(ŷ - y) with f = square, abs or Huber (δ = 1)
-        y_hat = tl.sum(q * values[None, :], axis=1)
-        diff = y_hat - y
+        # ŷ - y as Σ q_j (v_j - y): the label's own term is exactly 0, so a prediction close to y
+        # keeps its relative precision (a rounded ŷ minus y loses ~eps·|v| absolute)
+        offsets = values[None, :] - y[:, None]
+        diff = tl.sum(q * offsets, axis=1)
         sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
         if LOSS == 1:
             loss = diff * diff
@@ -216,21 +271,23 @@ def number_token_terms(
             small = tl.abs(diff) < 1.0
             loss = tl.where(small, 0.5 * diff * diff, tl.abs(diff) - 0.5)
             slope = tl.where(small, diff, sign)
-        dloss = slope[:, None] * q * (values[None, :] - y_hat[:, None])
+        dloss = slope[:, None] * q * (offsets - diff[:, None])
     return lse_n, q, loss, dloss, target
 
 
 @triton.jit
-def store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, V, lse_v, coefficient, BLOCK_V: tl.constexpr):
-    """``grad[k] = coefficient * p_k`` for every column (one read of the row, one write)."""
+def store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, V, shift, log_sum, coefficient,
+                         BLOCK_V: tl.constexpr):
+    """``grad[k] = coefficient * p_k`` for every column (one read of the row, one write), with
+    ``p_k = exp((z_k - shift) - log_sum)``; exactly 0 on rows whose coefficient is 0."""
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         c = start + cols
         col_mask = (c < V)[None, :]
         x = tl.load(row_ptrs[:, None] + c[None, :], mask=col_mask, other=float("-inf"))
-        p = tl.exp(x.to(lse_v.dtype) - lse_v[:, None])
+        p = tl.exp((x.to(log_sum.dtype) - shift[:, None]) - log_sum[:, None])
         tl.store(
             grad_row_ptrs[:, None] + c[None, :],
-            (coefficient[:, None] * p).to(grad_row_ptrs.dtype.element_ty),
+            scaled(coefficient[:, None], p).to(grad_row_ptrs.dtype.element_ty),
             mask=col_mask & row_mask[:, None],
         )
