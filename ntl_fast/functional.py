@@ -73,14 +73,30 @@ def _check_inputs(
     if weights is not None:
         if not isinstance(weights, Tensor):
             raise TypeError(f"weights must be a Tensor or None, got {type(weights).__name__}")
-        if not weights.is_floating_point():
-            raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
+        if weights.is_complex():
+            raise TypeError(f"weights must be a real (float, integer or bool) tensor, got {weights.dtype}")
         if tuple(weights.shape) != tuple(labels.shape):
             raise ValueError(
                 f"weights must have the labels' shape {tuple(labels.shape)}, got {tuple(weights.shape)}"
             )
         if weights.device != logits.device:
             raise ValueError(f"weights are on {weights.device} but logits on {logits.device}")
+
+
+def _float_weights(weights: Optional[Tensor]) -> Optional[Tensor]:
+    """Integer and bool weights (``torch.ones_like(labels)``) as float32; float weights unchanged."""
+    if weights is None or weights.is_floating_point():
+        return weights
+    return weights.to(torch.float32)
+
+
+def _ignore_zero_weight(labels: Tensor, weights: Optional[Tensor], ignore_index: int) -> Tensor:
+    """Labels with every zero-weight position set to ``ignore_index``: such a position counts for
+    nothing, so it gets exactly 0 loss and 0 gradient whatever its logits (even inf or NaN, and
+    an out-of-range label under ``validate=False``). Its weight, 0, adds nothing to a mean."""
+    if weights is None:
+        return labels
+    return torch.where(weights != 0, labels, torch.full_like(labels, ignore_index))
 
 
 def _check_values(labels: Tensor, vocab_size: int, ignore_index: int, weights: Optional[Tensor]) -> None:
@@ -108,6 +124,7 @@ def _prepare(
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Check, shift for causal models, and return ``(logits (M, V), labels (M,), weights (M,))``."""
     _check_inputs(logits, labels, table, weights)
+    weights = _float_weights(weights)
     if shift_labels:
         if logits.dim() < 2 or logits.shape[-2] < 2:
             raise ValueError(
@@ -126,7 +143,7 @@ def _prepare(
     labels = labels.reshape(-1)
     if weights is not None:
         weights = weights.reshape(-1)
-    return logits, labels, weights
+    return logits, _ignore_zero_weight(labels, weights, ignore_index), weights
 
 
 # --------------------------------------------------------------------------------- reductions
@@ -161,7 +178,8 @@ def _reduce(
 
     ``counted`` marks the positions the mean is over; ``rows`` is 0 elsewhere.
     """
-    weighted = rows if weights is None else rows * weights.to(rows.dtype)
+    # a zero weight gives exactly 0 (and a zero gradient), also where the row's loss is NaN
+    weighted = rows if weights is None else torch.where(weights != 0, rows * weights.to(rows.dtype), 0.0)
     if reduction == "none":
         return weighted.view(shape)
     total = weighted.sum()
@@ -310,7 +328,8 @@ def cross_entropy_with_ntl(
     ``inplace=True`` lets a kernel backend write the gradient into the logits' own buffer
     during the backward, saving one logits-sized allocation. Only safe when nothing else reads
     those logits after this loss (no second loss on them, no logging of them after backward);
-    the reference backend ignores it.
+    the reference backend ignores it, and so does every backend when the logits are not one
+    dense block (e.g. expanded: rows sharing memory cannot each hold their own gradient).
     """
     if isinstance(ntl_weight, bool) or not isinstance(ntl_weight, (int, float, Tensor)):
         raise TypeError(f"ntl_weight must be a number, got {ntl_weight!r}")
@@ -323,6 +342,8 @@ def cross_entropy_with_ntl(
     row_table = table.resized(logits2d.shape[-1])
     choice = explain_backend(logits2d.device, backend)
     kernels = get_backend(choice.name)
+    # rows that share memory (expanded logits) cannot each receive their own gradient in place
+    inplace = inplace and logits2d.is_contiguous()
     in_range, _, number_index = reference.label_positions(labels1d, row_table, ignore_index)
     is_number = number_index >= 0
     fused = _fuses_loss_and_grad(kernels, logits2d, reduction, inplace, weights1d, ntl_weight, ce_normalizer,
@@ -372,6 +393,7 @@ def number_level_loss(
     if isinstance(labels, Tensor) and labels.dim() < 1:
         raise ValueError("labels of the number-level loss need a sequence axis (..., T)")
     _check_inputs(logits, labels, table, weights)
+    weights = _float_weights(weights)
     non_digit = (table.number_values != table.number_values.round()) | (table.number_values < 0) | (
         table.number_values > 9
     )

@@ -97,6 +97,8 @@ def number_level_rows(
     number_values = table.number_values.to(dtype)
     # only the K number-token columns are read: ŷ needs nothing else
     number_logits = logits.reshape(batch * length, -1).index_select(1, table.number_ids).to(dtype)
+    # positions that are no digit get exactly a zero gradient, whatever their logits (inf, NaN)
+    number_logits = torch.where(is_digit.reshape(-1, 1), number_logits, torch.zeros_like(number_logits))
     y_hat = expected_value(number_softmax(number_logits), number_values).view(batch, length)
     y = number_values[number_index.clamp_min(0)]
     scale = torch.pow(torch.tensor(10.0, dtype=dtype, device=logits.device), exponent.to(dtype))
