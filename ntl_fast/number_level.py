@@ -86,7 +86,9 @@ def number_level_rows(
     at its first digit (0 elsewhere, NaN at bad labels) and the mask of those first digits.
     Always float32 (float64 for float64 logits), as :func:`ntl_fast.reference.number_level_rows`.
     """
-    dtype = accumulation_dtype(logits.dtype)
+    # float64 inside (B·T·K numbers, nothing next to the logits): near a saturated error, e.g.
+    # Y = 0 where the loss is Ŷ/(Ŷ + ε), float32 cancels a gradient of ~ε/Ŷ² to 0
+    dtype = torch.float64
     batch, length = labels.shape
     _, bad, number_index = label_positions(labels.reshape(-1), table, ignore_index)
     number_index = number_index.view(batch, length)
@@ -114,4 +116,4 @@ def number_level_rows(
     error = (prediction - target).abs() / (prediction.abs() + target.abs() + eps)
     loss = torch.where(first_digit.reshape(-1), error, zero).view(batch, length)
     loss = torch.where(bad.view(batch, length), torch.full_like(loss, float("nan")), loss)
-    return loss, first_digit
+    return loss.to(accumulation_dtype(logits.dtype)), first_digit

@@ -7,6 +7,11 @@ and NaN where a label is out of range (which the public API rejects before getti
 every backend shares them. Gradients come from autograd; the closed forms of NTL_SPEC §2 are
 checked against these functions in the tests.
 
+:func:`ntl_rows` and :func:`ce_ntl_rows` compute in float64 whatever the logits' dtype and return
+float32 (float64 for float64 logits), as the kernels do: the float32 results are then the
+correctly rounded values, also on rows where float32 arithmetic itself is ill-conditioned (a
+reweigh constant in the thousands cancelling against ``m ∂L/∂z``).
+
 Notation (NTL_SPEC §2): ``N`` the number-token ids, ``q`` the softmax over the number tokens,
 ``p`` the softmax over the full vocabulary, ``y`` the label's value, ``ŷ = Σ q_j v_j``.
 """
@@ -167,11 +172,12 @@ def _per_position_ntl(
 def ntl_rows(logits: Tensor, labels: Tensor, table: NumberTokenTable, config: LossConfig) -> Tensor:
     """Per-position NTL: ``(M,)``, 0 off the NTL-valid positions, NaN at bad labels."""
     _, bad, number_index = label_positions(labels, table, config.ignore_index)
-    z = centered(only_rows(logits.to(accumulation_dtype(logits.dtype)), number_index >= 0))
+    z = centered(only_rows(logits.to(torch.float64), number_index >= 0))
     log_p = torch.log_softmax(z, dim=-1) if config.reweigh else None
     loss = _per_position_ntl(z, number_index, table, config, log_p)
     loss = torch.where(number_index >= 0, loss, torch.zeros_like(loss))
-    return torch.where(bad, torch.full_like(loss, float("nan")), loss)
+    loss = torch.where(bad, torch.full_like(loss, float("nan")), loss)
+    return loss.to(accumulation_dtype(logits.dtype))
 
 
 def ce_ntl_rows(
@@ -185,7 +191,7 @@ def ce_ntl_rows(
     CE is 0 at ignored positions; NTL is 0 off the NTL-valid positions; both NaN at bad labels.
     """
     in_range, bad, number_index = label_positions(labels, table, config.ignore_index)
-    z = centered(only_rows(logits.to(accumulation_dtype(logits.dtype)), in_range))
+    z = centered(only_rows(logits.to(torch.float64), in_range))
     lse_vocab = torch.logsumexp(z, dim=-1)
     safe_labels = torch.where(in_range, labels, torch.zeros_like(labels)).long()
     ce = lse_vocab - z.gather(1, safe_labels[:, None]).squeeze(1)
@@ -202,7 +208,8 @@ def ce_ntl_rows(
     ntl = _per_position_ntl(z, number_index, table, config, log_p)
     ntl = torch.where(number_index >= 0, ntl, torch.zeros_like(ntl))
     nan = torch.full_like(ce, float("nan"))
-    return torch.where(bad, nan, ce), torch.where(bad, nan, ntl)
+    dtype = accumulation_dtype(logits.dtype)
+    return torch.where(bad, nan, ce).to(dtype), torch.where(bad, nan, ntl).to(dtype)
 
 
 def _number_runs(number_index: Tensor, labels: Tensor, float_level: bool, dot_id: Optional[int]):
@@ -270,7 +277,9 @@ def number_level_rows(
         values.append((prediction - target).abs() / (prediction.abs() + target.abs() + eps))
         rows.append(row)
         firsts.append(digits[0])
-    loss = y_hat * 0.0  # zeros that keep the graph, so an empty batch still has a gradient
+    # zeros that keep the graph, so an empty batch still has a gradient (and never y_hat * 0,
+    # which is NaN where a position that is no digit has NaN logits)
+    loss = torch.where(torch.zeros_like(y_hat, dtype=torch.bool), y_hat, torch.zeros_like(y_hat))
     first_digit = torch.zeros(batch, length, dtype=torch.bool, device=logits.device)
     if values:
         index = (torch.tensor(rows, device=logits.device), torch.tensor(firsts, device=logits.device))
