@@ -96,19 +96,22 @@ inline int64_t check_inputs(const at::Tensor& logits, const at::Tensor& labels, 
   return K;
 }
 
-// Per-row statistics saved by the forward (LSE_V, LSE_N) or upstream gradients: (M,) in acc dtype.
-inline void check_row_tensor(const at::Tensor& t, const char* name, const at::Tensor& logits) {
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0), "ntl_fast: ", name, " must have shape (",
-              logits.size(0), ",), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == acc, "ntl_fast: ", name, " must be ", acc, " for ",
-              logits.scalar_type(), " logits, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == logits.device(), "ntl_fast: ", name, " is on ", t.device(),
-              " but logits on ", logits.device());
-}
-
 inline at::ScalarType accumulation_type(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The per-row statistics saved by the forward (RowStats, (M, kSize) in the accumulation dtype),
+// which the backward indexes as a dense array.
+inline void check_row_stats(const at::Tensor& t, const at::Tensor& logits) {
+  const auto acc = accumulation_type(logits);
+  constexpr int64_t size = RowStats<float>::kSize;
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == logits.size(0) && t.size(1) == size,
+              "ntl_fast: row_stats must have shape (", logits.size(0), ", ", size, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc, "ntl_fast: row_stats must be ", acc, " for ", logits.scalar_type(),
+              " logits, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == logits.device(), "ntl_fast: row_stats is on ", t.device(), " but logits on ",
+              logits.device());
+  TORCH_CHECK(t.is_contiguous(), "ntl_fast: row_stats must be contiguous, got strides ", t.strides());
 }
 
 }  // namespace ntl

@@ -9,7 +9,9 @@
 //            distance range, reweigh and its constant c, gaussian_sigma, ignore_index
 //            (ntl_fast.LossConfig; NTL_SPEC §2)
 // Losses and the saved per-row statistics are float32 (float64 for float64 logits); gradients
-// have the logits' dtype.
+// have the logits' dtype. row_stats (M, 5) is what a forward saves for its backward (RowStats of
+// csrc/ntl_math.h: LSE_V and LSE_N each as max and log-sum, and log(1 - m)); its layout is
+// private to these operators.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -27,23 +29,23 @@ PyObject* PyInit__C(void) {
   "float reweigh_constant, float? gaussian_sigma, int ignore_index"
 
 TORCH_LIBRARY(ntl_fast, m) {
-  // NTL per row (0 off the NTL-valid rows, NaN at bad labels), with LSE_V (computed only when
-  // reweigh, else 0) and LSE_N saved for the backward.
+  // NTL per row (0 off the NTL-valid rows, NaN at bad labels), with the row statistics saved for
+  // the backward.
   m.def("ntl_forward(Tensor logits, Tensor labels, " NTL_TABLE ", " NTL_OPTIONS
-        ") -> (Tensor loss, Tensor lse_vocab, Tensor lse_number)");
+        ") -> (Tensor loss, Tensor row_stats)");
   // CE (or Gaussian-CE) and NTL per row from one pass over each row of logits. inplace_backward
   // makes the registered autograd write the gradient into the logits' buffer (ce_ntl_backward_).
   m.def("ce_ntl_forward(Tensor logits, Tensor labels, " NTL_TABLE ", " NTL_OPTIONS
-        ", bool inplace_backward=False) -> (Tensor ce, Tensor ntl, Tensor lse_vocab, Tensor lse_number)");
+        ", bool inplace_backward=False) -> (Tensor ce, Tensor ntl, Tensor row_stats)");
   // d logits = grad_ntl * dNTL/dz, one write per element.
-  m.def("ntl_backward(Tensor grad_ntl, Tensor logits, Tensor labels, Tensor lse_vocab, Tensor lse_number, " NTL_TABLE
+  m.def("ntl_backward(Tensor grad_ntl, Tensor logits, Tensor labels, Tensor row_stats, " NTL_TABLE
         ", " NTL_OPTIONS ") -> Tensor");
   // d logits = grad_ce * (p - target) + grad_ntl * dNTL/dz, one read and one write per element.
-  m.def("ce_ntl_backward(Tensor grad_ce, Tensor grad_ntl, Tensor logits, Tensor labels, Tensor lse_vocab, "
-        "Tensor lse_number, " NTL_TABLE ", " NTL_OPTIONS ") -> Tensor");
+  m.def("ce_ntl_backward(Tensor grad_ce, Tensor grad_ntl, Tensor logits, Tensor labels, Tensor row_stats, "
+        NTL_TABLE ", " NTL_OPTIONS ") -> Tensor");
   // The same gradient, written over the logits themselves (saves one M x V allocation).
-  m.def("ce_ntl_backward_(Tensor(a!) logits, Tensor grad_ce, Tensor grad_ntl, Tensor labels, Tensor lse_vocab, "
-        "Tensor lse_number, " NTL_TABLE ", " NTL_OPTIONS ") -> ()");
+  m.def("ce_ntl_backward_(Tensor(a!) logits, Tensor grad_ce, Tensor grad_ntl, Tensor labels, Tensor row_stats, "
+        NTL_TABLE ", " NTL_OPTIONS ") -> ()");
   // CE and NTL per row and d(Σ ce_scale * ce + Σ ntl_scale * ntl)/d logits, each row's gradient
   // written while the row is still in cache: the whole forward and backward of reductions "mean"
   // and "sum" in one read of the logits. CPU only.

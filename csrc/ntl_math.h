@@ -52,6 +52,79 @@ NTL_HD acc_t ntl_nan() {
   return acc_t(NAN);
 }
 
+NTL_HD float ntl_max(float a, float b) { return fmaxf(a, b); }
+NTL_HD double ntl_max(double a, double b) { return fmax(a, b); }
+
+// A log-sum-exp kept in two parts, LSE = max + log_sum with log_sum = log Σ exp(x - max) in
+// [0, log n]. Every probability is formed as exp((x - max) - log_sum): x - max is exact for the
+// x that matter (those near the max), so probabilities keep full relative precision whatever
+// constant the row is shifted by, where exp(x - LSE) with LSE rounded to the accumulation type
+// would lose |LSE| * eps of it (docs/math.md §4). An empty set (or all -inf) is {-inf, 0}.
+template <typename acc_t>
+struct LogSumExp {
+  acc_t max;
+  acc_t log_sum;
+};
+
+// exp(x - LSE), shift-invariant.
+template <typename acc_t>
+NTL_HD acc_t lse_prob(acc_t x, const LogSumExp<acc_t>& lse) {
+  return ntl_exp((x - lse.max) - lse.log_sum);
+}
+
+// LSE - x, shift-invariant (a cross-entropy term).
+template <typename acc_t>
+NTL_HD acc_t lse_minus(const LogSumExp<acc_t>& lse, acc_t x) {
+  return (lse.max - x) + lse.log_sum;
+}
+
+// log(exp(part) / exp(whole)) of a subset's LSE against its superset's: its log probability mass.
+template <typename acc_t>
+NTL_HD acc_t lse_log_share(const LogSumExp<acc_t>& part, const LogSumExp<acc_t>& whole) {
+  return (part.max - whole.max) + (part.log_sum - whole.log_sum);
+}
+
+// The LSE of the union of two disjoint sets.
+template <typename acc_t>
+NTL_HD LogSumExp<acc_t> lse_union(const LogSumExp<acc_t>& a, const LogSumExp<acc_t>& b) {
+  if (a.max != a.max || b.max != b.max) return {ntl_nan<acc_t>(), ntl_nan<acc_t>()};
+  if (a.max == acc_t(-INFINITY)) return b;  // exact: m is 1 to the last bit when the text is all -inf
+  if (b.max == acc_t(-INFINITY)) return a;
+  const acc_t mx = ntl_max(a.max, b.max);
+  const acc_t sum = ntl_exp((a.max - mx) + a.log_sum) + ntl_exp((b.max - mx) + b.log_sum);
+  return {mx, ntl_log(sum)};
+}
+
+// Turns a running (max, Σ exp(x - max)) into a LogSumExp. NaN logits (nan) and +inf ones (which
+// make the sum NaN) give NaN.
+template <typename acc_t>
+NTL_HD LogSumExp<acc_t> lse_finish(acc_t mx, acc_t sum, bool nan) {
+  if (nan || sum != sum) return {ntl_nan<acc_t>(), ntl_nan<acc_t>()};
+  if (!(sum > acc_t(0))) return {acc_t(-INFINITY), acc_t(0)};  // nothing above -inf
+  return {mx, ntl_log(sum)};
+}
+
+// What the forward of one row saves for its backward, kSize accumulation-type values per row.
+template <typename acc_t>
+struct RowStats {
+  static constexpr int kSize = 5;
+  LogSumExp<acc_t> vocab;   // LSE_V (computed only where CE or the reweighing needs it)
+  LogSumExp<acc_t> number;  // LSE_N (NTL-valid rows only)
+  acc_t text_log_mass;      // log(1 - m) = LSE_{V∖N} - LSE_V (reweighed NTL-valid rows only)
+
+  // log m = LSE_N - LSE_V.
+  NTL_HD acc_t number_log_mass() const { return lse_log_share(number, vocab); }
+
+  NTL_HD void store(acc_t* out) const {
+    out[0] = vocab.max;
+    out[1] = vocab.log_sum;
+    out[2] = number.max;
+    out[3] = number.log_sum;
+    out[4] = text_log_mass;
+  }
+  NTL_HD static RowStats load(const acc_t* in) { return {{in[0], in[1]}, {in[2], in[3]}, in[4]}; }
+};
+
 // How a label classifies its row (NTL_SPEC §2): counts for CE iff in_range (in [0, V) and not
 // ignore_index); NTL-valid iff number >= 0.
 struct RowLabel {
@@ -82,13 +155,13 @@ NTL_HD RowLabel classify_label(int64_t label, int64_t V, int64_t K, const int64_
 
 // q_j = exp(z_j - LSE_N)
 template <typename acc_t, typename Row>
-NTL_HD acc_t number_prob(const Row& row, int64_t k, acc_t lse_number) {
-  return ntl_exp(row.logit(k) - lse_number);
+NTL_HD acc_t number_prob(const Row& row, int64_t k, const LogSumExp<acc_t>& lse_number) {
+  return lse_prob(acc_t(row.logit(k)), lse_number);
 }
 
 // LSE_N = log Σ_{j∈N} exp(z_j)
 template <typename acc_t, typename Row>
-NTL_HD acc_t number_logsumexp(const Row& row) {
+NTL_HD LogSumExp<acc_t> number_logsumexp(const Row& row) {
   acc_t mx = -INFINITY;
   bool nan = false;
   for (int64_t k = 0; k < row.K; ++k) {
@@ -96,11 +169,38 @@ NTL_HD acc_t number_logsumexp(const Row& row) {
     nan |= z != z;
     mx = z > mx ? z : mx;
   }
-  if (nan) return ntl_nan<acc_t>();
-  if (mx == -INFINITY) return mx;
+  if (nan || mx == acc_t(-INFINITY)) return lse_finish(mx, acc_t(0), nan);
   acc_t sum = 0;
   for (int64_t k = 0; k < row.K; ++k) sum += ntl_exp(row.logit(k) - mx);
-  return mx + ntl_log(sum);
+  return lse_finish(mx, sum, false);
+}
+
+// Which dense log-sum-exp a row's forward needs: none, over the whole vocabulary (CE), or over
+// the text tokens V∖N only (reweighed NTL-valid rows, with or without CE: there LSE_V is the
+// union of LSE_{V∖N} and LSE_N, so that 1 - m = exp(LSE_{V∖N} - LSE_V) is formed from the text
+// tokens' own sum and never as 1 - m, which cancels when m is 1 to the last bits).
+enum DenseLse : int { kNoDense = 0, kDenseVocab = 1, kDenseText = 2 };
+
+NTL_HD int dense_lse_kind(const RowLabel& lab, bool with_ce, const Options& opt) {
+  if (lab.bad) return kNoDense;
+  if (opt.reweigh && lab.number >= 0) return kDenseText;
+  return (with_ce && lab.in_range) ? kDenseVocab : kNoDense;
+}
+
+// A row's saved statistics from its dense log-sum-exp (of the kind dense_lse_kind says).
+template <typename acc_t, typename Row>
+NTL_HD RowStats<acc_t> row_stats(const Row& row, const RowLabel& lab, int dense_kind,
+                                 const LogSumExp<acc_t>& dense) {
+  RowStats<acc_t> st{{0, 0}, {0, 0}, 0};
+  if (lab.bad) return st;
+  if (lab.number >= 0) st.number = number_logsumexp<acc_t>(row);
+  if (dense_kind == kDenseText) {
+    st.vocab = lse_union(dense, st.number);
+    st.text_log_mass = lse_log_share(dense, st.vocab);
+  } else if (dense_kind == kDenseVocab) {
+    st.vocab = dense;
+  }
+  return st;
 }
 
 // D(y, v_k) of §2.2, squashed onto [1, s] when asked; float32 like the table's distance matrix.
@@ -135,6 +235,75 @@ NTL_HD acc_t number_target(const Row& row, int64_t k, int64_t label_number, acc_
   return k == label_number ? acc_t(1) : acc_t(0);
 }
 
+// The CDF differences D_i = F_q(i) - F_t(i) of §2.3 at the ranks i = 0..K-1 (by value), in order.
+// Each is summed from its shorter side: the prefix Σ_{j<=i} (q_j - t_j) below the split rank, the
+// negated suffix -Σ_{j>i} (q_j - t_j) from it on (equal, as q and t both sum to 1), the split being
+// the first rank whose suffix holds less than half the mass of q + t. Either sum's rounding error
+// is eps times its own mass, so a confident prediction keeps the relative precision of its small
+// differences, where F_q(i) - 1 would be rounding noise of 1.
+template <typename acc_t, typename Row>
+struct CdfWalk {
+  const Row& row;
+  const LogSumExp<acc_t>& lse_number;
+  int64_t label_number;
+  acc_t y, log_norm;
+  const Options& opt;
+  int64_t split = 0;
+  acc_t split_suffix = 0;  // Σ_{j>split} (q_j - t_j)
+  bool complete = true;    // false when value_order names a position outside N
+  int64_t rank = -1;
+  acc_t prefix = 0, suffix = 0;
+
+  NTL_HD CdfWalk(const Row& r, const LogSumExp<acc_t>& lse, int64_t label, acc_t y_, acc_t norm, const Options& o)
+      : row(r), lse_number(lse), label_number(label), y(y_), log_norm(norm), opt(o) {
+    acc_t mass = 0, sum = 0;
+    for (int64_t i = row.K - 1; i > 0; --i) {  // adds rank i to the suffix of rank i - 1
+      acc_t q, t;
+      probabilities(i, &q, &t);
+      mass += q + t;
+      if (mass >= acc_t(1)) {
+        split = i;
+        split_suffix = sum;
+        return;
+      }
+      sum += q - t;
+    }
+    split_suffix = sum;
+  }
+
+  // q and t of the token at rank i (0 for a position outside N; see complete).
+  NTL_HD int64_t probabilities(int64_t i, acc_t* q, acc_t* t) {
+    const int64_t o = row.sorted(i);
+    if (o < 0) {
+      complete = false;
+      *q = *t = 0;
+      return o;
+    }
+    *q = number_prob(row, o, lse_number);
+    *t = number_target(row, o, label_number, y, log_norm, opt.gaussian, opt);
+    return o;
+  }
+
+  // Moves to the next rank: its token's position in N (-1 outside), q, and D at that rank.
+  NTL_HD int64_t next(acc_t* q, acc_t* diff) {
+    ++rank;
+    acc_t t;
+    const int64_t o = probabilities(rank, q, &t);
+    if (rank < split) {
+      prefix += *q - t;
+      *diff = prefix;
+    } else {
+      if (rank == split) {
+        suffix = split_suffix;
+      } else {
+        suffix -= *q - t;
+      }
+      *diff = -suffix;
+    }
+    return o;
+  }
+};
+
 // f(d) and f'(d) of §2.1.
 template <typename acc_t>
 NTL_HD acc_t regression_value(acc_t d, int loss) {
@@ -156,7 +325,8 @@ template <typename acc_t>
 struct NumberStats {
   acc_t loss;        // L of §2.1-2.3
   acc_t y;           // the label's value
-  acc_t center;      // ŷ = Σ q_j v_j (regression losses)
+  acc_t diff;        // ŷ - y = Σ q_j (v_j - y) (regression losses): the label's own term is 0,
+                     // so a confident prediction's small error is not lost against |y|
   acc_t slope;       // f'(ŷ - y) (regression losses)
   acc_t log_norm;    // Gaussian target normaliser (was_cdf with Gaussian targets)
   acc_t cdf_total;   // a of the smallest value: Σ_k sign(F_q(k) - F_t(k)) gap_k (was_cdf)
@@ -164,7 +334,7 @@ struct NumberStats {
 };
 
 template <typename acc_t, typename Row>
-NTL_HD NumberStats<acc_t> number_stats(const Row& row, int64_t label_number, acc_t lse_number,
+NTL_HD NumberStats<acc_t> number_stats(const Row& row, int64_t label_number, const LogSumExp<acc_t>& lse_number,
                                        const Options& opt, bool for_gradient) {
   NumberStats<acc_t> s{0, 0, 0, 0, 0, 0, 0};
   s.y = acc_t(row.value(label_number));
@@ -172,40 +342,32 @@ NTL_HD NumberStats<acc_t> number_stats(const Row& row, int64_t label_number, acc
     for (int64_t k = 0; k < row.K; ++k)
       s.loss += number_prob(row, k, lse_number) * label_distance<acc_t>(row, k, label_number, opt);
   } else if (opt.loss == kWasCdf) {
-    // W1 in CDF form, tokens sorted by value (§2.3): Σ_k |F_q(k) - F_t(k)| gap_k.
+    // W1 in CDF form, tokens sorted by value (§2.3): Σ_i |F_q(i) - F_t(i)| gap_i.
     if (opt.gaussian) s.log_norm = gaussian_log_norm(row, s.y, opt);
-    acc_t cdf_q = 0, cdf_t = 0;
+    CdfWalk<acc_t, Row> walk(row, lse_number, label_number, s.y, s.log_norm, opt);
     for (int64_t i = 0; i + 1 < row.K; ++i) {
-      const int64_t o = row.sorted(i);
-      if (o < 0) return NumberStats<acc_t>{ntl_nan<acc_t>(), 0, 0, 0, 0, 0, 0};
-      cdf_q += number_prob(row, o, lse_number);
-      cdf_t += number_target(row, o, label_number, s.y, s.log_norm, opt.gaussian, opt);
-      const acc_t diff = cdf_q - cdf_t;
+      acc_t q, diff;
+      walk.next(&q, &diff);
       const acc_t gap = acc_t(row.gap(i));
       s.loss += ntl_abs(diff) * gap;
       s.cdf_total += ntl_sign(diff) * gap;
     }
+    if (!walk.complete) return NumberStats<acc_t>{ntl_nan<acc_t>(), 0, 0, 0, 0, 0, 0};
     if (for_gradient) {
-      // a at rank i = Σ_{k>=i} sign(F_q(k) - F_t(k)) gap_k; the same sums in the same order.
+      // a at rank i = Σ_{k>=i} sign(D_k) gap_k; the same differences as above.
+      CdfWalk<acc_t, Row> again(row, lse_number, label_number, s.y, s.log_norm, opt);
       acc_t a = s.cdf_total;
-      cdf_q = 0;
-      cdf_t = 0;
       for (int64_t i = 0; i < row.K; ++i) {
-        const int64_t o = row.sorted(i);
-        if (o < 0) continue;
-        const acc_t q = number_prob(row, o, lse_number);
+        acc_t q, diff;
+        again.next(&q, &diff);
         s.cdf_mean_a += q * a;
-        if (i + 1 < row.K) {
-          cdf_q += q;
-          cdf_t += number_target(row, o, label_number, s.y, s.log_norm, opt.gaussian, opt);
-          a -= ntl_sign(cdf_q - cdf_t) * acc_t(row.gap(i));
-        }
+        if (i + 1 < row.K) a -= ntl_sign(diff) * acc_t(row.gap(i));
       }
     }
   } else {
     for (int64_t k = 0; k < row.K; ++k)
-      s.center += number_prob(row, k, lse_number) * acc_t(row.value(k));
-    const acc_t d = s.center - s.y;
+      s.diff += number_prob(row, k, lse_number) * (acc_t(row.value(k)) - s.y);
+    const acc_t d = s.diff;
     s.loss = regression_value(d, opt.loss);
     s.slope = regression_slope(d, opt.loss);
   }
@@ -215,7 +377,7 @@ NTL_HD NumberStats<acc_t> number_stats(const Row& row, int64_t label_number, acc
 // Calls emit(k, ∂L/∂z_k) for every number token k (before reweighing):
 //   WAS q_k (D_k - L); regression f'(ŷ - y) q_k (v_k - ŷ); was_cdf q_k (a_k - Σ_i q_i a_i).
 template <typename acc_t, typename Row, typename Emit>
-NTL_HD void number_gradients(const Row& row, int64_t label_number, acc_t lse_number,
+NTL_HD void number_gradients(const Row& row, int64_t label_number, const LogSumExp<acc_t>& lse_number,
                              const Options& opt, const NumberStats<acc_t>& s, Emit& emit) {
   if (opt.loss == kWas) {
     for (int64_t k = 0; k < row.K; ++k) {
@@ -223,31 +385,27 @@ NTL_HD void number_gradients(const Row& row, int64_t label_number, acc_t lse_num
       emit(k, q * (label_distance<acc_t>(row, k, label_number, opt) - s.loss));
     }
   } else if (opt.loss == kWasCdf) {
-    acc_t a = s.cdf_total, cdf_q = 0, cdf_t = 0;
+    CdfWalk<acc_t, Row> walk(row, lse_number, label_number, s.y, s.log_norm, opt);
+    acc_t a = s.cdf_total;
     for (int64_t i = 0; i < row.K; ++i) {
-      const int64_t o = row.sorted(i);
-      if (o < 0) continue;
-      const acc_t q = number_prob(row, o, lse_number);
-      emit(o, q * (a - s.cdf_mean_a));
-      if (i + 1 < row.K) {
-        cdf_q += q;
-        cdf_t += number_target(row, o, label_number, s.y, s.log_norm, opt.gaussian, opt);
-        a -= ntl_sign(cdf_q - cdf_t) * acc_t(row.gap(i));
-      }
+      acc_t q, diff;
+      const int64_t o = walk.next(&q, &diff);
+      if (o >= 0) emit(o, q * (a - s.cdf_mean_a));
+      if (i + 1 < row.K) a -= ntl_sign(diff) * acc_t(row.gap(i));
     }
   } else {
     for (int64_t k = 0; k < row.K; ++k) {
       const acc_t q = number_prob(row, k, lse_number);
-      emit(k, s.slope * q * (acc_t(row.value(k)) - s.center));
+      emit(k, s.slope * q * ((acc_t(row.value(k)) - s.y) - s.diff));
     }
   }
 }
 
 // Forward of one row: CE (§2.6, or Gaussian-CE §2.5) and NTL (reweighed per §2.4 when asked).
-// lse_vocab is read only when with_ce or opt.reweigh; z_label only when with_ce and in range.
+// z_label is read only when with_ce and in range.
 template <typename acc_t, typename Row>
-NTL_HD void row_forward(const Row& row, const RowLabel& lab, acc_t z_label, acc_t lse_vocab,
-                        acc_t lse_number, bool with_ce, const Options& opt, acc_t* ce, acc_t* ntl) {
+NTL_HD void row_forward(const Row& row, const RowLabel& lab, acc_t z_label, const RowStats<acc_t>& st,
+                        bool with_ce, const Options& opt, acc_t* ce, acc_t* ntl) {
   *ce = 0;
   *ntl = 0;
   if (lab.bad) {
@@ -256,32 +414,43 @@ NTL_HD void row_forward(const Row& row, const RowLabel& lab, acc_t z_label, acc_
     return;
   }
   if (lab.number >= 0) {
-    const NumberStats<acc_t> s = number_stats(row, lab.number, lse_number, opt, false);
+    const NumberStats<acc_t> s = number_stats(row, lab.number, st.number, opt, false);
     acc_t loss = s.loss;
     if (opt.reweigh) {
-      const acc_t mass = ntl_exp(lse_number - lse_vocab);
-      loss = mass * loss + acc_t(opt.reweigh_constant) * (acc_t(1) - mass);
+      const acc_t mass = ntl_exp(st.number_log_mass());
+      loss = mass * loss + acc_t(opt.reweigh_constant) * ntl_exp(st.text_log_mass);
     }
     *ntl = loss;
   }
   if (with_ce && lab.in_range) {
     if (opt.gaussian && lab.number >= 0) {
+      // LSE_V - Σ t_k z_k = Σ t_k (LSE_V - z_k) as the targets sum to 1: no rounded LSE_V.
       const acc_t y = acc_t(row.value(lab.number));
       const acc_t log_norm = gaussian_log_norm(row, y, opt);
-      acc_t expected_logit = 0;
-      for (int64_t k = 0; k < row.K; ++k)
-        expected_logit += number_target(row, k, lab.number, y, log_norm, true, opt) * row.logit(k);
-      *ce = lse_vocab - expected_logit;
+      acc_t ce_sum = 0;
+      for (int64_t k = 0; k < row.K; ++k) {
+        const acc_t t = number_target(row, k, lab.number, y, log_norm, true, opt);
+        ce_sum += t * lse_minus(st.vocab, acc_t(row.logit(k)));
+      }
+      *ce = ce_sum;
     } else {
-      *ce = lse_vocab - z_label;
+      *ce = lse_minus(st.vocab, z_label);
     }
   }
 }
 
+// g * x, exactly 0 when g is: a row whose upstream gradient is 0 (zero weight) gets a zero
+// gradient even where its logits make x non-finite.
+template <typename acc_t>
+NTL_HD acc_t scaled(acc_t g, acc_t x) {
+  return g == acc_t(0) ? acc_t(0) : g * x;
+}
+
 // The gradient of one row, in the form the kernels write it:
-//   every column k: coef * p_k, then the number columns overwritten by fix[k] and the label
-//   column (when it is not a number token) by label_fix. Both fixes are computed in acc_t from
-//   the logits before the dense write, so the dense write may overwrite the logits (in place).
+//   every column k: coef * p_k, then the number columns overwritten by fix[k] in the order
+//   k = 0..K-1 and the label column (when it is not a number token) by label_fix. Both fixes are
+//   computed in acc_t from the logits before the dense write, so the dense write may overwrite
+//   the logits (in place).
 template <typename acc_t>
 struct RowGradient {
   acc_t coef;       // multiplies p_k = exp(z_k - LSE_V) on every column; 0 writes zeros
@@ -294,17 +463,18 @@ template <typename acc_t, typename Row>
 struct NumberColumnGradient {
   const Row& row;
   acc_t* fix;
-  acc_t grad_ce, grad_ntl, lse_vocab, mass, loss_minus_c, y, log_norm;
+  acc_t grad_ce, grad_ntl, mass, text_mass, loss_minus_c, y, log_norm;
+  const LogSumExp<acc_t>& lse_vocab;
   int64_t label_number;
   bool need_p, reweigh, gaussian_ce;
   const Options& opt;
 
   // ∂/∂z_k of grad_ce·CE + grad_ntl·NTL for a number token k, given ∂L/∂z_k before reweighing.
   NTL_HD void operator()(int64_t k, acc_t dloss) {
-    const acc_t p = need_p ? ntl_exp(row.logit(k) - lse_vocab) : acc_t(0);
+    const acc_t p = need_p ? lse_prob(acc_t(row.logit(k)), lse_vocab) : acc_t(0);
     acc_t g = dloss;
-    if (reweigh) g = mass * dloss + loss_minus_c * p * (acc_t(1) - mass);
-    acc_t value = grad_ntl * g;
+    if (reweigh) g = mass * dloss + loss_minus_c * p * text_mass;
+    acc_t value = scaled(grad_ntl, g);
     if (grad_ce != acc_t(0))
       value += grad_ce * (p - number_target(row, k, label_number, y, log_norm, gaussian_ce, opt));
     fix[k] = value;
@@ -313,31 +483,35 @@ struct NumberColumnGradient {
 
 template <typename acc_t, typename Row>
 NTL_HD RowGradient<acc_t> row_backward(const Row& row, const RowLabel& lab, acc_t z_label,
-                                       acc_t lse_vocab, acc_t lse_number, acc_t grad_ce,
-                                       acc_t grad_ntl, bool with_ce, const Options& opt, acc_t* fix) {
+                                       const RowStats<acc_t>& st, acc_t grad_ce, acc_t grad_ntl,
+                                       bool with_ce, const Options& opt, acc_t* fix) {
   RowGradient<acc_t> r{0, 0, -1, false};
   if (lab.bad) return r;  // the losses are NaN constants there: zero gradient, like torch.where
   grad_ce = (with_ce && lab.in_range) ? grad_ce : acc_t(0);
   r.coef = grad_ce;
   if (lab.number >= 0) {
-    const NumberStats<acc_t> s = number_stats(row, lab.number, lse_number, opt, true);
-    acc_t mass = 1;
+    // Every fix is written below; zeroing first keeps the gradient defined (and deterministic)
+    // even for a value_order that misses some positions.
+    for (int64_t k = 0; k < row.K; ++k) fix[k] = acc_t(0);
+    const NumberStats<acc_t> s = number_stats(row, lab.number, st.number, opt, true);
+    acc_t mass = 1, text_mass = 0;
     if (opt.reweigh) {
-      mass = ntl_exp(lse_number - lse_vocab);
+      mass = ntl_exp(st.number_log_mass());
+      text_mass = ntl_exp(st.text_log_mass);
       // ∂L'/∂z_k ⊇ (L - c) p_k (1[k∈N] - m): the -m part reaches every column.
-      r.coef -= grad_ntl * (s.loss - acc_t(opt.reweigh_constant)) * mass;
+      r.coef -= scaled(grad_ntl, (s.loss - acc_t(opt.reweigh_constant)) * mass);
     }
     const bool gaussian_ce = with_ce && opt.gaussian;
     const acc_t log_norm = gaussian_ce ? gaussian_log_norm(row, s.y, opt) : acc_t(0);
-    NumberColumnGradient<acc_t, Row> emit{row, fix, grad_ce, grad_ntl, lse_vocab, mass,
+    NumberColumnGradient<acc_t, Row> emit{row, fix, grad_ce, grad_ntl, mass, text_mass,
                                           s.loss - acc_t(opt.reweigh_constant), s.y, log_norm,
-                                          lab.number, with_ce || opt.reweigh, opt.reweigh,
+                                          st.vocab, lab.number, with_ce || opt.reweigh, opt.reweigh,
                                           gaussian_ce, opt};
-    number_gradients(row, lab.number, lse_number, opt, s, emit);
+    number_gradients(row, lab.number, st.number, opt, s, emit);
     r.number_fix = true;
   } else if (with_ce && lab.in_range) {
     r.label_column = lab.label;
-    r.label_fix = grad_ce * (ntl_exp(z_label - lse_vocab) - acc_t(1));
+    r.label_fix = scaled(grad_ce, lse_prob(z_label, st.vocab) - acc_t(1));
   }
   return r;
 }

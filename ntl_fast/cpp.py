@@ -68,19 +68,22 @@ _NUM_OPTIONS = 8
 
 
 # --------------------------------------------------------------------------------- fake kernels
-def _row_like(logits: Tensor) -> Tensor:
+_ROW_STATS = 5  # values per row that a forward saves for its backward (RowStats, csrc/ntl_math.h)
+
+
+def _row_like(logits: Tensor, *width: int) -> Tensor:
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return logits.new_empty(logits.shape[:1], dtype=dtype)
+    return logits.new_empty(logits.shape[:1] + tuple(width), dtype=dtype)
 
 
 @torch.library.register_fake("ntl_fast::ntl_forward")
 def _ntl_forward_fake(logits, labels, *args):
-    return _row_like(logits), _row_like(logits), _row_like(logits)
+    return _row_like(logits), _row_like(logits, _ROW_STATS)
 
 
 @torch.library.register_fake("ntl_fast::ce_ntl_forward")
 def _ce_ntl_forward_fake(logits, labels, *args):
-    return _row_like(logits), _row_like(logits), _row_like(logits), _row_like(logits)
+    return _row_like(logits), _row_like(logits), _row_like(logits, _ROW_STATS)
 
 
 @torch.library.register_fake("ntl_fast::ntl_backward")
@@ -104,24 +107,24 @@ def _ce_ntl_loss_and_grad_fake(logits, labels, *args):
 
 
 # --------------------------------------------------------------------------------- autograd
-def _row_grad(grad: Optional[Tensor], like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
+def _row_grad(grad: Optional[Tensor], row_stats: Tensor) -> Tensor:
+    return row_stats.new_zeros(row_stats.shape[:1]) if grad is None else grad
 
 
 def _ntl_setup(ctx, inputs, output):
     logits, labels = inputs[:2]
     table = inputs[2:2 + _NUM_TABLE]
     ctx.options = inputs[2 + _NUM_TABLE:]
-    _, lse_vocab, lse_number = output
-    ctx.save_for_backward(logits, labels, lse_vocab, lse_number, *table)
+    _, row_stats = output
+    ctx.save_for_backward(logits, labels, row_stats, *table)
 
 
-def _ntl_backward(ctx, grad_ntl, grad_lse_vocab, grad_lse_number):
-    logits, labels, lse_vocab, lse_number, *table = ctx.saved_tensors
+def _ntl_backward(ctx, grad_ntl, grad_row_stats):
+    logits, labels, row_stats, *table = ctx.saved_tensors
     grad_logits = None
     if ctx.needs_input_grad[0]:
         grad_logits = _ops.ntl_backward(
-            _row_grad(grad_ntl, lse_number), logits, labels, lse_vocab, lse_number, *table, *ctx.options
+            _row_grad(grad_ntl, row_stats), logits, labels, row_stats, *table, *ctx.options
         )
     return (grad_logits,) + (None,) * (1 + _NUM_TABLE + _NUM_OPTIONS)
 
@@ -131,26 +134,26 @@ def _ce_ntl_setup(ctx, inputs, output):
     table = inputs[2:2 + _NUM_TABLE]
     ctx.options = inputs[2 + _NUM_TABLE:2 + _NUM_TABLE + _NUM_OPTIONS]
     ctx.inplace = inputs[-1]
-    _, _, lse_vocab, lse_number = output
+    _, _, row_stats = output
     # Saved through autograd: a later in-place gradient write bumps the logits' version, so any
     # other user that saved the same logits fails loudly instead of reading the gradient.
-    ctx.save_for_backward(logits, labels, lse_vocab, lse_number, *table)
+    ctx.save_for_backward(logits, labels, row_stats, *table)
 
 
-def _ce_ntl_backward(ctx, grad_ce, grad_ntl, grad_lse_vocab, grad_lse_number):
-    logits, labels, lse_vocab, lse_number, *table = ctx.saved_tensors
+def _ce_ntl_backward(ctx, grad_ce, grad_ntl, grad_row_stats):
+    logits, labels, row_stats, *table = ctx.saved_tensors
     grad_logits = None
     if ctx.needs_input_grad[0]:
-        grad_ce = _row_grad(grad_ce, lse_number)
-        grad_ntl = _row_grad(grad_ntl, lse_number)
+        grad_ce = _row_grad(grad_ce, row_stats)
+        grad_ntl = _row_grad(grad_ntl, row_stats)
         if ctx.inplace:
-            _ops.ce_ntl_backward_(logits, grad_ce, grad_ntl, labels, lse_vocab, lse_number, *table, *ctx.options)
+            _ops.ce_ntl_backward_(logits, grad_ce, grad_ntl, labels, row_stats, *table, *ctx.options)
             # The dispatcher does not bump the version of a custom op's mutated argument here.
             torch.autograd.graph.increment_version(logits)
             grad_logits = logits
         else:
             grad_logits = _ops.ce_ntl_backward(
-                grad_ce, grad_ntl, logits, labels, lse_vocab, lse_number, *table, *ctx.options
+                grad_ce, grad_ntl, logits, labels, row_stats, *table, *ctx.options
             )
     return (grad_logits,) + (None,) * (1 + _NUM_TABLE + _NUM_OPTIONS + 1)
 
@@ -166,7 +169,7 @@ def _contiguous(logits: Tensor) -> Tensor:
 
 def ntl_rows(logits: Tensor, labels: Tensor, table: NumberTokenTable, config: LossConfig) -> Tensor:
     """Per-position NTL ``(M,)``: 0 off the NTL-valid positions, NaN at bad labels."""
-    loss, _, _ = _ops.ntl_forward(
+    loss, _ = _ops.ntl_forward(
         _contiguous(logits), labels, *_table_args(table), *_option_args(table, config)
     )
     return loss
@@ -181,7 +184,7 @@ def ce_ntl_rows(
     under ``torch.compile`` the functional backward is used).
     """
     inplace = bool(inplace) and not torch.compiler.is_compiling()
-    ce, ntl, _, _ = _ops.ce_ntl_forward(
+    ce, ntl, _ = _ops.ce_ntl_forward(
         _contiguous(logits), labels, *_table_args(table), *_option_args(table, config), inplace
     )
     return ce, ntl

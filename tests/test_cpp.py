@@ -237,14 +237,13 @@ def test_opcheck_forward_ops():
 
 def test_opcheck_backward_ops():
     for logits, labels, table_args, option_args in _op_samples():
-        _, _, lse_vocab, lse_number = ops.ce_ntl_forward(logits, labels, *table_args, *option_args)
-        grad_ce, grad_ntl = torch.randn(2, logits.shape[0], dtype=lse_vocab.dtype)
-        torch.library.opcheck(ops.ntl_backward, (grad_ntl, logits, labels, lse_vocab, lse_number,
-                                                 *table_args, *option_args))
-        torch.library.opcheck(ops.ce_ntl_backward, (grad_ce, grad_ntl, logits, labels, lse_vocab, lse_number,
+        _, _, row_stats = ops.ce_ntl_forward(logits, labels, *table_args, *option_args)
+        grad_ce, grad_ntl = torch.randn(2, logits.shape[0], dtype=row_stats.dtype)
+        torch.library.opcheck(ops.ntl_backward, (grad_ntl, logits, labels, row_stats, *table_args, *option_args))
+        torch.library.opcheck(ops.ce_ntl_backward, (grad_ce, grad_ntl, logits, labels, row_stats,
                                                     *table_args, *option_args))
-        torch.library.opcheck(ops.ce_ntl_backward_, (logits.clone(), grad_ce, grad_ntl, labels, lse_vocab,
-                                                     lse_number, *table_args, *option_args))
+        torch.library.opcheck(ops.ce_ntl_backward_, (logits.clone(), grad_ce, grad_ntl, labels, row_stats,
+                                                     *table_args, *option_args))
 
 
 # --------------------------------------------------------------------------------- in place
@@ -470,12 +469,12 @@ def test_raw_backward_rejects_mismatched_statistics():
     table = digit_table(40)
     logits, labels = make_inputs(table, 4, torch.float32)
     table_args, option_args = _raw_args(table)
-    _, _, lse_vocab, lse_number = ops.ce_ntl_forward(logits, labels, *table_args, *option_args)
+    _, _, row_stats = ops.ce_ntl_forward(logits, labels, *table_args, *option_args)
     grad = torch.ones(4)
-    with pytest.raises(RuntimeError, match="lse_vocab must have shape"):
-        ops.ce_ntl_backward(grad, grad, logits, labels, lse_vocab[:3], lse_number, *table_args, *option_args)
-    with pytest.raises(RuntimeError, match="lse_number must be Float"):
-        ops.ntl_backward(grad, logits, labels, lse_vocab, lse_number.double(), *table_args, *option_args)
+    with pytest.raises(RuntimeError, match="row_stats must have shape"):
+        ops.ce_ntl_backward(grad, grad, logits, labels, row_stats[:3], *table_args, *option_args)
+    with pytest.raises(RuntimeError, match="row_stats must be Float"):
+        ops.ntl_backward(grad, logits, labels, row_stats.double(), *table_args, *option_args)
 
 
 def test_unsupported_reason():

@@ -192,3 +192,73 @@ def test_opcheck_on_cuda():
     args = (*cpp._table_args(table), *cpp._option_args(table, config))
     torch.library.opcheck(torch.ops.ntl_fast.ce_ntl_forward, (logits.requires_grad_(), labels, *args, False))
     torch.library.opcheck(torch.ops.ntl_fast.ntl_forward, (logits, labels, *args))
+
+
+# --------------------------------------------------------------------------------- hard inputs
+@pytest.mark.parametrize("config_name", ["was", "mse-reweigh", "was_cdf-gauss", "was_cdf-reweigh"])
+@pytest.mark.parametrize("case", ["shift+1e4", "shift-1e4", "text at -inf", "text at -1e6", "leading -inf"])
+def test_cuda_shifted_and_masked_rows(config_name, case):
+    """Shift invariance and masks (docs/math.md §4) through the block log-sum-exp of the kernels,
+    including the text-only sum of reweighed rows, at V = 32128 (512 threads per row)."""
+    table, config = digit_table(32128, first_id=16000), CONFIGS[config_name]
+    rows = 16
+    generator = torch.Generator().manual_seed(30)
+    logits = torch.round(torch.randn(rows, table.vocab_size, generator=generator, dtype=torch.float64) * 3072) / 1024
+    labels = table.number_ids[torch.randint(0, 10, (rows,), generator=generator)]
+    labels[::4] = 16100  # text labels, never masked below
+    text = torch.ones(table.vocab_size, dtype=torch.bool)
+    text[table.number_ids] = False
+    text[16100] = False
+    if case.startswith("shift"):
+        shifted = logits + float(case[5:])
+    else:
+        shifted = logits.clone()
+        if case == "leading -inf":
+            shifted[:, :9000] = float("-inf")
+        else:
+            shifted[:, text] = float("-inf") if "inf" in case else -1e6
+        logits = shifted.clamp(min=-1e6)  # the reference on finite masks (exp(-1e6) is 0 in float64)
+    upstream = torch.rand(2, rows, dtype=torch.float64, generator=generator).cuda()
+    ce, ntl, grad = cuda_rows(shifted.float().cuda(), labels.cuda(), table, config, upstream)
+    x = logits.cuda().requires_grad_()
+    ce_ref, ntl_ref = reference.ce_ntl_rows(x, labels.cuda(), table.to("cuda"), config)
+    (ce_ref * upstream[0] + ntl_ref * upstream[1]).sum().backward()
+    assert_spec_close(ce, ce_ref, torch.float32, what="ce")
+    assert_spec_close(ntl, ntl_ref, torch.float32, what="ntl")
+    assert_spec_close(grad, x.grad, torch.float32, gradient=True, what="d logits")
+
+
+def _corrupt_table_args(table, case):
+    ids, values, index, order, gaps = (t.clone() for t in cpp._table_args(table))
+    if case == "duplicate ids":
+        index[int(ids[1])] = -1
+        ids[1] = ids[0]
+    else:  # a value_order that is not a permutation
+        order[3] = 99
+        order[5] = order[4]
+    return [t.cuda() for t in (ids, values, index, order, gaps)]
+
+
+@pytest.mark.parametrize("case", ["duplicate ids", "order not a permutation"])
+def test_cuda_corrupt_tables_stay_deterministic(case):
+    """The CUDA operators read no table on the host: whatever it holds, the kernels stay in bounds,
+    write zero-initialised fixes and give bitwise the same gradient on every call."""
+    table = digit_table(40)
+    config = LossConfig("was_cdf" if case.startswith("order") else "mse")
+    table_args = _corrupt_table_args(table, case)
+    option_args = cpp._option_args(table, config)
+    generator = torch.Generator().manual_seed(31)
+    logits = torch.randn(64, 40, generator=generator).cuda()
+    labels = table.number_ids[torch.randint(0, 10, (64,), generator=generator)].cuda()
+    grad = torch.ones(64, device="cuda")
+    results = []
+    for _ in range(3):
+        ce, ntl, row_stats = torch.ops.ntl_fast.ce_ntl_forward(logits, labels, *table_args, *option_args)
+        d = torch.ops.ntl_fast.ce_ntl_backward(grad, grad, logits, labels, row_stats, *table_args, *option_args)
+        torch.cuda.synchronize()
+        results.append((ce, ntl, d))
+    for a, b in zip(results[0], results[1]):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+    for a, b in zip(results[0], results[2]):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+    assert not torch.isnan(results[0][2]).any()

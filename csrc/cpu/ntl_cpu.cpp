@@ -65,68 +65,109 @@ inline void store_step(scalar_t* p, const fVec& a, const fVec& b) {
   }
 }
 
-// LSE_V = log Σ_k exp(z_k) in one pass: a running max and sum per vector lane, rescaled once per
-// block of 2 * kStep elements (about one exp per element).
+// Online log-sum-exp over ranges of one row (docs/math.md §4): a running max and sum per vector
+// lane, rescaled once per block of 2 * kStep elements (about one exp per element), and a scalar
+// running pair for float64 and for the ends of ranges. Feeding it several ranges (the text
+// tokens between the number ids) costs no more than one range of the same length.
 template <typename scalar_t>
-acc_type<scalar_t> row_logsumexp(const scalar_t* z, int64_t V) {
+class RowLogSumExp {
+ public:
   using acc_t = acc_type<scalar_t>;
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    acc_t mx = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t i = 0; i < V; ++i) mx = std::max(mx, z[i]);
-    if (std::isnan(mx)) return mx;
-    if (mx == -std::numeric_limits<acc_t>::infinity()) return mx;
-    acc_t sum = 0;
-    for (int64_t i = 0; i < V; ++i) sum += std::exp(z[i] - mx);
-    return mx + std::log(sum);
-  } else {
-    fVec vmax(-FLT_MAX), vsum(0.0f);
-    int64_t i = 0;
-    for (; i + 2 * kStep <= V; i += 2 * kStep) {
-      fVec x0, x1, x2, x3;
-      load_step(z + i, x0, x1);
-      load_step(z + i + kStep, x2, x3);
-      const fVec next = at::vec::maximum(vmax, at::vec::maximum(at::vec::maximum(x0, x1), at::vec::maximum(x2, x3)));
-      // Rescale the running sums only when some lane's max moved (rare after the first blocks).
-      if ((next - vmax).zero_mask() != kAllLanes) vsum = vsum * (vmax - next).exp_u20();
-      vsum = vsum + (((x0 - next).exp_u20() + (x1 - next).exp_u20()) + ((x2 - next).exp_u20() + (x3 - next).exp_u20()));
-      vmax = next;
+
+  void add(const scalar_t* z, int64_t begin, int64_t end) {
+    int64_t i = begin;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      for (; i + 2 * kStep <= end; i += 2 * kStep) {
+        fVec x0, x1, x2, x3;
+        load_step(z + i, x0, x1);
+        load_step(z + i + kStep, x2, x3);
+        const fVec next =
+            at::vec::maximum(vmax_, at::vec::maximum(at::vec::maximum(x0, x1), at::vec::maximum(x2, x3)));
+        // Rescale the running sums only when some lane's max moved (rare after the first blocks).
+        if ((next - vmax_).zero_mask() != kAllLanes) vsum_ = vsum_ * (vmax_ - next).exp_u20();
+        vsum_ = vsum_ + (((x0 - next).exp_u20() + (x1 - next).exp_u20()) +
+                         ((x2 - next).exp_u20() + (x3 - next).exp_u20()));
+        vmax_ = next;
+      }
     }
-    float lane_max[fVec::size()], lane_sum[fVec::size()];
-    vmax.store(lane_max);
-    vsum.store(lane_sum);
-    float mx = -FLT_MAX;
-    bool nan = false;
-    for (int64_t l = 0; l < fVec::size(); ++l) {
-      nan |= std::isnan(lane_max[l]);
-      mx = std::max(mx, lane_max[l]);
-    }
-    for (int64_t j = i; j < V; ++j) {
-      const float x = float(z[j]);
-      nan |= std::isnan(x);
-      mx = std::max(mx, x);
-    }
-    if (nan) return std::numeric_limits<float>::quiet_NaN();
-    float sum = 0.0f;
-    for (int64_t l = 0; l < fVec::size(); ++l) sum += lane_sum[l] * std::exp(lane_max[l] - mx);
-    for (int64_t j = i; j < V; ++j) sum += std::exp(float(z[j]) - mx);
-    return mx + std::log(sum);
+    for (; i < end; i += 2 * kStep) add_scalar_block(z, i, std::min(i + 2 * kStep, end));
   }
+
+  LogSumExp<acc_t> result() const {
+    acc_t mx = max_;
+    bool nan = nan_;
+    acc_t lane_max[fVec::size()], lane_sum[fVec::size()];
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      vmax_.store(lane_max);
+      vsum_.store(lane_sum);
+      for (int64_t l = 0; l < fVec::size(); ++l) {
+        nan |= std::isnan(lane_max[l]);
+        mx = std::max(mx, lane_max[l]);
+      }
+    }
+    if (nan) return lse_finish(mx, acc_t(0), true);
+    acc_t sum = sum_ * std::exp(max_ - mx);
+    if constexpr (!std::is_same_v<scalar_t, double>)
+      for (int64_t l = 0; l < fVec::size(); ++l) sum += lane_sum[l] * std::exp(lane_max[l] - mx);
+    return lse_finish(mx, sum, false);
+  }
+
+ private:
+  void add_scalar_block(const scalar_t* z, int64_t begin, int64_t end) {
+    acc_t next = max_;
+    for (int64_t j = begin; j < end; ++j) {
+      const acc_t x = acc_t(z[j]);
+      nan_ |= std::isnan(x);
+      next = std::max(next, x);
+    }
+    acc_t sum = sum_ * std::exp(max_ - next);
+    for (int64_t j = begin; j < end; ++j) sum += std::exp(acc_t(z[j]) - next);
+    sum_ = sum;
+    max_ = next;
+  }
+
+  // The lowest finite value, not -inf, as the starting max: exp(x - max) then never sees
+  // -inf - (-inf); a -inf or -finfo.max logit adds exactly 0 once any larger logit is seen.
+  fVec vmax_{-FLT_MAX}, vsum_{0.0f};
+  acc_t max_ = std::numeric_limits<acc_t>::lowest(), sum_ = 0;
+  bool nan_ = false;
+};
+
+// LSE over the whole row, or over its text tokens (every column but the sorted number ids).
+template <typename scalar_t>
+LogSumExp<acc_type<scalar_t>> dense_logsumexp(const scalar_t* z, int64_t V, int dense_kind,
+                                              const std::vector<int64_t>& sorted_ids) {
+  RowLogSumExp<scalar_t> lse;
+  if (dense_kind == kDenseText) {
+    int64_t begin = 0;
+    for (const int64_t id : sorted_ids) {
+      lse.add(z, begin, id);
+      begin = id + 1;
+    }
+    lse.add(z, begin, V);
+  } else {
+    lse.add(z, 0, V);
+  }
+  return lse.result();
 }
 
-// out_k = coef * exp(z_k - lse) over the row (z and out may be the same buffer).
+// out_k = coef * exp(z_k - LSE_V) over the row (z and out may be the same buffer), formed as
+// (coef / Σ) * exp(z_k - max): one exp and one multiply per element, shift-invariant.
 template <typename scalar_t>
-void row_scaled_softmax(const scalar_t* z, scalar_t* out, int64_t V, acc_type<scalar_t> lse,
+void row_scaled_softmax(const scalar_t* z, scalar_t* out, int64_t V, const LogSumExp<acc_type<scalar_t>>& lse,
                         acc_type<scalar_t> coef) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t scale = coef * std::exp(-lse.log_sum), mx = lse.max;
   int64_t i = 0;
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    const fVec vlse(lse), vcoef(coef);
+    const fVec vmax(mx), vscale(scale);
     for (; i + kStep <= V; i += kStep) {
       fVec a, b;
       load_step(z + i, a, b);
-      store_step(out + i, vcoef * (a - vlse).exp_u20(), vcoef * (b - vlse).exp_u20());
+      store_step(out + i, vscale * (a - vmax).exp_u20(), vscale * (b - vmax).exp_u20());
     }
   }
-  for (; i < V; ++i) out[i] = scalar_t(coef * std::exp(acc_type<scalar_t>(z[i]) - lse));
+  for (; i < V; ++i) out[i] = scalar_t(scale * std::exp(acc_t(z[i]) - mx));
 }
 
 // A row's number-token logits, gathered once into acc_t scratch (so that an in-place backward
@@ -161,98 +202,148 @@ inline int64_t read_label(const Tensor& labels, const void* data, int64_t r) {
                                           : static_cast<const int64_t*>(data)[r];
 }
 
-// Rows per task: about 32K elements of work each (ATen's grain size).
+// Rows per task: about 32K elements of work each (ATen's grain size). Every row is computed on
+// its own, so the split never changes a result.
 inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, int64_t(32768) / std::max<int64_t>(V, 1)); }
+
+// The table as the row functions read it, its contents checked once per call: ids unique and in
+// [0, V), number_index their inverse (-1 elsewhere), value_order a permutation that sorts the
+// finite values, gaps finite and non-negative. K + V reads, next to the M x V logits.
+struct CpuTable {
+  const int64_t* ids;
+  const int64_t* index;
+  const float* values;
+  const int64_t* order;
+  const float* gaps;
+  int64_t K;
+  std::vector<int64_t> sorted_ids;  // the text tokens are the ranges between them
+};
+
+CpuTable checked_table(const Tensor& logits, const Tensor& labels, const TableTensors& table) {
+  const int64_t K = check_inputs(logits, labels, table);
+  TORCH_CHECK(logits.device().is_cpu(), "ntl_fast: CPU kernel called with ", logits.device(), " tensors");
+  const int64_t V = logits.size(1);
+  CpuTable t{table.number_ids.const_data_ptr<int64_t>(), table.number_index.const_data_ptr<int64_t>(),
+             table.number_values.const_data_ptr<float>(), table.value_order.const_data_ptr<int64_t>(),
+             table.sorted_gaps.const_data_ptr<float>(), K, {}};
+  t.sorted_ids.assign(t.ids, t.ids + K);
+  std::sort(t.sorted_ids.begin(), t.sorted_ids.end());
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t id = t.sorted_ids[k];
+    TORCH_CHECK(id >= 0 && id < V, "ntl_fast: number_ids holds ", id, ", outside the vocabulary [0, ", V, ")");
+    TORCH_CHECK(k == 0 || id != t.sorted_ids[k - 1], "ntl_fast: number_ids holds ", id, " more than once");
+    TORCH_CHECK(std::isfinite(t.values[k]), "ntl_fast: number_values[", k, "] is ", t.values[k],
+                ", not a finite value");
+  }
+  for (int64_t v = 0; v < V; ++v) {
+    const int64_t j = t.index[v];
+    TORCH_CHECK(j == -1 || (j >= 0 && j < K && t.ids[j] == v), "ntl_fast: number_index[", v, "] = ", j,
+                " does not match number_ids (it must give each id's position in number_ids, -1 elsewhere)");
+  }
+  for (int64_t k = 0; k < K; ++k)
+    TORCH_CHECK(t.index[t.ids[k]] == k, "ntl_fast: number_index[", t.ids[k], "] = ", t.index[t.ids[k]],
+                " but number_ids[", k, "] = ", t.ids[k]);
+  std::vector<char> seen(K, 0);
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t o = t.order[i];
+    TORCH_CHECK(o >= 0 && o < K && !seen[o], "ntl_fast: value_order must be a permutation of 0..", K - 1,
+                ", got ", o, " at position ", i);
+    seen[o] = 1;
+    if (i > 0)
+      TORCH_CHECK(t.values[t.order[i - 1]] <= t.values[o], "ntl_fast: value_order must sort number_values ",
+                  "ascending (position ", i, ")");
+  }
+  for (int64_t i = 0; i + 1 < K; ++i)
+    TORCH_CHECK(std::isfinite(t.gaps[i]) && t.gaps[i] >= 0.0f, "ntl_fast: sorted_gaps[", i, "] is ", t.gaps[i],
+                ", not a finite non-negative gap");
+  return t;
+}
+
+// One thread's scratch: a row's gathered number logits (viewed by `row`) and its fixes.
+template <typename acc_t>
+struct RowScratch {
+  std::vector<acc_t> number_logits, fix;
+  GatheredRow<acc_t> row;
+
+  explicit RowScratch(const CpuTable& t)
+      : number_logits(t.K), fix(t.K), row{number_logits.data(), t.values, t.order, t.gaps, t.K} {}
+};
 
 // One row's losses and the statistics its backward needs.
 template <typename acc_t>
 struct RowLosses {
-  acc_t ce, ntl, lse_vocab, lse_number;
+  acc_t ce, ntl;
+  RowStats<acc_t> stats;
 };
 
-// The forward of row z (one read of it); gathers its number logits into number_logits, which
-// `row` views. LSE_V is computed only where CE or the reweighing needs it (else 0).
+// The forward of row z (one read of it); gathers its number logits into the scratch.
 template <typename scalar_t, typename acc_t>
-RowLosses<acc_t> forward_row(const scalar_t* z, int64_t V, const RowLabel& lab, const int64_t* ids,
-                             const GatheredRow<acc_t>& row, acc_t* number_logits, bool with_ce,
-                             const Options& opt) {
-  RowLosses<acc_t> out{0, 0, 0, 0};
-  if (!lab.bad && ((with_ce && lab.in_range) || (opt.reweigh && lab.number >= 0)))
-    out.lse_vocab = row_logsumexp(z, V);
-  if (!lab.bad && lab.number >= 0) {
-    gather_number_logits(z, ids, row.K, V, number_logits);
-    out.lse_number = number_logsumexp<acc_t>(row);
-  }
+RowLosses<acc_t> forward_row(const scalar_t* z, int64_t V, const RowLabel& lab, const CpuTable& table,
+                             RowScratch<acc_t>& scratch, bool with_ce, const Options& opt) {
+  const int dense_kind = dense_lse_kind(lab, with_ce, opt);
+  LogSumExp<acc_t> dense{0, 0};
+  if (dense_kind != kNoDense) dense = dense_logsumexp(z, V, dense_kind, table.sorted_ids);
+  if (!lab.bad && lab.number >= 0) gather_number_logits(z, table.ids, table.K, V, scratch.number_logits.data());
+  RowLosses<acc_t> out{0, 0, row_stats(scratch.row, lab, dense_kind, dense)};
   const acc_t z_label = lab.in_range ? acc_t(z[lab.label]) : acc_t(0);
-  row_forward(row, lab, z_label, out.lse_vocab, out.lse_number, with_ce, opt, &out.ce, &out.ntl);
+  row_forward(scratch.row, lab, z_label, out.stats, with_ce, opt, &out.ce, &out.ntl);
   return out;
 }
 
 // Writes d(grad_ce·CE + grad_ntl·NTL)/dz of row z into o (which may be z itself: every value
 // the fixes need is read before the dense write).
 template <typename scalar_t, typename acc_t>
-void backward_row(const scalar_t* z, scalar_t* o, int64_t V, const RowLabel& lab, const int64_t* ids,
-                  const GatheredRow<acc_t>& row, acc_t* number_logits, acc_t* fix, acc_t lse_vocab,
-                  acc_t lse_number, acc_t grad_ce, acc_t grad_ntl, bool with_ce, const Options& opt) {
-  if (!lab.bad && lab.number >= 0) gather_number_logits(z, ids, row.K, V, number_logits);
+void backward_row(const scalar_t* z, scalar_t* o, int64_t V, const RowLabel& lab, const CpuTable& table,
+                  RowScratch<acc_t>& scratch, const RowStats<acc_t>& stats, acc_t grad_ce, acc_t grad_ntl,
+                  bool with_ce, const Options& opt) {
+  if (!lab.bad && lab.number >= 0) gather_number_logits(z, table.ids, table.K, V, scratch.number_logits.data());
   const acc_t z_label = lab.in_range ? acc_t(z[lab.label]) : acc_t(0);
   const RowGradient<acc_t> g =
-      row_backward(row, lab, z_label, lse_vocab, lse_number, grad_ce, grad_ntl, with_ce, opt, fix);
+      row_backward(scratch.row, lab, z_label, stats, grad_ce, grad_ntl, with_ce, opt, scratch.fix.data());
   if (g.coef != acc_t(0)) {
-    row_scaled_softmax(z, o, V, lse_vocab, g.coef);
+    row_scaled_softmax(z, o, V, stats.vocab, g.coef);
   } else {
     std::fill(o, o + V, scalar_t(0));
   }
-  if (g.number_fix) {
-    for (int64_t k = 0; k < row.K; ++k) {
-      const int64_t id = ids[k];
-      if (id >= 0 && id < V) o[id] = scalar_t(fix[k]);
-    }
-  }
+  if (g.number_fix)
+    for (int64_t k = 0; k < table.K; ++k) o[table.ids[k]] = scalar_t(scratch.fix[k]);
   if (g.label_column >= 0) o[g.label_column] = scalar_t(g.label_fix);
 }
 
-// Returns (ce, ntl, lse_vocab, lse_number); ce is empty when !with_ce.
-std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(const Tensor& logits, const Tensor& labels_in,
-                                                       const TableTensors& table, const Options& opt,
-                                                       bool with_ce) {
-  const int64_t K = check_inputs(logits, labels_in, table);
-  TORCH_CHECK(logits.device().is_cpu(), "ntl_fast: CPU kernel called with ", logits.device(), " tensors");
+inline Tensor new_row_stats(const Tensor& logits) {
+  return at::zeros({logits.size(0), RowStats<float>::kSize}, logits.options().dtype(accumulation_type(logits)));
+}
+
+// Returns (ce, ntl, row_stats); ce is empty when !with_ce.
+std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& logits, const Tensor& labels_in,
+                                               const TableTensors& table_in, const Options& opt, bool with_ce) {
+  const CpuTable table = checked_table(logits, labels_in, table_in);
   const Tensor labels = labels_in.contiguous();
   const int64_t M = logits.size(0), V = logits.size(1);
-  const auto acc = accumulation_type(logits);
-  auto options = logits.options().dtype(acc);
+  auto options = logits.options().dtype(accumulation_type(logits));
   Tensor ce = at::zeros({with_ce ? M : 0}, options);
   Tensor ntl = at::zeros({M}, options);
-  Tensor lse_vocab = at::zeros({M}, options);
-  Tensor lse_number = at::zeros({M}, options);
+  Tensor row_stats = new_row_stats(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "ntl_fast_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* z_all = logits.const_data_ptr<scalar_t>();
     const void* label_data = labels.const_data_ptr();
-    const int64_t* ids = table.number_ids.const_data_ptr<int64_t>();
-    const int64_t* index = table.number_index.const_data_ptr<int64_t>();
     acc_t* ce_out = with_ce ? ce.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* ntl_out = ntl.mutable_data_ptr<acc_t>();
-    acc_t* lse_v_out = lse_vocab.mutable_data_ptr<acc_t>();
-    acc_t* lse_n_out = lse_number.mutable_data_ptr<acc_t>();
+    acc_t* stats_out = row_stats.mutable_data_ptr<acc_t>();
     at::parallel_for(0, M, row_grain(V), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> number_logits(K);
-      GatheredRow<acc_t> row{number_logits.data(), table.number_values.const_data_ptr<float>(),
-                             table.value_order.const_data_ptr<int64_t>(),
-                             table.sorted_gaps.const_data_ptr<float>(), K};
+      RowScratch<acc_t> scratch(table);
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* z = z_all + r * V;
-        const RowLabel lab = classify_label(read_label(labels, label_data, r), V, K, index, opt.ignore_index);
-        const RowLosses<acc_t> f = forward_row(z, V, lab, ids, row, number_logits.data(), with_ce, opt);
+        const RowLabel lab =
+            classify_label(read_label(labels, label_data, r), V, table.K, table.index, opt.ignore_index);
+        const RowLosses<acc_t> f = forward_row(z_all + r * V, V, lab, table, scratch, with_ce, opt);
         if (with_ce) ce_out[r] = f.ce;
         ntl_out[r] = f.ntl;
-        lse_v_out[r] = f.lse_vocab;
-        lse_n_out[r] = f.lse_number;
+        f.stats.store(stats_out + r * RowStats<acc_t>::kSize);
       }
     });
   });
-  return {ce, ntl, lse_vocab, lse_number};
+  return {ce, ntl, row_stats};
 }
 
 Tensor as_row_gradient(const Tensor& grad, const char* name, const Tensor& logits) {
@@ -266,12 +357,10 @@ Tensor as_row_gradient(const Tensor& grad, const char* name, const Tensor& logit
 
 // Writes d logits into `out` (which may be `logits` itself). grad_ce undefined: NTL only.
 void backward_cpu(const Tensor& out, const Tensor& grad_ce_in, const Tensor& grad_ntl_in, const Tensor& logits,
-                  const Tensor& labels_in, const Tensor& lse_vocab, const Tensor& lse_number,
-                  const TableTensors& table, const Options& opt) {
-  const int64_t K = check_inputs(logits, labels_in, table);
-  TORCH_CHECK(logits.device().is_cpu(), "ntl_fast: CPU kernel called with ", logits.device(), " tensors");
-  check_row_tensor(lse_vocab, "lse_vocab", logits);
-  check_row_tensor(lse_number, "lse_number", logits);
+                  const Tensor& labels_in, const Tensor& row_stats, const TableTensors& table_in,
+                  const Options& opt) {
+  const CpuTable table = checked_table(logits, labels_in, table_in);
+  check_row_stats(row_stats, logits);
   const bool with_ce = grad_ce_in.defined();
   const Tensor grad_ce = with_ce ? as_row_gradient(grad_ce_in, "grad_ce", logits) : Tensor();
   const Tensor grad_ntl = as_row_gradient(grad_ntl_in, "grad_ntl", logits);
@@ -282,23 +371,17 @@ void backward_cpu(const Tensor& out, const Tensor& grad_ce_in, const Tensor& gra
     const scalar_t* z_all = logits.const_data_ptr<scalar_t>();
     scalar_t* out_all = out.mutable_data_ptr<scalar_t>();
     const void* label_data = labels.const_data_ptr();
-    const int64_t* ids = table.number_ids.const_data_ptr<int64_t>();
-    const int64_t* index = table.number_index.const_data_ptr<int64_t>();
     const acc_t* g_ce = with_ce ? grad_ce.const_data_ptr<acc_t>() : nullptr;
     const acc_t* g_ntl = grad_ntl.const_data_ptr<acc_t>();
-    const acc_t* lse_v = lse_vocab.const_data_ptr<acc_t>();
-    const acc_t* lse_n = lse_number.const_data_ptr<acc_t>();
+    const acc_t* stats = row_stats.const_data_ptr<acc_t>();
     at::parallel_for(0, M, row_grain(V), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> number_logits(K), fix(K);
-      GatheredRow<acc_t> row{number_logits.data(), table.number_values.const_data_ptr<float>(),
-                             table.value_order.const_data_ptr<int64_t>(),
-                             table.sorted_gaps.const_data_ptr<float>(), K};
+      RowScratch<acc_t> scratch(table);
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* z = z_all + r * V;
-        scalar_t* o = out_all + r * V;
-        const RowLabel lab = classify_label(read_label(labels, label_data, r), V, K, index, opt.ignore_index);
-        backward_row(z, o, V, lab, ids, row, number_logits.data(), fix.data(), lse_v[r], lse_n[r],
-                     with_ce ? g_ce[r] : acc_t(0), g_ntl[r], with_ce, opt);
+        const RowLabel lab =
+            classify_label(read_label(labels, label_data, r), V, table.K, table.index, opt.ignore_index);
+        backward_row(z_all + r * V, out_all + r * V, V, lab, table, scratch,
+                     RowStats<acc_t>::load(stats + r * RowStats<acc_t>::kSize), with_ce ? g_ce[r] : acc_t(0),
+                     g_ntl[r], with_ce, opt);
       }
     });
   });
@@ -323,9 +406,8 @@ void advise_huge_pages(const Tensor& buffer) {
 // memory and one write of the gradient.
 std::tuple<Tensor, Tensor, Tensor> loss_and_grad_cpu(const Tensor& logits, const Tensor& labels_in,
                                                      const Tensor& ce_scale_in, const Tensor& ntl_scale_in,
-                                                     const TableTensors& table, const Options& opt) {
-  const int64_t K = check_inputs(logits, labels_in, table);
-  TORCH_CHECK(logits.device().is_cpu(), "ntl_fast: CPU kernel called with ", logits.device(), " tensors");
+                                                     const TableTensors& table_in, const Options& opt) {
+  const CpuTable table = checked_table(logits, labels_in, table_in);
   const Tensor ce_scale = as_row_gradient(ce_scale_in, "ce_scale", logits);
   const Tensor ntl_scale = as_row_gradient(ntl_scale_in, "ntl_scale", logits);
   const Tensor labels = labels_in.contiguous();
@@ -340,25 +422,20 @@ std::tuple<Tensor, Tensor, Tensor> loss_and_grad_cpu(const Tensor& logits, const
     const scalar_t* z_all = logits.const_data_ptr<scalar_t>();
     scalar_t* grad_all = grad.mutable_data_ptr<scalar_t>();
     const void* label_data = labels.const_data_ptr();
-    const int64_t* ids = table.number_ids.const_data_ptr<int64_t>();
-    const int64_t* index = table.number_index.const_data_ptr<int64_t>();
     const acc_t* g_ce = ce_scale.const_data_ptr<acc_t>();
     const acc_t* g_ntl = ntl_scale.const_data_ptr<acc_t>();
     acc_t* ce_out = ce.mutable_data_ptr<acc_t>();
     acc_t* ntl_out = ntl.mutable_data_ptr<acc_t>();
     at::parallel_for(0, M, row_grain(V), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> number_logits(K), fix(K);
-      GatheredRow<acc_t> row{number_logits.data(), table.number_values.const_data_ptr<float>(),
-                             table.value_order.const_data_ptr<int64_t>(),
-                             table.sorted_gaps.const_data_ptr<float>(), K};
+      RowScratch<acc_t> scratch(table);
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* z = z_all + r * V;
-        const RowLabel lab = classify_label(read_label(labels, label_data, r), V, K, index, opt.ignore_index);
-        const RowLosses<acc_t> f = forward_row(z, V, lab, ids, row, number_logits.data(), true, opt);
+        const RowLabel lab =
+            classify_label(read_label(labels, label_data, r), V, table.K, table.index, opt.ignore_index);
+        const RowLosses<acc_t> f = forward_row(z, V, lab, table, scratch, true, opt);
         ce_out[r] = f.ce;
         ntl_out[r] = f.ntl;
-        backward_row(z, grad_all + r * V, V, lab, ids, row, number_logits.data(), fix.data(), f.lse_vocab,
-                     f.lse_number, g_ce[r], g_ntl[r], true, opt);
+        backward_row(z, grad_all + r * V, V, lab, table, scratch, f.stats, g_ce[r], g_ntl[r], true, opt);
       }
     });
   });
@@ -367,30 +444,28 @@ std::tuple<Tensor, Tensor, Tensor> loss_and_grad_cpu(const Tensor& logits, const
 
 // The out-of-place backward of either operation (grad_ce undefined: NTL alone) into a new tensor.
 Tensor fresh_gradient(const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& logits, const Tensor& labels,
-                      const Tensor& lse_vocab, const Tensor& lse_number, const TableTensors& table,
-                      const Options& opt) {
+                      const Tensor& row_stats, const TableTensors& table, const Options& opt) {
   check_inputs(logits, labels, table);
   Tensor out = at::empty_like(logits);
   advise_huge_pages(out);
-  backward_cpu(out, grad_ce, grad_ntl, logits, labels, lse_vocab, lse_number, table, opt);
+  backward_cpu(out, grad_ce, grad_ntl, logits, labels, row_stats, table, opt);
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> ntl_forward(const Tensor& logits, const Tensor& labels, const Tensor& number_ids,
-                                               const Tensor& number_values, const Tensor& number_index,
-                                               const Tensor& value_order, const Tensor& sorted_gaps,
-                                               c10::string_view loss, std::optional<double> squash_factor,
-                                               double min_distance, double max_distance, bool reweigh,
-                                               double reweigh_constant, std::optional<double> gaussian_sigma,
-                                               int64_t ignore_index) {
+std::tuple<Tensor, Tensor> ntl_forward(const Tensor& logits, const Tensor& labels, const Tensor& number_ids,
+                                       const Tensor& number_values, const Tensor& number_index,
+                                       const Tensor& value_order, const Tensor& sorted_gaps, c10::string_view loss,
+                                       std::optional<double> squash_factor, double min_distance,
+                                       double max_distance, bool reweigh, double reweigh_constant,
+                                       std::optional<double> gaussian_sigma, int64_t ignore_index) {
   const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
                                    gaussian_sigma, ignore_index);
-  auto [ce, ntl, lse_v, lse_n] = forward_cpu(
+  auto [ce, ntl, row_stats] = forward_cpu(
       logits, labels, {number_ids, number_values, number_index, value_order, sorted_gaps}, opt, false);
-  return {ntl, lse_v, lse_n};
+  return {ntl, row_stats};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> ce_ntl_forward(
+std::tuple<Tensor, Tensor, Tensor> ce_ntl_forward(
     const Tensor& logits, const Tensor& labels, const Tensor& number_ids, const Tensor& number_values,
     const Tensor& number_index, const Tensor& value_order, const Tensor& sorted_gaps, c10::string_view loss,
     std::optional<double> squash_factor, double min_distance, double max_distance, bool reweigh,
@@ -401,41 +476,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ce_ntl_forward(
                      true);
 }
 
-Tensor ntl_backward(const Tensor& grad_ntl, const Tensor& logits, const Tensor& labels, const Tensor& lse_vocab,
-                    const Tensor& lse_number, const Tensor& number_ids, const Tensor& number_values,
-                    const Tensor& number_index, const Tensor& value_order, const Tensor& sorted_gaps,
-                    c10::string_view loss, std::optional<double> squash_factor, double min_distance,
-                    double max_distance, bool reweigh, double reweigh_constant,
-                    std::optional<double> gaussian_sigma, int64_t ignore_index) {
+Tensor ntl_backward(const Tensor& grad_ntl, const Tensor& logits, const Tensor& labels, const Tensor& row_stats,
+                    const Tensor& number_ids, const Tensor& number_values, const Tensor& number_index,
+                    const Tensor& value_order, const Tensor& sorted_gaps, c10::string_view loss,
+                    std::optional<double> squash_factor, double min_distance, double max_distance, bool reweigh,
+                    double reweigh_constant, std::optional<double> gaussian_sigma, int64_t ignore_index) {
   const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
                                    gaussian_sigma, ignore_index);
-  return fresh_gradient(Tensor(), grad_ntl, logits, labels, lse_vocab, lse_number,
+  return fresh_gradient(Tensor(), grad_ntl, logits, labels, row_stats,
                         {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
 }
 
 Tensor ce_ntl_backward(const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& logits, const Tensor& labels,
-                       const Tensor& lse_vocab, const Tensor& lse_number, const Tensor& number_ids,
-                       const Tensor& number_values, const Tensor& number_index, const Tensor& value_order,
-                       const Tensor& sorted_gaps, c10::string_view loss, std::optional<double> squash_factor,
-                       double min_distance, double max_distance, bool reweigh, double reweigh_constant,
+                       const Tensor& row_stats, const Tensor& number_ids, const Tensor& number_values,
+                       const Tensor& number_index, const Tensor& value_order, const Tensor& sorted_gaps,
+                       c10::string_view loss, std::optional<double> squash_factor, double min_distance,
+                       double max_distance, bool reweigh, double reweigh_constant,
                        std::optional<double> gaussian_sigma, int64_t ignore_index) {
   TORCH_CHECK(grad_ce.defined(), "ntl_fast: grad_ce is undefined");
   const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
                                    gaussian_sigma, ignore_index);
-  return fresh_gradient(grad_ce, grad_ntl, logits, labels, lse_vocab, lse_number,
+  return fresh_gradient(grad_ce, grad_ntl, logits, labels, row_stats,
                         {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
 }
 
 void ce_ntl_backward_(const Tensor& logits, const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& labels,
-                      const Tensor& lse_vocab, const Tensor& lse_number, const Tensor& number_ids,
-                      const Tensor& number_values, const Tensor& number_index, const Tensor& value_order,
-                      const Tensor& sorted_gaps, c10::string_view loss, std::optional<double> squash_factor,
-                      double min_distance, double max_distance, bool reweigh, double reweigh_constant,
+                      const Tensor& row_stats, const Tensor& number_ids, const Tensor& number_values,
+                      const Tensor& number_index, const Tensor& value_order, const Tensor& sorted_gaps,
+                      c10::string_view loss, std::optional<double> squash_factor, double min_distance,
+                      double max_distance, bool reweigh, double reweigh_constant,
                       std::optional<double> gaussian_sigma, int64_t ignore_index) {
   TORCH_CHECK(grad_ce.defined(), "ntl_fast: grad_ce is undefined");
   const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
                                    gaussian_sigma, ignore_index);
-  backward_cpu(logits, grad_ce, grad_ntl, logits, labels, lse_vocab, lse_number,
+  backward_cpu(logits, grad_ce, grad_ntl, logits, labels, row_stats,
                {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
 }
 

@@ -57,22 +57,21 @@ void check_launch(cudaError_t status, const char* what) {
   TORCH_CHECK(status == cudaSuccess, "ntl_fast: ", what, " kernel launch failed: ", cudaGetErrorString(status));
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(const Tensor& logits, const Tensor& labels_in,
-                                                        const TableTensors& table, const Options& opt, bool with_ce) {
+// Returns (ce, ntl, row_stats); ce is empty when !with_ce.
+std::tuple<Tensor, Tensor, Tensor> forward_cuda(const Tensor& logits, const Tensor& labels_in,
+                                                const TableTensors& table, const Options& opt, bool with_ce) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const Tensor labels = labels_in.contiguous();
   CudaRows a = make_rows(logits, labels, table, opt, with_ce);
   auto options = logits.options().dtype(accumulation_type(logits));
   Tensor ce = at::zeros({with_ce ? a.M : 0}, options);
   Tensor ntl = at::empty({a.M}, options);
-  Tensor lse_vocab = at::empty({a.M}, options);
-  Tensor lse_number = at::empty({a.M}, options);
+  Tensor row_stats = at::empty({a.M, RowStats<float>::kSize}, options);
   a.ce = with_ce ? ce.data_ptr() : nullptr;
   a.ntl = ntl.data_ptr();
-  a.lse_vocab = lse_vocab.data_ptr();
-  a.lse_number = lse_number.data_ptr();
+  a.row_stats = row_stats.data_ptr();
   check_launch(launch_forward(a, c10::cuda::getCurrentCUDAStream().stream()), "forward");
-  return {ce, ntl, lse_vocab, lse_number};
+  return {ce, ntl, row_stats};
 }
 
 Tensor as_row_gradient(const Tensor& grad, const char* name, const Tensor& logits) {
@@ -85,19 +84,17 @@ Tensor as_row_gradient(const Tensor& grad, const char* name, const Tensor& logit
 }
 
 void backward_cuda(const Tensor& out, const Tensor& grad_ce_in, const Tensor& grad_ntl_in, const Tensor& logits,
-                   const Tensor& labels_in, const Tensor& lse_vocab, const Tensor& lse_number,
-                   const TableTensors& table, const Options& opt) {
+                   const Tensor& labels_in, const Tensor& row_stats, const TableTensors& table,
+                   const Options& opt) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const bool with_ce = grad_ce_in.defined();
   const Tensor labels = labels_in.contiguous();
   CudaRows a = make_rows(logits, labels, table, opt, with_ce);
-  check_row_tensor(lse_vocab, "lse_vocab", logits);
-  check_row_tensor(lse_number, "lse_number", logits);
+  check_row_stats(row_stats, logits);
   const Tensor grad_ce = with_ce ? as_row_gradient(grad_ce_in, "grad_ce", logits) : Tensor();
   const Tensor grad_ntl = as_row_gradient(grad_ntl_in, "grad_ntl", logits);
   a.grad_logits = out.data_ptr();
-  a.lse_vocab = const_cast<void*>(lse_vocab.const_data_ptr());
-  a.lse_number = const_cast<void*>(lse_number.const_data_ptr());
+  a.row_stats = const_cast<void*>(row_stats.const_data_ptr());
   a.grad_ce = with_ce ? grad_ce.const_data_ptr() : nullptr;
   a.grad_ntl = grad_ntl.const_data_ptr();
   check_launch(launch_backward(a, c10::cuda::getCurrentCUDAStream().stream()), "backward");
@@ -105,29 +102,27 @@ void backward_cuda(const Tensor& out, const Tensor& grad_ce_in, const Tensor& gr
 
 // The out-of-place backward of either operation (grad_ce undefined: NTL alone) into a new tensor.
 Tensor fresh_gradient(const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& logits, const Tensor& labels,
-                      const Tensor& lse_vocab, const Tensor& lse_number, const TableTensors& table,
-                      const Options& opt) {
+                      const Tensor& row_stats, const TableTensors& table, const Options& opt) {
   check_inputs(logits, labels, table);
   Tensor out = at::empty_like(logits);
-  backward_cuda(out, grad_ce, grad_ntl, logits, labels, lse_vocab, lse_number, table, opt);
+  backward_cuda(out, grad_ce, grad_ntl, logits, labels, row_stats, table, opt);
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> ntl_forward(const Tensor& logits, const Tensor& labels, const Tensor& number_ids,
-                                               const Tensor& number_values, const Tensor& number_index,
-                                               const Tensor& value_order, const Tensor& sorted_gaps,
-                                               c10::string_view loss, std::optional<double> squash_factor,
-                                               double min_distance, double max_distance, bool reweigh,
-                                               double reweigh_constant, std::optional<double> gaussian_sigma,
-                                               int64_t ignore_index) {
+std::tuple<Tensor, Tensor> ntl_forward(const Tensor& logits, const Tensor& labels, const Tensor& number_ids,
+                                       const Tensor& number_values, const Tensor& number_index,
+                                       const Tensor& value_order, const Tensor& sorted_gaps, c10::string_view loss,
+                                       std::optional<double> squash_factor, double min_distance,
+                                       double max_distance, bool reweigh, double reweigh_constant,
+                                       std::optional<double> gaussian_sigma, int64_t ignore_index) {
   const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
                                    gaussian_sigma, ignore_index);
-  auto [ce, ntl, lse_v, lse_n] = forward_cuda(
+  auto [ce, ntl, row_stats] = forward_cuda(
       logits, labels, {number_ids, number_values, number_index, value_order, sorted_gaps}, opt, false);
-  return {ntl, lse_v, lse_n};
+  return {ntl, row_stats};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> ce_ntl_forward(
+std::tuple<Tensor, Tensor, Tensor> ce_ntl_forward(
     const Tensor& logits, const Tensor& labels, const Tensor& number_ids, const Tensor& number_values,
     const Tensor& number_index, const Tensor& value_order, const Tensor& sorted_gaps, c10::string_view loss,
     std::optional<double> squash_factor, double min_distance, double max_distance, bool reweigh,
@@ -138,41 +133,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ce_ntl_forward(
                       true);
 }
 
-Tensor ntl_backward(const Tensor& grad_ntl, const Tensor& logits, const Tensor& labels, const Tensor& lse_vocab,
-                    const Tensor& lse_number, const Tensor& number_ids, const Tensor& number_values,
-                    const Tensor& number_index, const Tensor& value_order, const Tensor& sorted_gaps,
-                    c10::string_view loss, std::optional<double> squash_factor, double min_distance,
-                    double max_distance, bool reweigh, double reweigh_constant,
-                    std::optional<double> gaussian_sigma, int64_t ignore_index) {
+Tensor ntl_backward(const Tensor& grad_ntl, const Tensor& logits, const Tensor& labels, const Tensor& row_stats,
+                    const Tensor& number_ids, const Tensor& number_values, const Tensor& number_index,
+                    const Tensor& value_order, const Tensor& sorted_gaps, c10::string_view loss,
+                    std::optional<double> squash_factor, double min_distance, double max_distance, bool reweigh,
+                    double reweigh_constant, std::optional<double> gaussian_sigma, int64_t ignore_index) {
   const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
                                    gaussian_sigma, ignore_index);
-  return fresh_gradient(Tensor(), grad_ntl, logits, labels, lse_vocab, lse_number,
+  return fresh_gradient(Tensor(), grad_ntl, logits, labels, row_stats,
                         {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
 }
 
 Tensor ce_ntl_backward(const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& logits, const Tensor& labels,
-                       const Tensor& lse_vocab, const Tensor& lse_number, const Tensor& number_ids,
-                       const Tensor& number_values, const Tensor& number_index, const Tensor& value_order,
-                       const Tensor& sorted_gaps, c10::string_view loss, std::optional<double> squash_factor,
-                       double min_distance, double max_distance, bool reweigh, double reweigh_constant,
+                       const Tensor& row_stats, const Tensor& number_ids, const Tensor& number_values,
+                       const Tensor& number_index, const Tensor& value_order, const Tensor& sorted_gaps,
+                       c10::string_view loss, std::optional<double> squash_factor, double min_distance,
+                       double max_distance, bool reweigh, double reweigh_constant,
                        std::optional<double> gaussian_sigma, int64_t ignore_index) {
   TORCH_CHECK(grad_ce.defined(), "ntl_fast: grad_ce is undefined");
   const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
                                    gaussian_sigma, ignore_index);
-  return fresh_gradient(grad_ce, grad_ntl, logits, labels, lse_vocab, lse_number,
+  return fresh_gradient(grad_ce, grad_ntl, logits, labels, row_stats,
                         {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
 }
 
 void ce_ntl_backward_(const Tensor& logits, const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& labels,
-                      const Tensor& lse_vocab, const Tensor& lse_number, const Tensor& number_ids,
-                      const Tensor& number_values, const Tensor& number_index, const Tensor& value_order,
-                      const Tensor& sorted_gaps, c10::string_view loss, std::optional<double> squash_factor,
-                      double min_distance, double max_distance, bool reweigh, double reweigh_constant,
+                      const Tensor& row_stats, const Tensor& number_ids, const Tensor& number_values,
+                      const Tensor& number_index, const Tensor& value_order, const Tensor& sorted_gaps,
+                      c10::string_view loss, std::optional<double> squash_factor, double min_distance,
+                      double max_distance, bool reweigh, double reweigh_constant,
                       std::optional<double> gaussian_sigma, int64_t ignore_index) {
   TORCH_CHECK(grad_ce.defined(), "ntl_fast: grad_ce is undefined");
   const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
                                    gaussian_sigma, ignore_index);
-  backward_cuda(logits, grad_ce, grad_ntl, logits, labels, lse_vocab, lse_number,
+  backward_cuda(logits, grad_ce, grad_ntl, logits, labels, row_stats,
                 {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
 }
 

@@ -1,10 +1,14 @@
 // CUDA kernels of the ntl_fast operators: one thread block per row of logits.
 //
-// Forward: the block computes LSE_V with an online max + sum (one read of the row), then thread 0
-// scores the K number tokens with the shared math of ntl_math.h. Backward: thread 0 computes the
-// gradient of the number columns and of the label column into shared memory (reading the logits
-// it needs first), the block writes coef * p_k over the row (one read, one write per element),
-// then the fixed columns. Reading before writing lets the backward run in place.
+// Forward: the block computes LSE_V (or, for reweighed rows, the LSE of the text tokens) with an
+// online max + sum (one read of the row), then thread 0 scores the K number tokens with the shared
+// math of ntl_math.h. Backward: thread 0 computes the gradient of the number columns and of the
+// label column into shared memory (reading the logits it needs first), the block writes
+// coef * p_k over the row (one read, one write per element), then thread 0 writes the fixed
+// columns in order, so that a table with a repeated id still gives one deterministic result.
+// Reading before writing lets the backward run in place. The kernels read the table as given
+// (the host never reads device memory to check it) and stay in bounds and deterministic
+// whatever it holds.
 //
 // Torch-free: only the CUDA runtime and its bf16/fp16 headers.
 #include <cuda_bf16.h>
@@ -78,11 +82,13 @@ __device__ __forceinline__ void merge_lse(acc_t& m, acc_t& s, acc_t other_m, acc
 
 constexpr int kUnroll = 4;
 
-// LSE_V of the row, returned to every thread of the block. NaN logits give NaN (through the sum).
+// The LSE of the row (text_only: of its columns off N, by number_index), returned to every thread
+// of the block. NaN logits give NaN.
 template <typename scalar_t, typename acc_t>
-__device__ acc_t block_logsumexp(const scalar_t* z, int64_t V) {
+__device__ LogSumExp<acc_t> block_logsumexp(const scalar_t* z, int64_t V, bool text_only,
+                                            const int64_t* number_index) {
   __shared__ acc_t warp_m[32], warp_s[32];
-  __shared__ acc_t result;
+  __shared__ LogSumExp<acc_t> result;
   acc_t m = -INFINITY, s = 0;
   bool nan = false;  // a lane whose elements are all NaN never updates (m, s): flag it apart
   const int64_t stride = int64_t(blockDim.x) * kUnroll;
@@ -92,7 +98,8 @@ __device__ acc_t block_logsumexp(const scalar_t* z, int64_t V) {
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int64_t i = base + int64_t(j) * blockDim.x;
-      x[j] = i < V ? acc_t(load_acc(z[i])) : acc_t(-INFINITY);
+      const bool counted = i < V && !(text_only && number_index[i] >= 0);
+      x[j] = counted ? acc_t(load_acc(z[i])) : acc_t(-INFINITY);
       nan |= x[j] != x[j];
       block_max = fmax(block_max, x[j]);
     }
@@ -123,7 +130,7 @@ __device__ acc_t block_logsumexp(const scalar_t* z, int64_t V) {
       const acc_t os = __shfl_xor_sync(0xffffffffu, s, offset);
       merge_lse(m, s, om, os);
     }
-    if (lane == 0) result = any_nan ? acc_t(NAN) : (m == acc_t(-INFINITY) ? m : m + ntl_log(s));
+    if (lane == 0) result = lse_finish(m, s, any_nan);
   }
   __syncthreads();
   return result;
@@ -139,23 +146,24 @@ __global__ void forward_kernel(const CudaRows a) {
   const int64_t r = blockIdx.x;
   const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
   __shared__ RowLabel lab;
-  __shared__ bool need_lse_vocab;
+  __shared__ int dense_kind;
   if (threadIdx.x == 0) {
     lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
-    need_lse_vocab = !lab.bad && ((a.with_ce && lab.in_range) || (a.options.reweigh && lab.number >= 0));
+    dense_kind = dense_lse_kind(lab, a.with_ce, a.options);
   }
   __syncthreads();
-  const acc_t lse_vocab = need_lse_vocab ? block_logsumexp<scalar_t, acc_t>(z, a.V) : acc_t(0);
+  LogSumExp<acc_t> dense{0, 0};
+  if (dense_kind != kNoDense)
+    dense = block_logsumexp<scalar_t, acc_t>(z, a.V, dense_kind == kDenseText, a.number_index);
   if (threadIdx.x != 0) return;
   const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
-  const acc_t lse_number = (!lab.bad && lab.number >= 0) ? number_logsumexp<acc_t>(row) : acc_t(0);
+  const RowStats<acc_t> stats = row_stats(row, lab, dense_kind, dense);
   const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
   acc_t ce = 0, ntl = 0;
-  row_forward(row, lab, z_label, lse_vocab, lse_number, a.with_ce, a.options, &ce, &ntl);
+  row_forward(row, lab, z_label, stats, a.with_ce, a.options, &ce, &ntl);
   if (a.with_ce) static_cast<acc_t*>(a.ce)[r] = ce;
   static_cast<acc_t*>(a.ntl)[r] = ntl;
-  static_cast<acc_t*>(a.lse_vocab)[r] = lse_vocab;
-  static_cast<acc_t*>(a.lse_number)[r] = lse_number;
+  stats.store(static_cast<acc_t*>(a.row_stats) + r * RowStats<acc_t>::kSize);
 }
 
 extern __shared__ __align__(16) unsigned char ntl_dynamic_smem[];
@@ -167,32 +175,37 @@ __global__ void backward_kernel(const CudaRows a) {
   scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + r * a.V;
   acc_t* fix = reinterpret_cast<acc_t*>(ntl_dynamic_smem);
   __shared__ RowGradient<acc_t> g;
-  const acc_t lse_vocab = static_cast<const acc_t*>(a.lse_vocab)[r];
+  const RowStats<acc_t> stats =
+      RowStats<acc_t>::load(static_cast<const acc_t*>(a.row_stats) + r * RowStats<acc_t>::kSize);
   if (threadIdx.x == 0) {
     const RowLabel lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
     const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
     const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
     const acc_t grad_ce = a.with_ce ? static_cast<const acc_t*>(a.grad_ce)[r] : acc_t(0);
     const acc_t grad_ntl = static_cast<const acc_t*>(a.grad_ntl)[r];
-    g = row_backward(row, lab, z_label, lse_vocab, static_cast<const acc_t*>(a.lse_number)[r], grad_ce, grad_ntl,
-                     a.with_ce, a.options, fix);
+    g = row_backward(row, lab, z_label, stats, grad_ce, grad_ntl, a.with_ce, a.options, fix);
   }
   __syncthreads();
   const acc_t coef = g.coef;
   if (coef != acc_t(0)) {
+    // coef * exp(z - LSE_V) as (coef / Σ) * exp(z - max): shift-invariant, one exp per element.
+    const acc_t scale = coef * ntl_exp(-stats.vocab.log_sum), mx = stats.vocab.max;
     for (int64_t i = threadIdx.x; i < a.V; i += blockDim.x)
-      out[i] = store_as<scalar_t>(coef * ntl_exp(acc_t(load_acc(z[i])) - lse_vocab));
+      out[i] = store_as<scalar_t>(scale * ntl_exp(acc_t(load_acc(z[i])) - mx));
   } else {
     for (int64_t i = threadIdx.x; i < a.V; i += blockDim.x) out[i] = store_as<scalar_t>(acc_t(0));
   }
   __syncthreads();
+  if (threadIdx.x != 0) return;
+  // One thread, in the order of the CPU kernels: a repeated id (or a label column that is also a
+  // number id, in a corrupt table) is written last-wins, never raced.
   if (g.number_fix) {
-    for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
+    for (int64_t k = 0; k < a.K; ++k) {
       const int64_t id = a.number_ids[k];
       if (id >= 0 && id < a.V) out[id] = store_as<scalar_t>(fix[k]);
     }
   }
-  if (threadIdx.x == 0 && g.label_column >= 0) out[g.label_column] = store_as<scalar_t>(g.label_fix);
+  if (g.label_column >= 0) out[g.label_column] = store_as<scalar_t>(g.label_fix);
 }
 
 int threads_for(int64_t V) { return V >= 8192 ? 512 : (V >= 1024 ? 256 : 128); }

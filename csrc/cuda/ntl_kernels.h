@@ -14,7 +14,7 @@ namespace ntl {
 
 enum LogitsDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
-// One call's buffers. Row arrays (ce, ntl, lse_*, grad_*) are float64 for float64 logits and
+// One call's buffers. Row arrays (ce, ntl, row_stats, grad_*) are float64 for float64 logits and
 // float32 otherwise; all tensors are contiguous and on the same device.
 struct CudaRows {
   int dtype;                  // LogitsDtype of logits / grad_logits
@@ -31,8 +31,7 @@ struct CudaRows {
   bool with_ce;
   void* ce;                   // forward outputs, (M,); ce unused when !with_ce
   void* ntl;
-  void* lse_vocab;            // forward output, backward input
-  void* lse_number;
+  void* row_stats;            // (M, RowStats::kSize): forward output, backward input
   const void* grad_ce;        // backward inputs, (M,); grad_ce unused when !with_ce
   const void* grad_ntl;
   Options options;
