@@ -276,7 +276,9 @@ def number_token_loss(
     over the number tokens. ``reduction="mean"`` averages over the number positions only
     (weighted by ``weights``, or divided by ``normalizer`` when given, e.g. a global count under
     data parallelism); a mean over no position is 0 with a zero gradient. Returns float32
-    (float64 for float64 logits).
+    (float64 for float64 logits). Integer and bool ``weights`` are read as float32; a position
+    of weight 0 (or labelled ``ignore_index``, which may be a token id) counts for nothing:
+    exactly 0 loss and 0 gradient, whatever its logits (inf, NaN) or label.
     """
     config = LossConfig(loss, squash_factor, reweigh, None, ignore_index)
     check_reduction(reduction)

@@ -751,3 +751,19 @@ def test_regression_losses_keep_precision_near_the_label(loss):
     labels = torch.tensor([3, 9, 12, 3, 9, 12])
     logits[torch.arange(6), labels] += torch.tensor([9.0, 8.0, 7.5, 10.0, 6.0, 9.5])
     _assert_rows_match_reference(logits, labels, table, LossConfig(loss), f"near the label ({loss})")
+
+
+def test_inplace_is_not_used_on_rows_that_share_memory():
+    """Expanded logits (stride-0 rows) cannot each receive their own gradient in their buffer:
+    ``inplace=True`` then computes out of place (the rows once overwrote each other)."""
+    torch.manual_seed(38)
+    table = irregular_table(53)
+    row = _logits(1, 53)
+    labels = torch.tensor([4, 11, 30, -100])
+    grads = []
+    for inplace in (False, True):
+        leaf = row.clone().requires_grad_()
+        logits = (leaf * 1).expand(4, 53)
+        ntl_fast.cross_entropy_with_ntl(logits, labels, table, backend="triton", inplace=inplace).loss.backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
