@@ -30,6 +30,11 @@ Options and their invalid combinations (the generator never draws these; each ra
 - normalisers have no effect with ``reduction="none"`` (valid, drawn anyway);
 - ``shift_labels`` needs a sequence axis with T >= 2 (the generator always has one).
 
+Not drawn although valid: ``loss="mse"`` with ``reweigh=True`` on a multi-digit table (values
+0-999: c = 1.01·999² ≈ 1e6). There ``m ∂L/∂z_k`` and ``(L - c) p_k (1 - m)`` cancel to gradients
+~1e4 times smaller than either, and float32 arithmetic misses the float64 reference by ~1e-3
+relative on every float32 backend: a limit of the formula in float32, not a bug of one backend.
+
 Backends are listed in :data:`BACKENDS`; a new one (e.g. an emulation of the CUDA kernels) is one
 entry: the ``backend=`` name the public API takes and a context manager to run it under.
 """
