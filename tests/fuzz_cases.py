@@ -63,11 +63,14 @@ from helpers import tolerances
 
 @dataclass(frozen=True)
 class Backend:
-    """How the fuzzer runs one backend: the public API's ``backend=`` name and a context."""
+    """How the fuzzer runs one backend: the public API's ``backend=`` name and a context, or a
+    ``runner(case)`` of its own for kernels that no public ``backend=`` reaches."""
 
     api_name: str
     context: Callable[[], contextlib.AbstractContextManager]
     available: Callable[[], Optional[str]]  # None, or why it cannot run here
+    runner: Optional[Callable[["Case"], None]] = None
+    functions: Tuple[str, ...] = ()  # the functions it serves; () for all
 
 
 def _triton_settings(profile: str):
@@ -94,6 +97,9 @@ BACKENDS: Dict[str, Backend] = {
     "triton": Backend("triton", _triton_settings("interpret"), _reason("triton")),
     # the same kernels with the settings a GPU launch uses (one row and 4096-wide blocks per program)
     "triton-gpu-tiles": Backend("triton", _triton_settings("cuda"), _reason("triton")),
+    # the CUDA kernels' device code run on the CPU (tests/cuda_emulation), against the C++ operators
+    "cuda-emulation": Backend("cpp", contextlib.nullcontext, lambda: _cuda_emulation_reason(),
+                              runner=lambda case: check_cuda_emulation(case), functions=("ce", "ntl")),
 }
 
 # ----------------------------------------------------------------------------- the case
@@ -735,12 +741,59 @@ def _check_split(case: Case, backend_name: str) -> None:
     _compare_results((outputs, gradients), full, case.logits.dtype, "batch split with global normalisers")
 
 
+def _cuda_emulation_reason() -> Optional[str]:
+    reason = _reason("cpp")()
+    if reason is not None:
+        return reason
+    try:
+        from cuda_emulation import harness
+        harness.build("memcheck")
+    except Exception as error:  # no g++, or the harness is missing
+        return f"the CUDA emulation cannot be built: {error}"
+    return None
+
+
+def check_cuda_emulation(case: Case) -> None:
+    """The emulated CUDA forward and backward on the case's rows, against the C++ CPU operators
+    (NaN/inf positions exact, docs/math.md §6 otherwise) and free of the emulation's reports
+    (races, divergent barriers, out-of-bounds accesses). The C++ operators are checked against
+    the float64 oracle by the "cpp" backend, on the same cases."""
+    from cuda_emulation import harness
+    from ntl_fast.config import LossConfig
+
+    spec, kwargs = case.spec, case.kwargs
+    logits, labels, weights = case.logits, case.labels, case.weights
+    if spec.shift_labels:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+        weights = None if weights is None else weights[..., 1:]
+    logits = logits.reshape(-1, spec.vocab_size).contiguous()
+    labels = labels.reshape(-1).contiguous()
+    if weights is not None:  # as the public API does: a zero-weight position is ignored
+        labels = torch.where(weights.reshape(-1) != 0, labels, torch.full_like(labels, kwargs["ignore_index"]))
+    config = LossConfig(spec.loss, spec.squash, spec.reweigh, spec.sigma if spec.function == "ce" else None,
+                        kwargs["ignore_index"])
+    upstream = torch.linspace(0.5, 1.5, labels.numel(), dtype=torch.float64)
+    with_ce = spec.function == "ce"
+    cases = [harness.Case.from_table("forward", "forward", logits, labels, case.table, config, with_ce=with_ce)]
+    for kernel in ("backward", "backward_inplace") if with_ce and spec.inplace else ("backward",):
+        cases.append(harness.Case.from_table(kernel, kernel, logits, labels, case.table, config, with_ce=with_ce,
+                                             grad_ce=upstream, grad_ntl=upstream.flip(0)))
+    problems = []
+    for emulated, result in zip(cases, harness.run(cases)):
+        problems += [f"{emulated.kernel}: {problem}" for problem in harness.compare(emulated, result)]
+    if problems:
+        raise Mismatch("; ".join(problems[:6]))
+
+
 def run_case(spec: Spec, backend_name: str) -> None:
     """Every check of one case on one backend; raises :class:`Mismatch` with a reproduction."""
     backend = BACKENDS[backend_name]
     try:
         case = build(spec)
         with backend.context():
+            if backend.runner is not None:
+                backend.runner(case)
+                return
             check_against_oracle(case, backend.api_name)
             check_invariance(case, backend.api_name)
     except Exception as error:  # every failure, crashes included, gets its reproduction

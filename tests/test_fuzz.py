@@ -24,7 +24,7 @@ from fuzz_cases import (
 
 LONG = os.environ.get("NTL_FUZZ_PROFILE") == "long"
 # CI examples per backend and function: the interpreter costs ~0.3 ms per op per program
-CI_EXAMPLES = {"reference": 20, "cpp": 16, "triton": 6, "triton-gpu-tiles": 3}
+CI_EXAMPLES = {"reference": 20, "cpp": 16, "triton": 6, "triton-gpu-tiles": 3, "cuda-emulation": 8}
 SELECTED = [name for name in os.environ.get("NTL_FUZZ_BACKENDS", ",".join(BACKENDS)).split(",") if name]
 
 
@@ -46,6 +46,8 @@ def _backend_or_skip(name: str):
 
 
 def functions_of(backend_name: str):
+    if BACKENDS[backend_name].functions:
+        return BACKENDS[backend_name].functions
     # number_level_loss has no backend: it runs on the reference only
     return FUNCTIONS if backend_name == "reference" else tuple(f for f in FUNCTIONS if f != "number_level")
 
