@@ -767,3 +767,16 @@ def test_inplace_is_not_used_on_rows_that_share_memory():
         ntl_fast.cross_entropy_with_ntl(logits, labels, table, backend="triton", inplace=inplace).loss.backward()
         grads.append(leaf.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("config", [LossConfig("was_cdf"), LossConfig("was_cdf", gaussian_sigma=0.5), LossConfig("was"),
+                                    LossConfig("mse")], ids=_config_id)
+def test_confident_predictions_keep_their_precision(config):
+    """A confident prediction (the label's logit 12 above the rest): CDF differences above the
+    label once came as 1 - q_l from a q_l rounded near 1, and a_l - Σ q a cancelled."""
+    torch.manual_seed(39)
+    table = irregular_table(53)
+    logits = _logits(16, 53, scale=1.0)
+    labels = table.number_ids[torch.randint(0, table.num_numbers, (16,))]
+    logits[torch.arange(16), labels] += 12.0
+    _assert_rows_match_reference(logits, labels, table, config, "confident")

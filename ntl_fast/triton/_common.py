@@ -202,28 +202,41 @@ def row_logsumexp(row_ptrs, V, is_number_ptr, acc_ptr, BLOCK_V: tl.constexpr, TE
 
 @triton.jit
 def number_columns(number_ids_ptr, number_values_ptr, value_order_ptr, K, acc_ptr, BLOCK_K: tl.constexpr):
-    """The number tokens in value order: ``(ids, values, gaps, mask)``, BLOCK_K wide.
-
-    ``gaps[k] = v_(k+1) - v_(k)`` (0 for the last token and the padding).
-    """
+    """The number tokens in value order, BLOCK_K wide: ``(ids, values, mask)`` and the same one
+    position further along the order, ``(next_ids, next_values, has_next)`` (for the CDF form)."""
     k = tl.arange(0, BLOCK_K)
     mask = k < K
     has_next = (k + 1) < K
     order = tl.load(value_order_ptr + k, mask=mask, other=0)
     next_order = tl.load(value_order_ptr + k + 1, mask=has_next, other=0)
     ids = tl.load(number_ids_ptr + order, mask=mask, other=0)
+    next_ids = tl.load(number_ids_ptr + next_order, mask=has_next, other=0)
     values = tl.load(number_values_ptr + order, mask=mask, other=0.0).to(acc_ptr.dtype.element_ty)
-    next_values = tl.load(number_values_ptr + next_order, mask=has_next, other=0.0)
-    gaps = tl.where(has_next, next_values.to(acc_ptr.dtype.element_ty) - values, 0.0)
-    return ids, values, gaps, mask
+    next_values = tl.load(number_values_ptr + next_order, mask=has_next, other=0.0).to(acc_ptr.dtype.element_ty)
+    return ids, values, mask, next_ids, next_values, has_next
+
+
+@triton.jit
+def number_logits(row_ptrs, ids, mask, next_ids, has_next, shift, LOSS: tl.constexpr):
+    """``(zn, zn_next)``: each row's number logits in value order minus ``shift`` (-inf in the
+    padding), and, for the CDF form, the same one position further (``zn`` otherwise)."""
+    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=mask[None, :], other=float("-inf"))
+    zn = zn.to(shift.dtype) - shift[:, None]
+    if LOSS == 4:
+        zn_next = tl.load(row_ptrs[:, None] + next_ids[None, :], mask=has_next[None, :], other=float("-inf"))
+        zn_next = zn_next.to(shift.dtype) - shift[:, None]
+    else:
+        zn_next = zn
+    return zn, zn_next
 
 
 @triton.jit
 def number_token_terms(
-    zn, mask, values, gaps, rank, y, squash_min, squash_scale, sigma,
+    zn, zn_next, mask, has_next, values, next_values, rank, y, squash_min, squash_scale, sigma,
     LOSS: tl.constexpr, SQUASH: tl.constexpr, GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """NTL of each row before reweighing, from its number logits ``zn`` (-inf in the padding).
+    """NTL of each row before reweighing, from its number logits ``zn`` (-inf in the padding;
+    ``zn_next`` one position further along the value order, read by the CDF form only).
 
     Returns ``(lse_n, q, loss, dloss, target)``: ``LSE_N``, the softmax over the number tokens, L,
     ``∂L/∂z_j`` (NTL_SPEC §2.1-2.3) and the target over N (Gaussian §2.5 when GAUSSIAN, else the
@@ -238,8 +251,10 @@ def number_token_terms(
     if GAUSSIAN:
         d = (values[None, :] - y[:, None]) / sigma
         g = tl.where(mask[None, :], -0.5 * d * d, float("-inf"))
-        g = tl.exp(g - tl.max(g, axis=1)[:, None])
-        target = g / tl.sum(g, axis=1)[:, None]
+        g_max = tl.max(g, axis=1)
+        g = tl.exp(g - g_max[:, None])
+        g_sum = tl.sum(g, axis=1)
+        target = g / g_sum[:, None]
     else:
         target = tl.where(k[None, :] == rank[:, None], 1.0, 0.0).to(zn.dtype)
     if LOSS == 0:  # WAS: Σ q_j D(y, v_j)
@@ -249,11 +264,29 @@ def number_token_terms(
         loss = tl.sum(q * distance, axis=1)
         dloss = q * (distance - loss[:, None])
     elif LOSS == 4:  # WAS_CDF: Σ_k |F_q(k) - F_t(k)| gap_k
-        cdf_diff = tl.cumsum(q, axis=1) - tl.cumsum(target, axis=1)
+        # F_q(k) - F_t(k) from its lighter side: the prefix sum of q - t, or minus the suffix sum
+        # beyond k (q and t one position further along, each computed like q and t themselves).
+        # A confident prediction's tail above the label is then summed directly, never as 1 - q_l
+        # from a q_l rounded near 1.
+        q_next = tl.exp(zn_next - z_max[:, None]) / total[:, None]
+        if GAUSSIAN:
+            dn = (next_values[None, :] - y[:, None]) / sigma
+            t_next = tl.where(has_next[None, :], tl.exp(-0.5 * dn * dn - g_max[:, None]), 0.0) / g_sum[:, None]
+        else:
+            t_next = tl.where(k[None, :] + 1 == rank[:, None], 1.0, 0.0).to(zn.dtype)
+        prefix = tl.cumsum(q - target, axis=1)
+        suffix = -tl.cumsum(q_next - t_next, axis=1, reverse=True)
+        lighter_prefix = tl.cumsum(q + target, axis=1) <= tl.cumsum(q_next + t_next, axis=1, reverse=True)
+        cdf_diff = tl.where(lighter_prefix, prefix, suffix)
+        gaps = tl.where(has_next, next_values - values, 0.0)
         loss = tl.sum(tl.abs(cdf_diff) * gaps[None, :], axis=1)
         slope = tl.where(cdf_diff > 0, 1.0, tl.where(cdf_diff < 0, -1.0, 0.0)) * gaps[None, :]
         # a_j = Σ_{k >= rank(j)} slope_k, a suffix sum
         suffix = tl.sum(slope, axis=1)[:, None] - tl.cumsum(slope, axis=1) + slope
+        # a_j - Σ q_i a_i with a measured from the a of the most likely token: that token's own
+        # term is then exactly 0, and a confident prediction keeps its gradient's precision
+        likeliest = tl.argmax(tl.where(q == q, q, -1.0), axis=1)  # a row without q (NaN) picks any
+        suffix -= tl.sum(tl.where(k[None, :] == likeliest[:, None], suffix, 0.0), axis=1)[:, None]
         dloss = q * (suffix - tl.sum(q * suffix, axis=1)[:, None])
     else:  # f(ŷ - y) with f = square, abs or Huber (δ = 1)
         # ŷ - y as Σ q_j (v_j - y): the label's own term is exactly 0, so a prediction close to y

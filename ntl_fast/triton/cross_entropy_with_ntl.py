@@ -31,6 +31,7 @@ from ._common import (
     kernel_options,
     launch_settings,
     number_columns,
+    number_logits,
     number_token_terms,
     row_block,
     row_labels,
@@ -58,13 +59,12 @@ def _ce_ntl_forward_kernel(
         labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V,
         ignore_index,
     )
-    ids, values, gaps, k_mask = number_columns(
+    ids, values, k_mask, next_ids, next_values, has_next = number_columns(
         number_ids_ptr, number_values_ptr, value_order_ptr, K, ntl_ptr, BLOCK_K
     )
-    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=k_mask[None, :], other=float("-inf"))
-    zn = zn.to(log_sum.dtype) - shift[:, None]
+    zn, zn_next = number_logits(row_ptrs, ids, k_mask, next_ids, has_next, shift, LOSS)
     lse_n, q, loss, dloss, target = number_token_terms(
-        zn, k_mask, values, gaps, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
+        zn, zn_next, k_mask, has_next, values, next_values, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
         LOSS, SQUASH, GAUSSIAN, BLOCK_K,
     )
     if REWEIGH:
@@ -101,15 +101,14 @@ def _ce_ntl_backward_kernel(
         labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V,
         ignore_index,
     )
-    ids, values, gaps, k_mask = number_columns(
+    ids, values, k_mask, next_ids, next_values, has_next = number_columns(
         number_ids_ptr, number_values_ptr, value_order_ptr, K, stats_ptr, BLOCK_K
     )
     # every logit this program needs besides the streamed row, read before any gradient write
-    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=k_mask[None, :], other=float("-inf"))
-    zn = zn.to(log_sum.dtype) - shift[:, None]
+    zn, zn_next = number_logits(row_ptrs, ids, k_mask, next_ids, has_next, shift, LOSS)
     z_label = tl.load(row_ptrs + label).to(log_sum.dtype) - shift
     lse_n, q, loss, dloss, target = number_token_terms(
-        zn, k_mask, values, gaps, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
+        zn, zn_next, k_mask, has_next, values, next_values, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
         LOSS, SQUASH, GAUSSIAN, BLOCK_K,
     )
     upstream_ce = tl.where(in_range, tl.load(grad_ce_ptr + rows).to(log_sum.dtype), 0.0)

@@ -23,6 +23,7 @@ from ._common import (
     kernel_options,
     launch_settings,
     number_columns,
+    number_logits,
     number_token_terms,
     row_block,
     row_labels,
@@ -49,16 +50,16 @@ def _ntl_forward_kernel(
         labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V,
         ignore_index,
     )
-    ids, values, gaps, k_mask = number_columns(
+    ids, values, k_mask, next_ids, next_values, has_next = number_columns(
         number_ids_ptr, number_values_ptr, value_order_ptr, K, ntl_ptr, BLOCK_K
     )
-    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=k_mask[None, :], other=float("-inf"))
-    zn = zn.to(ntl_ptr.dtype.element_ty)
     if REWEIGH:
         shift, log_sum, log_text = row_logsumexp(row_ptrs, V, is_number_ptr, ntl_ptr, BLOCK_V, True)
-        zn = zn - shift[:, None]
+    else:
+        shift = tl.zeros([BLOCK_M], dtype=ntl_ptr.dtype.element_ty)
+    zn, zn_next = number_logits(row_ptrs, ids, k_mask, next_ids, has_next, shift, LOSS)
     lse_n, q, loss, dloss, target = number_token_terms(
-        zn, k_mask, values, gaps, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
+        zn, zn_next, k_mask, has_next, values, next_values, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
         LOSS, SQUASH, GAUSSIAN, BLOCK_K,
     )
     if REWEIGH:
@@ -87,17 +88,17 @@ def _ntl_backward_kernel(
         labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V,
         ignore_index,
     )
-    ids, values, gaps, k_mask = number_columns(
+    ids, values, k_mask, next_ids, next_values, has_next = number_columns(
         number_ids_ptr, number_values_ptr, value_order_ptr, K, stats_ptr, BLOCK_K
     )
-    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=k_mask[None, :], other=float("-inf"))
-    zn = zn.to(stats_ptr.dtype.element_ty)
     if REWEIGH:
         shift = tl.load(stats_ptr + rows)
         log_sum = tl.load(stats_ptr + M + rows)
-        zn = zn - shift[:, None]
+    else:
+        shift = tl.zeros([BLOCK_M], dtype=stats_ptr.dtype.element_ty)
+    zn, zn_next = number_logits(row_ptrs, ids, k_mask, next_ids, has_next, shift, LOSS)
     lse_n, q, loss, dloss, target = number_token_terms(
-        zn, k_mask, values, gaps, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
+        zn, zn_next, k_mask, has_next, values, next_values, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
         LOSS, SQUASH, GAUSSIAN, BLOCK_K,
     )
     upstream = tl.where(valid, tl.load(grad_ntl_ptr + rows).to(zn.dtype), 0.0)
