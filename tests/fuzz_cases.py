@@ -35,8 +35,10 @@ Not drawn although valid: ``loss="mse"`` with ``reweigh=True`` on a multi-digit 
 ~1e4 times smaller than either, and float32 arithmetic misses the float64 reference by ~1e-3
 relative on every float32 backend: a limit of the formula in float32, not a bug of one backend.
 
-Backends are listed in :data:`BACKENDS`; a new one (e.g. an emulation of the CUDA kernels) is one
-entry: the ``backend=`` name the public API takes and a context manager to run it under.
+Backends are listed in :data:`BACKENDS`; a new one is one entry: the ``backend=`` name the public
+API takes and a context manager to run it under ("triton-gpu-tiles" is Triton with a GPU launch's
+block settings), or a runner of its own ("cuda-emulation": the CUDA kernels' device code on the
+CPU, tests/cuda_emulation, checked against the C++ operators on each case's rows).
 """
 
 from __future__ import annotations
