@@ -320,7 +320,9 @@ def cross_entropy_with_ntl(
     Face's ``num_items_in_batch``), NTL over the number positions (or ``ntl_normalizer``): two
     different counts. ``gaussian_sigma`` turns the CE targets of number positions into a Gaussian
     over the number tokens (Gaussian-CE); with ``loss="was_cdf"`` NTL is then W1 against those
-    same targets (the paper's GCE + NTL). Other options as in :func:`number_token_loss`.
+    same targets (the paper's GCE + NTL). Gaussian targets put mass on every number token, so a
+    number position whose label is finite but some number token's logit is ``-inf`` (masked) has
+    CE ``+inf``, as the math says. Other options as in :func:`number_token_loss`.
 
     With the C++ backend on CPU tensors and reduction ``"mean"``/``"sum"``, the gradient is
     computed in the same pass as the loss (every row's share of the loss is known up to the one

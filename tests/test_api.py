@@ -331,3 +331,16 @@ def test_zero_weight_and_ignored_rows_are_exact_zeros_whatever_their_logits(tabl
             (clean, clean_grad), (dirty, dirty_grad) = results
             assert torch.equal(clean, dirty), reduction
             assert (dirty_grad[0, 4] == 0).all() and torch.equal(clean_grad, dirty_grad), reduction
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto", "triton"])
+def test_gaussian_targets_on_a_masked_number_token_give_inf(table, backend):
+    """Decided behaviour: a Gaussian target puts mass on a masked (-inf) number token, so that
+    position's CE is +inf (the other positions stay finite); without Gaussian targets it is finite."""
+    logits = torch.randn(3, table.vocab_size)
+    labels = table.number_ids[torch.tensor([2, 5, 7])]
+    logits[0, table.number_ids[8]] = float("-inf")
+    out = ntl_fast.cross_entropy_with_ntl(logits, labels, table, gaussian_sigma=1.0, reduction="none", backend=backend)
+    assert out.ce[0] == float("inf") and torch.isfinite(out.ce[1:]).all() and torch.isfinite(out.ntl).all()
+    plain = ntl_fast.cross_entropy_with_ntl(logits, labels, table, reduction="none", backend=backend)
+    assert torch.isfinite(plain.ce).all()
