@@ -82,14 +82,30 @@ def _check_inputs(
     if weights is not None:
         if not isinstance(weights, Tensor):
             raise TypeError(f"weights must be a Tensor or None, got {type(weights).__name__}")
-        if not weights.is_floating_point():
-            raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
+        if weights.is_complex():
+            raise TypeError(f"weights must be a real (float, integer or bool) tensor, got {weights.dtype}")
         if tuple(weights.shape) != tuple(labels.shape):
             raise ValueError(
                 f"weights must have the labels' shape {tuple(labels.shape)}, got {tuple(weights.shape)}"
             )
         if weights.device != logits.device:
             raise ValueError(f"weights are on {weights.device} but logits on {logits.device}")
+
+
+def _float_weights(weights: Optional[Tensor]) -> Optional[Tensor]:
+    """Integer and bool weights (``torch.ones_like(labels)``) as float32; float weights unchanged."""
+    if weights is None or weights.is_floating_point():
+        return weights
+    return weights.to(torch.float32)
+
+
+def _ignore_zero_weight(labels: Tensor, weights: Optional[Tensor], ignore_index: int) -> Tensor:
+    """Labels with every zero-weight position set to ``ignore_index``: such a position counts for
+    nothing, so it gets exactly 0 loss and 0 gradient whatever its logits (even inf or NaN, and
+    an out-of-range label under ``validate=False``). Its weight, 0, adds nothing to a mean."""
+    if weights is None:
+        return labels
+    return torch.where(weights != 0, labels, torch.full_like(labels, ignore_index))
 
 
 def _check_values(labels: Tensor, vocab_size: int, ignore_index: int, weights: Optional[Tensor]) -> None:
@@ -117,6 +133,7 @@ def _prepare(
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Check, shift for causal models, and return ``(logits (M, V), labels (M,), weights (M,))``."""
     _check_inputs(logits, labels, table, weights)
+    weights = _float_weights(weights)
     if shift_labels:
         if logits.dim() < 2 or logits.shape[-2] < 2:
             raise ValueError(
@@ -135,7 +152,7 @@ def _prepare(
     labels = labels.reshape(-1)
     if weights is not None:
         weights = weights.reshape(-1)
-    return logits, labels, weights
+    return logits, _ignore_zero_weight(labels, weights, ignore_index), weights
 
 
 # --------------------------------------------------------------------------------- reductions
@@ -170,7 +187,8 @@ def _reduce(
 
     ``counted`` marks the positions the mean is over; ``rows`` is 0 elsewhere.
     """
-    weighted = rows if weights is None else rows * weights.to(rows.dtype)
+    # a zero weight gives exactly 0 (and a zero gradient), also where the row's loss is NaN
+    weighted = rows if weights is None else torch.where(weights != 0, rows * weights.to(rows.dtype), 0.0)
     if reduction == "none":
         return weighted.view(shape)
     total = weighted.sum()
@@ -267,7 +285,9 @@ def number_token_loss(
     over the number tokens. ``reduction="mean"`` averages over the number positions only
     (weighted by ``weights``, or divided by ``normalizer`` when given, e.g. a global count under
     data parallelism); a mean over no position is 0 with a zero gradient. Returns float32
-    (float64 for float64 logits).
+    (float64 for float64 logits). Integer and bool ``weights`` are read as float32; a position
+    of weight 0 (or labelled ``ignore_index``, which may be a token id) counts for nothing:
+    exactly 0 loss and 0 gradient, whatever its logits (inf, NaN) or label.
 
     Args:
         logits (Tensor): ``(..., V)`` float32, bfloat16, float16 or float64, any layout. V may
@@ -283,8 +303,8 @@ def number_token_loss(
             (§2.4): ``ntloss``'s default, not the paper's. Default False.
         reduction (str): ``"mean"`` (default; over the number positions, §3), ``"sum"``, or
             ``"none"`` (a tensor of the labels' shape, 0 off the number positions).
-        weights (Tensor, optional): ``(...)`` floating-point per-position weights >= 0; the mean
-            becomes ``Σ w L / Σ w`` over the number positions.
+        weights (Tensor, optional): ``(...)`` per-position weights >= 0 (floating-point, integer or
+            bool, read as float32); the mean becomes ``Σ w L / Σ w`` over the number positions.
         ignore_index (int): the label of positions that count for nothing. Default -100.
         normalizer (int, float or 0-d Tensor, optional): replaces the mean's denominator (e.g.
             the global number-position count from :func:`ntl_fast.global_counts`).
@@ -350,6 +370,8 @@ def cross_entropy_with_ntl(
     different counts (docs/math.md §3). ``gaussian_sigma`` turns the CE targets of number
     positions into a Gaussian over the number tokens (Gaussian-CE, §2.5); with
     ``loss="was_cdf"`` NTL is then W1 against those same targets (the paper's GCE + NTL).
+    Gaussian targets put mass on every number token, so a number position whose label is finite
+    but some number token's logit is ``-inf`` (masked) has CE ``+inf``, as the math says.
 
     With the C++ backend on CPU tensors and reduction ``"mean"``/``"sum"``, the gradient is
     computed in the same pass as the loss (every row's share of the loss is known up to the one
@@ -370,7 +392,9 @@ def cross_entropy_with_ntl(
         inplace (bool): let a kernel backend write the gradient into the logits' own buffer
             during the backward, saving one logits-sized allocation. Only safe when nothing else
             reads those logits after this loss (no second loss on them, no logging of them after
-            backward); the reference backend ignores it. Default False.
+            backward); the reference backend ignores it, and so does every backend when the
+            logits are not one dense block (e.g. expanded: rows sharing memory cannot each hold
+            their own gradient). Default False.
 
     Returns:
         NTLOutput: ``(loss, ce, ntl)``, 0-d tensors (the labels' shape for ``"none"``), float32
@@ -392,6 +416,8 @@ def cross_entropy_with_ntl(
     row_table = table.resized(logits2d.shape[-1])
     choice = explain_backend(logits2d.device, backend)
     kernels = get_backend(choice.name)
+    # rows that share memory (expanded logits) cannot each receive their own gradient in place
+    inplace = inplace and logits2d.is_contiguous()
     in_range, _, number_index = reference.label_positions(labels1d, row_table, ignore_index)
     is_number = number_index >= 0
     fused = _fuses_loss_and_grad(kernels, logits2d, reduction, inplace, weights1d, ntl_weight, ce_normalizer,
@@ -462,6 +488,7 @@ def number_level_loss(
     if isinstance(labels, Tensor) and labels.dim() < 1:
         raise ValueError("labels of the number-level loss need a sequence axis (..., T)")
     _check_inputs(logits, labels, table, weights)
+    weights = _float_weights(weights)
     non_digit = (table.number_values != table.number_values.round()) | (table.number_values < 0) | (
         table.number_values > 9
     )

@@ -23,7 +23,8 @@ from torch import Tensor
 from .backends import explain_backend, get_backend
 from .config import LossConfig, check_reduction
 from .functional import (
-    _FLOAT_DTYPES, NTLOutput, Normalizer, _check_inputs, _check_values, _is_compiling, _row_scale,
+    _FLOAT_DTYPES, NTLOutput, Normalizer, _check_inputs, _check_values, _float_weights, _ignore_zero_weight,
+    _is_compiling, _row_scale,
 )
 from .reference import accumulation_dtype, label_positions
 from .table import NumberTokenTable
@@ -275,6 +276,7 @@ def linear_cross_entropy_with_ntl(
     # a zero-stride stand-in for the logits lets the shared checks run without allocating them
     logits_shape = hidden.new_empty(()).expand(*hidden.shape[:-1], vocab_size)
     _check_inputs(logits_shape, labels, table, weights)
+    weights = _float_weights(weights)
     if shift_labels:
         if hidden.dim() < 2 or hidden.shape[-2] < 2:
             raise ValueError(
@@ -287,9 +289,10 @@ def linear_cross_entropy_with_ntl(
     shape = labels.shape
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1)
+    weights1d = None if weights is None else weights.reshape(-1)
+    labels1d = _ignore_zero_weight(labels1d, weights1d, ignore_index)
     row_table = table.resized(vocab_size)
     acc = accumulation_dtype(hidden.dtype)
-    weights1d = None if weights is None else weights.reshape(-1)
     in_range, _, number_index = label_positions(labels1d, row_table, ignore_index)
     # each row's share of the loss: weights over the means' counts ("none": the weights alone)
     scale_reduction = "sum" if reduction == "none" else reduction

@@ -86,7 +86,9 @@ def number_level_rows(
     at its first digit (0 elsewhere, NaN at bad labels) and the mask of those first digits.
     Always float32 (float64 for float64 logits), as :func:`ntl_fast.reference.number_level_rows`.
     """
-    dtype = accumulation_dtype(logits.dtype)
+    # float64 inside (B·T·K numbers, nothing next to the logits): near a saturated error, e.g.
+    # Y = 0 where the loss is Ŷ/(Ŷ + ε), float32 cancels a gradient of ~ε/Ŷ² to 0
+    dtype = torch.float64
     batch, length = labels.shape
     _, bad, number_index = label_positions(labels.reshape(-1), table, ignore_index)
     number_index = number_index.view(batch, length)
@@ -97,6 +99,8 @@ def number_level_rows(
     number_values = table.number_values.to(dtype)
     # only the K number-token columns are read: ŷ needs nothing else
     number_logits = logits.reshape(batch * length, -1).index_select(1, table.number_ids).to(dtype)
+    # positions that are no digit get exactly a zero gradient, whatever their logits (inf, NaN)
+    number_logits = torch.where(is_digit.reshape(-1, 1), number_logits, torch.zeros_like(number_logits))
     y_hat = expected_value(number_softmax(number_logits), number_values).view(batch, length)
     y = number_values[number_index.clamp_min(0)]
     scale = torch.pow(torch.tensor(10.0, dtype=dtype, device=logits.device), exponent.to(dtype))
@@ -112,4 +116,4 @@ def number_level_rows(
     error = (prediction - target).abs() / (prediction.abs() + target.abs() + eps)
     loss = torch.where(first_digit.reshape(-1), error, zero).view(batch, length)
     loss = torch.where(bad.view(batch, length), torch.full_like(loss, float("nan")), loss)
-    return loss, first_digit
+    return loss.to(accumulation_dtype(logits.dtype)), first_digit

@@ -7,6 +7,11 @@ and NaN where a label is out of range (which the public API rejects before getti
 every backend shares them. Gradients come from autograd; the closed forms of NTL_SPEC §2 are
 checked against these functions in the tests.
 
+:func:`ntl_rows` and :func:`ce_ntl_rows` compute in float64 whatever the logits' dtype and return
+float32 (float64 for float64 logits), as the kernels do: the float32 results are then the
+correctly rounded values, also on rows where float32 arithmetic itself is ill-conditioned (a
+reweigh constant in the thousands cancelling against ``m ∂L/∂z``).
+
 Notation (NTL_SPEC §2): ``N`` the number-token ids, ``q`` the softmax over the number tokens,
 ``p`` the softmax over the full vocabulary, ``y`` the label's value, ``ŷ = Σ q_j v_j``.
 """
@@ -31,6 +36,8 @@ __all__ = [
     "gaussian_targets",
     "regression_loss",
     "reweigh_by_number_mass",
+    "centered",
+    "only_rows",
     "ntl_rows",
     "ce_ntl_rows",
     "number_level_rows",
@@ -101,16 +108,39 @@ def regression_loss(diff: Tensor, loss: str) -> Tensor:
     raise ValueError(f"not a regression loss: {loss!r}")
 
 
-def reweigh_by_number_mass(loss: Tensor, number_mass: Tensor, constant: float) -> Tensor:
-    """§2.4: ``m L + c (1 - m)``, punishing mass put on text where a number belongs."""
-    return number_mass * loss + constant * (1.0 - number_mass)
+def reweigh_by_number_mass(loss: Tensor, number_mass: Tensor, text_mass: Tensor, constant: float) -> Tensor:
+    """§2.4: ``m L + c (1 - m)``, punishing mass put on text where a number belongs.
+
+    ``text_mass`` is ``1 - m`` computed as ``Σ_{k∉N} p_k``: ``1 - m`` itself would be rounding
+    noise times ``c`` when m is 1 to the last bit (every text logit ``-inf``).
+    """
+    return number_mass * loss + constant * text_mass
+
+
+def centered(z: Tensor) -> Tensor:
+    """``z - max_k z_k`` per row (the max detached; 0 where it is not finite).
+
+    Every loss here is invariant under adding a constant to a row; working on centered logits
+    keeps it so in floating point, where ``z - LSE_V`` with a rounded ``LSE_V`` of large magnitude
+    (logits near ±1e4) would not be. An all ``-inf`` row stays ``-inf``; an ``inf``/NaN row stays
+    non-finite.
+    """
+    row_max = z.detach().amax(dim=-1, keepdim=True)
+    return z - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+
+
+def only_rows(z: Tensor, rows: Tensor) -> Tensor:
+    """``z`` on the selected rows, 0 elsewhere: a row that does not count gets exactly a zero
+    gradient, whatever its logits (``0 * NaN`` would be NaN)."""
+    return torch.where(rows[:, None], z, torch.zeros_like(z))
 
 
 def _per_position_ntl(
     z: Tensor, number_index: Tensor, table: NumberTokenTable, config: LossConfig,
-    lse_vocab: Optional[Tensor],
+    log_p: Optional[Tensor],
 ) -> Tensor:
-    """NTL of every row as if its label were the number token ``number_index`` (clamped)."""
+    """NTL of every row as if its label were the number token ``number_index`` (clamped);
+    ``log_p`` is the full-vocabulary log-softmax, needed with reweigh."""
     index = number_index.clamp_min(0)
     number_values = table.number_values.to(z.dtype)
     y = number_values[index]
@@ -126,23 +156,28 @@ def _per_position_ntl(
             target = gaussian_targets(y, number_values, config.gaussian_sigma)
         loss = wasserstein_cdf(q, target, table)
     else:
-        loss = regression_loss(expected_value(q, number_values) - y, config.loss)
+        # ŷ - y as Σ q_j (v_j - y): the label's own term is exactly 0, so a prediction close to y
+        # keeps its relative precision (ŷ - y from a rounded ŷ loses ~eps·|v| absolute)
+        loss = regression_loss((q * (number_values[None, :] - y[:, None])).sum(-1), config.loss)
     if config.reweigh:
-        number_mass = torch.exp(torch.logsumexp(number_logits, dim=-1) - lse_vocab)
+        p = torch.exp(log_p)
+        number_mass = p[:, table.number_ids].sum(-1)
+        text_mass = torch.where(table.is_number, torch.zeros_like(p), p).sum(-1)
         loss = reweigh_by_number_mass(
-            loss, number_mass, table.reweigh_constant(config.loss, config.squash_factor)
+            loss, number_mass, text_mass, table.reweigh_constant(config.loss, config.squash_factor)
         )
     return loss
 
 
 def ntl_rows(logits: Tensor, labels: Tensor, table: NumberTokenTable, config: LossConfig) -> Tensor:
     """Per-position NTL: ``(M,)``, 0 off the NTL-valid positions, NaN at bad labels."""
-    z = logits.to(accumulation_dtype(logits.dtype))
     _, bad, number_index = label_positions(labels, table, config.ignore_index)
-    lse_vocab = torch.logsumexp(z, dim=-1) if config.reweigh else None
-    loss = _per_position_ntl(z, number_index, table, config, lse_vocab)
+    z = centered(only_rows(logits.to(torch.float64), number_index >= 0))
+    log_p = torch.log_softmax(z, dim=-1) if config.reweigh else None
+    loss = _per_position_ntl(z, number_index, table, config, log_p)
     loss = torch.where(number_index >= 0, loss, torch.zeros_like(loss))
-    return torch.where(bad, torch.full_like(loss, float("nan")), loss)
+    loss = torch.where(bad, torch.full_like(loss, float("nan")), loss)
+    return loss.to(accumulation_dtype(logits.dtype))
 
 
 def ce_ntl_rows(
@@ -155,8 +190,8 @@ def ce_ntl_rows(
 
     CE is 0 at ignored positions; NTL is 0 off the NTL-valid positions; both NaN at bad labels.
     """
-    z = logits.to(accumulation_dtype(logits.dtype))
     in_range, bad, number_index = label_positions(labels, table, config.ignore_index)
+    z = centered(only_rows(logits.to(torch.float64), in_range))
     lse_vocab = torch.logsumexp(z, dim=-1)
     safe_labels = torch.where(in_range, labels, torch.zeros_like(labels)).long()
     ce = lse_vocab - z.gather(1, safe_labels[:, None]).squeeze(1)
@@ -167,10 +202,14 @@ def ce_ntl_rows(
         gaussian_ce = lse_vocab - (target * z[:, table.number_ids]).sum(-1)
         ce = torch.where(number_index >= 0, gaussian_ce, ce)
     ce = torch.where(in_range, ce, torch.zeros_like(ce))
-    ntl = _per_position_ntl(z, number_index, table, config, lse_vocab)
+    # NTL on the NTL-valid rows only: a text label whose number logits are all -inf has no q
+    z = only_rows(z, number_index >= 0)
+    log_p = torch.log_softmax(z, dim=-1) if config.reweigh else None
+    ntl = _per_position_ntl(z, number_index, table, config, log_p)
     ntl = torch.where(number_index >= 0, ntl, torch.zeros_like(ntl))
     nan = torch.full_like(ce, float("nan"))
-    return torch.where(bad, nan, ce), torch.where(bad, nan, ntl)
+    dtype = accumulation_dtype(logits.dtype)
+    return torch.where(bad, nan, ce).to(dtype), torch.where(bad, nan, ntl).to(dtype)
 
 
 def _number_runs(number_index: Tensor, labels: Tensor, float_level: bool, dot_id: Optional[int]):
@@ -238,7 +277,9 @@ def number_level_rows(
         values.append((prediction - target).abs() / (prediction.abs() + target.abs() + eps))
         rows.append(row)
         firsts.append(digits[0])
-    loss = y_hat * 0.0  # zeros that keep the graph, so an empty batch still has a gradient
+    # zeros that keep the graph, so an empty batch still has a gradient (and never y_hat * 0,
+    # which is NaN where a position that is no digit has NaN logits)
+    loss = torch.where(torch.zeros_like(y_hat, dtype=torch.bool), y_hat, torch.zeros_like(y_hat))
     first_digit = torch.zeros(batch, length, dtype=torch.bool, device=logits.device)
     if values:
         index = (torch.tensor(rows, device=logits.device), torch.tensor(firsts, device=logits.device))

@@ -143,6 +143,36 @@ class NumberTokenTable:
         self._distance_cache: Dict[Optional[float], Tensor] = {}
         self._resized_cache: Dict[int, "NumberTokenTable"] = {}
         self._device_cache: Dict[torch.device, "NumberTokenTable"] = {torch.device("cpu"): self}
+        self._check_contents()
+
+    def _check_contents(self) -> None:
+        """What every kernel indexes with, checked once, here (NTL_SPEC §1, §4): ids unique, sorted
+        and in ``[0, V)``, ``number_index`` their inverse, ``value_order`` a permutation sorting
+        the values and ``value_rank`` its inverse, values and their distances finite in float32."""
+        k, vocab_size = self.num_numbers, self.vocab_size
+        ids = self.number_ids
+        positions = torch.arange(k)
+        if ids.dtype != torch.int64 or ids.shape != (k,) or k == 0:
+            raise ValueError(f"number_ids must be a non-empty int64 (K,) tensor, got {ids.dtype} {tuple(ids.shape)}")
+        if bool((ids < 0).any()) or bool((ids >= vocab_size).any()):
+            raise ValueError(f"number_ids must lie in [0, {vocab_size})")
+        if k > 1 and not bool((ids[1:] > ids[:-1]).all()):
+            raise ValueError("number_ids must be unique and increasing")
+        if not torch.equal(self.number_index[ids], positions) or int((self.number_index >= 0).sum()) != k:
+            raise ValueError("number_index must map each number id to its position in number_ids, -1 elsewhere")
+        if not bool(torch.isfinite(self.number_values).all()):
+            raise ValueError("values: number-token values must be finite")
+        if not torch.equal(torch.sort(self.value_order).values, positions):
+            raise ValueError("value_order must be a permutation of range(K)")
+        if not torch.equal(self.value_rank[self.value_order], positions):
+            raise ValueError("value_rank must be the inverse permutation of value_order")
+        if not bool((self.sorted_gaps >= 0).all()):
+            raise ValueError("value_order must sort the number values ascending")
+        if not math.isfinite(self.max_distance):
+            raise ValueError(
+                f"values: the spread of the number values [{self.min_value:g}, {self.max_value:g}] "
+                f"overflows float32; NTL's distances must be finite"
+            )
 
     # ----------------------------------------------------------------------------- builders
     @classmethod
@@ -230,6 +260,8 @@ class NumberTokenTable:
                 raise ValueError("vocab_size is required when values is a mapping {id: value}")
             dense = torch.full((vocab_size,), float("nan"), dtype=torch.float32)
             for token_id, value in values.items():
+                if isinstance(token_id, bool) or int(token_id) != token_id:
+                    raise ValueError(f"values: token ids must be integers, got {token_id!r}")
                 if not 0 <= int(token_id) < vocab_size:
                     raise ValueError(f"values: token id {token_id} is outside [0, {vocab_size})")
                 value = float(value)

@@ -179,7 +179,8 @@ BAD_CALLS = [
      ValueError, "non-empty"),
     ("negative weights", dict(weights=lambda t: torch.tensor([[1.0, -1.0, 1.0]])), ValueError, "weights must be >= 0"),
     ("nan weights", dict(weights=lambda t: torch.tensor([[1.0, float("nan"), 1.0]])), ValueError, "weights"),
-    ("int weights", dict(weights=lambda t: torch.ones(1, 3, dtype=torch.long)), TypeError, "weights must be a float"),
+    ("complex weights", dict(weights=lambda t: torch.ones(1, 3, dtype=torch.complex64)), TypeError, "weights must be a real"),
+    ("negative int weights", dict(weights=lambda t: torch.tensor([[1, -1, 1]])), ValueError, "weights must be >= 0"),
     ("weights shape", dict(weights=lambda t: torch.ones(3)), ValueError, "weights must have"),
     ("labels device", dict(labels=lambda t: torch.zeros(1, 3, dtype=torch.long, device="meta")), ValueError, "labels are on"),
     ("table type", dict(table=lambda t: {"0": 0}), TypeError, "table must be"),
@@ -281,3 +282,65 @@ def test_irregular_vocabulary_end_to_end():
         out = ntl_fast.cross_entropy_with_ntl(logits, labels, table, loss=loss)
         (grad,) = torch.autograd.grad(out.loss, logits)
         assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+
+
+# ----------------------------------------------------------------------------- weights of any dtype, rows that do not count
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
+def test_integer_and_bool_weights_are_accepted_as_float(table, backend, dtype):
+    """The authors' tests pass ``torch.ones_like(labels)`` as weights; once a TypeError."""
+    torch.manual_seed(51)
+    logits, labels = make_batch(table)
+    weights = (torch.rand(labels.shape) < 0.7).to(dtype)
+    for fn in (ntl_fast.cross_entropy_with_ntl, ntl_fast.number_token_loss):
+        got = fn(logits, labels, table, weights=weights, backend=backend)
+        want = fn(logits, labels, table, weights=weights.float(), backend=backend)
+        got, want = (got.loss, want.loss) if isinstance(got, tuple) else (got, want)
+        assert torch.equal(got, want)
+    ones = ntl_fast.number_level_loss(logits, labels, table, weights=torch.ones_like(labels))
+    assert torch.equal(ones, ntl_fast.number_level_loss(logits, labels, table, weights=torch.ones(labels.shape)))
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+def test_zero_weight_and_ignored_rows_are_exact_zeros_whatever_their_logits(table, poison):
+    torch.manual_seed(52)
+    logits, labels = make_batch(table, shape=(2, 6))
+    labels[:, :3] = table.number_ids[:3]
+    labels[0, 4] = -100
+    weights = torch.ones(labels.shape)
+    weights[:, 1] = 0
+    poisoned = logits.detach().clone()
+    poisoned[0, 4] = poison  # ignored
+    level_poisoned = poisoned.clone()  # a number-level loss reads every digit of a number
+    poisoned[:, 1] = poison  # zero weight (a digit inside the number starting at 0)
+    for reduction in ("mean", "sum", "none"):
+        for call, dirty_logits in (
+            (lambda z: ntl_fast.cross_entropy_with_ntl(z, labels, table, weights=weights, reduction=reduction,
+                                                       reweigh=True, backend="reference").loss, poisoned),
+            (lambda z: ntl_fast.number_token_loss(z, labels, table, weights=weights, reduction=reduction,
+                                                  backend="reference"), poisoned),
+            (lambda z: ntl_fast.number_level_loss(z, labels, table, weights=weights, reduction=reduction),
+             level_poisoned),
+        ):
+            results = []
+            for source in (logits.detach(), dirty_logits):
+                z = source.clone().requires_grad_()
+                out = call(z)
+                out.sum().backward()
+                results.append((out.detach(), z.grad))
+            (clean, clean_grad), (dirty, dirty_grad) = results
+            assert torch.equal(clean, dirty), reduction
+            assert (dirty_grad[0, 4] == 0).all() and torch.equal(clean_grad, dirty_grad), reduction
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto", "triton"])
+def test_gaussian_targets_on_a_masked_number_token_give_inf(table, backend):
+    """Decided behaviour: a Gaussian target puts mass on a masked (-inf) number token, so that
+    position's CE is +inf (the other positions stay finite); without Gaussian targets it is finite."""
+    logits = torch.randn(3, table.vocab_size)
+    labels = table.number_ids[torch.tensor([2, 5, 7])]
+    logits[0, table.number_ids[8]] = float("-inf")
+    out = ntl_fast.cross_entropy_with_ntl(logits, labels, table, gaussian_sigma=1.0, reduction="none", backend=backend)
+    assert out.ce[0] == float("inf") and torch.isfinite(out.ce[1:]).all() and torch.isfinite(out.ntl).all()
+    plain = ntl_fast.cross_entropy_with_ntl(logits, labels, table, reduction="none", backend=backend)
+    assert torch.isfinite(plain.ce).all()

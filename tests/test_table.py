@@ -184,3 +184,32 @@ def test_to_cuda():
     moved = table.to("cuda")
     assert moved.values.is_cuda and moved.number_ids.is_cuda and not table.values.is_cuda
     assert moved.to("cpu") is table
+
+
+def test_table_contents_are_checked_when_built():
+    """Values whose spread overflows float32 (distances inf), and non-integer ids, are refused
+    when the table is built, not when a kernel indexes with them."""
+    with pytest.raises(ValueError, match="overflows float32"):
+        NumberTokenTable.from_values({1: -3e38, 2: 3e38}, vocab_size=4)
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        NumberTokenTable.from_values({1.5: 2.0, 2: 3.0}, vocab_size=4)
+    with pytest.raises(ValueError, match="finite"):
+        NumberTokenTable.from_values(torch.tensor([1e39, 0.0, float("nan")], dtype=torch.float64))
+    table = NumberTokenTable.from_values({3: 2.0, 0: 2.0, 7: -1.0}, vocab_size=9)  # a duplicate value
+    assert table.value_order.tolist() == [2, 0, 1] and table.value_rank.tolist() == [1, 2, 0]
+
+
+def test_table_checks_what_kernels_index_with():
+    table = NumberTokenTable.from_values({1: 0.0, 4: 1.0, 6: 2.0}, vocab_size=8)
+    cases = {
+        "number_ids": (torch.tensor([1, 4, 4]), "unique"),
+        "value_order": (torch.tensor([0, 0, 2]), "permutation"),
+        "value_rank": (torch.tensor([2, 1, 0]), "inverse"),
+        "number_index": (torch.full((8,), -1), "number_index"),
+    }
+    for name, (bad, message) in cases.items():
+        broken = object.__new__(NumberTokenTable)
+        broken.__dict__.update(table.__dict__)
+        setattr(broken, name, bad)
+        with pytest.raises(ValueError, match=message):
+            broken._check_contents()

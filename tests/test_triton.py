@@ -5,6 +5,7 @@ NTL_SPEC §6 (tests/helpers.assert_spec_close). Cases stay small: the interprete
 op per program.
 """
 
+import contextlib
 import math
 import os
 import subprocess
@@ -562,9 +563,11 @@ for fn, block_m in [(_ntl_forward_kernel, 16), (_ntl_backward_kernel, 1),
             signature[name] = "*bf16"
         elif name in INT64:
             signature[name] = "*i64"
+        elif name == "is_number_ptr":
+            signature[name] = "*i1"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32"
-        elif name in ("stride_m", "stride_gm", "M", "V", "K", "ignore_index"):
+        elif name in ("stride_m", "stride_gm", "stride_label", "M", "V", "K", "ignore_index"):
             signature[name] = "i32"
         else:
             signature[name] = "fp32"
@@ -586,3 +589,194 @@ def test_kernels_compile_for_sm90(tmp_path):
     result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------- masks, layouts, shifts
+def _assert_rows_match_reference(logits, labels, table, config, what):
+    """Triton's CE, NTL and gradients against the float64 reference, both entry points."""
+    rows = logits.shape[0]
+    upstream = [torch.linspace(0.5, 1.5, rows), torch.linspace(1.5, 0.5, rows)]
+    pairs = [(triton_backend.ce_ntl_rows, reference.ce_ntl_rows), (triton_backend.ntl_rows, reference.ntl_rows)]
+    for fn, ref in pairs:
+        got, grad = _rows_and_grad(lambda z: fn(z, labels, table, config), logits, upstream)
+        want, grad_ref = _rows_and_grad(lambda z: ref(z, labels, table, config), logits.double(), upstream)
+        for index, (a, b) in enumerate(zip(got, want)):
+            assert torch.isfinite(b).all(), f"{what}: the reference is not finite"
+            assert_spec_close(a, b, logits.dtype, what=f"{what}: {fn.__name__} output {index}")
+        assert_spec_close(grad, grad_ref, logits.dtype, gradient=True, what=f"{what}: {fn.__name__} gradient")
+
+
+MASK_CONFIGS = [LossConfig("was"), LossConfig("mse", reweigh=True), LossConfig("was_cdf", reweigh=True),
+                LossConfig("huber", gaussian_sigma=1.0, reweigh=True)]
+
+
+@pytest.mark.parametrize("profile", ["interpret", "cuda"])
+@pytest.mark.parametrize("config", MASK_CONFIGS, ids=_config_id)
+def test_minus_inf_masks_give_the_reference_result(config, profile):
+    """-inf logits are ordinary input: leading blocks of any length (the online log-sum-exp once
+    computed exp(-inf - (-inf)) = NaN there), every text token, all but the label, every number
+    token under a text label. The "cuda" profile runs a GPU launch's tiling (4096-wide blocks)."""
+    torch.manual_seed(31)
+    vocab_size = 5000 if profile == "cuda" else 300
+    block = 4096 if profile == "cuda" else 128
+    table = NumberTokenTable.from_values({vocab_size - 20 + d: float(d) for d in range(10)}, vocab_size=vocab_size)
+    logits = _logits(6, vocab_size)
+    labels = torch.tensor([vocab_size - 17, 5, vocab_size - 11, 3, vocab_size - 20, 200])
+    logits[0, :block] = float("-inf")          # the first block, a number label
+    logits[1, 7:2 * block] = float("-inf")     # two blocks but not the text label
+    logits[2, :vocab_size - 20] = float("-inf")  # every text token
+    logits[3, :] = float("-inf")               # all but the (text) label
+    logits[3, 3] = 0.5
+    logits[4, torch.arange(vocab_size) != vocab_size - 20] = float("-inf")  # all but the number label
+    logits[5, vocab_size - 20:vocab_size - 10] = float("-inf")  # every number token, a text label
+    if config.gaussian_sigma is not None:
+        # Gaussian targets put mass on every number token: masking one makes the true loss inf
+        logits, labels = logits[[0, 1, 2, 3, 5]], labels[[0, 1, 2, 3, 5]]
+    settings = _common.use_launch_settings("cuda") if profile == "cuda" else contextlib.nullcontext()
+    with settings:
+        _assert_rows_match_reference(logits, labels, table, config, f"masks ({profile})")
+
+
+def test_big_negative_masks_behave_like_minus_inf():
+    torch.manual_seed(32)
+    table = irregular_table(300)
+    labels = _labels_with_edges(8, table)
+    for mask in (-1e6, -torch.finfo(torch.float32).max):
+        logits = _logits(8, 300)
+        logits[:, :150] = mask
+        logits[torch.arange(8), labels.clamp_min(0)] = 1.0
+        for config in MASK_CONFIGS:
+            _assert_rows_match_reference(logits, labels, table, config, f"mask {mask:g}")
+
+
+def test_strided_labels_and_logits_give_the_contiguous_numbers_bitwise():
+    """``x[:, -1]`` with ``y[:, -1]`` of a (B, T) batch: the kernels once read labels with stride 1."""
+    torch.manual_seed(33)
+    table = irregular_table(53)
+    x = _logits(5 * 4, 53).view(5, 4, 53)
+    y = _labels_with_edges(20, table).view(5, 4)
+    views = [lambda t: t[:, -1], lambda t: t.transpose(0, 1)[1], lambda t: t[::2, 1]]
+    for config in (LossConfig("was"), LossConfig("mse", reweigh=True, gaussian_sigma=1.0)):
+        for view in views:
+            labels = view(y)
+            assert not labels.is_contiguous()
+            for fn in (triton_backend.ce_ntl_rows, triton_backend.ntl_rows):
+                results = []
+                for contiguous in (False, True):
+                    leaf = x.clone().requires_grad_()
+                    logits = view(leaf).contiguous() if contiguous else view(leaf)
+                    rows = fn(logits, labels.contiguous() if contiguous else labels, table, config)
+                    rows = (rows,) if isinstance(rows, torch.Tensor) else rows
+                    sum(r.sum() * (i + 1) for i, r in enumerate(rows)).backward()
+                    results.append((*rows, leaf.grad))
+                for a, b in zip(*results):
+                    assert torch.equal(a, b), f"{fn.__name__} {_config_id(config)}"
+
+
+@pytest.mark.parametrize("shift", [1e4, -1e4])
+def test_shift_invariance_with_large_logits(shift):
+    """Logits on a 2^-10 grid shifted by ±1e4 stay exact; losses and gradients must not move by
+    more than the tolerances (``z - LSE_V`` with LSE_V rounded near 1e4 lost ~5e-4)."""
+    torch.manual_seed(34)
+    table = irregular_table(300)
+    logits = torch.round(_logits(12, 300) * 1024) / 1024
+    shifted = logits + shift
+    for config in CONFIGS:
+        labels = _labels_with_edges(12, table, config.ignore_index)
+        upstream = [torch.linspace(0.5, 1.5, 12), torch.linspace(1.5, 0.5, 12)]
+        for fn in (triton_backend.ce_ntl_rows, triton_backend.ntl_rows):
+            base, grad = _rows_and_grad(lambda z: fn(z, labels, table, config), logits, upstream)
+            moved, grad_moved = _rows_and_grad(lambda z: fn(z, labels, table, config), shifted, upstream)
+            for a, b in zip(moved, base):
+                assert_spec_close(a, b, torch.float32, what=f"{_config_id(config)} {fn.__name__}")
+            assert_spec_close(grad_moved, grad, torch.float32, gradient=True, what=f"{_config_id(config)} gradient")
+
+
+def test_reweigh_with_all_mass_on_numbers():
+    """Every text logit -inf: m is 1 to the last bit and ``1 - m`` must be exactly the text mass
+    (0 here, tiny in the second row), not rounding noise times the reweigh constant."""
+    torch.manual_seed(35)
+    table = digit_table(300)
+    logits = _logits(4, 300)
+    logits[:, table.is_number.logical_not()] = float("-inf")
+    logits[1, 0] = -30.0  # a text mass of ~1e-13
+    labels = table.number_ids[torch.tensor([0, 3, 9, 5])]
+    for loss in ("mse", "was", "huber", "was_cdf"):
+        _assert_rows_match_reference(logits, labels, table, LossConfig(loss, reweigh=True), f"reweigh {loss}")
+
+
+def test_ignore_index_inside_the_vocabulary_is_ignored():
+    torch.manual_seed(36)
+    table = digit_table(40)
+    logits = _logits(6, 40)
+    labels = torch.tensor([3, 7, 8, 3, 20, 3])  # ignore_index 3 is a valid token id
+    config = LossConfig("was", ignore_index=3)
+    ce, ntl = triton_backend.ce_ntl_rows(logits, labels, table, config)
+    assert (ce[labels == 3] == 0).all() and (ntl[labels == 3] == 0).all()
+    _assert_rows_match_reference(logits, labels, table, config, "ignore_index 3")
+
+
+@pytest.mark.parametrize("poison", [float("inf"), float("nan"), float("-inf")])
+def test_rows_that_do_not_count_give_exact_zeros_whatever_their_logits(poison):
+    """Ignored and zero-weight rows: 0 loss and exactly 0 gradient even with inf/NaN logits; a
+    counted row with inf/NaN logits is non-finite and touches no other row."""
+    torch.manual_seed(37)
+    table = irregular_table(53)
+    logits = _logits(6, 53)
+    labels = torch.tensor([4, -100, 11, 30, 0, 44])
+    logits[1:4] = poison  # row 1 ignored, rows 2-3 get weight 0
+    weights = torch.tensor([1.0, 1.0, 0.0, 0.0, 2.0, 1.0])
+    for fn in ("cross_entropy_with_ntl", "number_token_loss"):
+        for backend in ("triton", "reference"):
+            leaf = logits.clone().requires_grad_()
+            out = getattr(ntl_fast, fn)(leaf, labels, table, weights=weights, backend=backend,
+                                        reweigh=True, reduction="sum")
+            out = out.loss if fn == "cross_entropy_with_ntl" else out
+            out.backward()
+            assert torch.isfinite(out), f"{fn} {backend}"
+            assert (leaf.grad[1:4] == 0).all() and torch.isfinite(leaf.grad).all(), f"{fn} {backend}"
+    counted = ntl_fast.cross_entropy_with_ntl(logits, labels, table, backend="triton", reduction="none")
+    finite = torch.isfinite(counted.loss)
+    if poison != float("-inf"):
+        assert not finite[2:4].any()
+    assert finite[[0, 1, 4, 5]].all() and (counted.loss[1] == 0)
+
+
+@pytest.mark.parametrize("loss", ["mse", "mae", "huber"])
+def test_regression_losses_keep_precision_near_the_label(loss):
+    """ŷ - y computed as Σ q_j (v_j - y), as the reference does (a rounded ŷ minus y lost ~eps·|v|)."""
+    table = NumberTokenTable.from_values({3: -17.5, 9: 20.0, 12: 19.5}, vocab_size=16)
+    torch.manual_seed(43)
+    logits = _logits(6, 16, scale=1.0)
+    labels = torch.tensor([3, 9, 12, 3, 9, 12])
+    logits[torch.arange(6), labels] += torch.tensor([9.0, 8.0, 7.5, 10.0, 6.0, 9.5])
+    _assert_rows_match_reference(logits, labels, table, LossConfig(loss), f"near the label ({loss})")
+
+
+def test_inplace_is_not_used_on_rows_that_share_memory():
+    """Expanded logits (stride-0 rows) cannot each receive their own gradient in their buffer:
+    ``inplace=True`` then computes out of place (the rows once overwrote each other)."""
+    torch.manual_seed(38)
+    table = irregular_table(53)
+    row = _logits(1, 53)
+    labels = torch.tensor([4, 11, 30, -100])
+    grads = []
+    for inplace in (False, True):
+        leaf = row.clone().requires_grad_()
+        logits = (leaf * 1).expand(4, 53)
+        ntl_fast.cross_entropy_with_ntl(logits, labels, table, backend="triton", inplace=inplace).loss.backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("config", [LossConfig("was_cdf"), LossConfig("was_cdf", gaussian_sigma=0.5), LossConfig("was"),
+                                    LossConfig("mse")], ids=_config_id)
+def test_confident_predictions_keep_their_precision(config):
+    """A confident prediction (the label's logit 12 above the rest): CDF differences above the
+    label once came as 1 - q_l from a q_l rounded near 1, and a_l - Σ q a cancelled."""
+    torch.manual_seed(39)
+    table = irregular_table(53)
+    logits = _logits(16, 53, scale=1.0)
+    labels = table.number_ids[torch.randint(0, table.num_numbers, (16,))]
+    logits[torch.arange(16), labels] += 12.0
+    _assert_rows_match_reference(logits, labels, table, config, "confident")

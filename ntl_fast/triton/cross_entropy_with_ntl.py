@@ -1,9 +1,10 @@
 """Cross-entropy (or Gaussian-CE) fused with the Number Token Loss (NTL_SPEC §2), in Triton.
 
 Forward, per row: ONE pass over the vocabulary in BLOCK_V chunks (online max / log-sum-exp), plus
-a gather of the label column and of the K number-token columns; it writes CE, NTL and ``LSE_V``,
-the only statistic saved for the backward (the number-token terms are recomputed there from the
-K columns, which costs nothing next to the row).
+a gather of the label column and of the K number-token columns; it writes CE, NTL and the row
+statistics saved for the backward (row max and log-sums, so that ``p_k`` is formed from ``z_k -
+max``, never from a rounded ``LSE_V``; the number-token terms are recomputed there from the K
+columns, which costs nothing next to the row).
 
 Backward, per row: one more read of the row and one write of its gradient,
 ``grad_ce (p - target) + grad_ntl ∂NTL/∂z``. The dense part ``a p_k`` is written for every column
@@ -30,10 +31,12 @@ from ._common import (
     kernel_options,
     launch_settings,
     number_columns,
+    number_logits,
     number_token_terms,
     row_block,
     row_labels,
     row_logsumexp,
+    scaled,
     store_dense_gradient,
 )
 
@@ -42,46 +45,49 @@ __all__ = ["ce_ntl_forward", "ce_ntl_backward", "ce_ntl_backward_"]
 
 @triton.jit
 def _ce_ntl_forward_kernel(
-    logits_ptr, stride_m, labels_ptr,
-    number_ids_ptr, number_values_ptr, number_index_ptr, value_order_ptr, value_rank_ptr,
-    ce_ptr, ntl_ptr, lse_ptr,
+    logits_ptr, stride_m, labels_ptr, stride_label,
+    number_ids_ptr, number_values_ptr, number_index_ptr, value_order_ptr, value_rank_ptr, is_number_ptr,
+    ce_ptr, ntl_ptr, stats_ptr,
     M, V, K, ignore_index, squash_min, squash_scale, reweigh_constant, sigma,
     LOSS: tl.constexpr, SQUASH: tl.constexpr, REWEIGH: tl.constexpr, GAUSSIAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows, row_mask = row_block(M, BLOCK_M)
     row_ptrs = logits_ptr + rows * stride_m
-    lse_v = row_logsumexp(row_ptrs, V, ntl_ptr, BLOCK_V)
+    shift, log_sum, log_text = row_logsumexp(row_ptrs, V, is_number_ptr, ntl_ptr, BLOCK_V, REWEIGH)
     label, in_range, bad, valid, rank, y = row_labels(
-        labels_ptr, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V, ignore_index
+        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V,
+        ignore_index,
     )
-    ids, values, gaps, k_mask = number_columns(
+    ids, values, k_mask, next_ids, next_values, has_next = number_columns(
         number_ids_ptr, number_values_ptr, value_order_ptr, K, ntl_ptr, BLOCK_K
     )
-    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=k_mask[None, :], other=float("-inf"))
-    zn = zn.to(lse_v.dtype)
+    zn, zn_next = number_logits(row_ptrs, ids, k_mask, next_ids, has_next, shift, LOSS)
     lse_n, q, loss, dloss, target = number_token_terms(
-        zn, k_mask, values, gaps, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
+        zn, zn_next, k_mask, has_next, values, next_values, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
         LOSS, SQUASH, GAUSSIAN, BLOCK_K,
     )
     if REWEIGH:
-        mass = tl.exp(lse_n - lse_v)
-        loss = mass * loss + reweigh_constant * (1.0 - mass)
-    ce = lse_v - tl.load(row_ptrs + label).to(lse_v.dtype)
+        mass = tl.exp(lse_n - log_sum)
+        loss = mass * loss + reweigh_constant * tl.exp(log_text - log_sum)
+    ce = log_sum - (tl.load(row_ptrs + label).to(log_sum.dtype) - shift)
     if GAUSSIAN:
-        gaussian_ce = lse_v - tl.sum(target * tl.where(k_mask[None, :], zn, 0.0), axis=1)
+        gaussian_ce = log_sum - tl.sum(target * tl.where(k_mask[None, :], zn, 0.0), axis=1)
         ce = tl.where(valid, gaussian_ce, ce)
     ce = tl.where(in_range, ce, 0.0)
     loss = tl.where(valid, loss, 0.0)
     tl.store(ce_ptr + rows, tl.where(bad, float("nan"), ce), mask=row_mask)
     tl.store(ntl_ptr + rows, tl.where(bad, float("nan"), loss), mask=row_mask)
-    tl.store(lse_ptr + rows, lse_v, mask=row_mask)
+    tl.store(stats_ptr + rows, shift, mask=row_mask)
+    tl.store(stats_ptr + M + rows, log_sum, mask=row_mask)
+    tl.store(stats_ptr + 2 * M + rows, log_text, mask=row_mask)
 
 
 @triton.jit
 def _ce_ntl_backward_kernel(
-    logits_ptr, stride_m, grad_ptr, stride_gm, labels_ptr, lse_ptr, grad_ce_ptr, grad_ntl_ptr,
-    number_ids_ptr, number_values_ptr, number_index_ptr, value_order_ptr, value_rank_ptr,
+    logits_ptr, stride_m, grad_ptr, stride_gm, labels_ptr, stride_label, stats_ptr,
+    grad_ce_ptr, grad_ntl_ptr,
+    number_ids_ptr, number_values_ptr, number_index_ptr, value_order_ptr, value_rank_ptr, is_number_ptr,
     M, V, K, ignore_index, squash_min, squash_scale, reweigh_constant, sigma,
     LOSS: tl.constexpr, SQUASH: tl.constexpr, REWEIGH: tl.constexpr, GAUSSIAN: tl.constexpr,
     INPLACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -89,43 +95,45 @@ def _ce_ntl_backward_kernel(
     rows, row_mask = row_block(M, BLOCK_M)
     row_ptrs = logits_ptr + rows * stride_m
     grad_row_ptrs = grad_ptr + rows * stride_gm
-    lse_v = tl.load(lse_ptr + rows)
+    shift = tl.load(stats_ptr + rows)
+    log_sum = tl.load(stats_ptr + M + rows)
     label, in_range, bad, valid, rank, y = row_labels(
-        labels_ptr, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V, ignore_index
+        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V,
+        ignore_index,
     )
-    ids, values, gaps, k_mask = number_columns(
-        number_ids_ptr, number_values_ptr, value_order_ptr, K, lse_ptr, BLOCK_K
+    ids, values, k_mask, next_ids, next_values, has_next = number_columns(
+        number_ids_ptr, number_values_ptr, value_order_ptr, K, stats_ptr, BLOCK_K
     )
     # every logit this program needs besides the streamed row, read before any gradient write
-    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=k_mask[None, :], other=float("-inf"))
-    zn = zn.to(lse_v.dtype)
-    z_label = tl.load(row_ptrs + label).to(lse_v.dtype)
+    zn, zn_next = number_logits(row_ptrs, ids, k_mask, next_ids, has_next, shift, LOSS)
+    z_label = tl.load(row_ptrs + label).to(log_sum.dtype) - shift
     lse_n, q, loss, dloss, target = number_token_terms(
-        zn, k_mask, values, gaps, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
+        zn, zn_next, k_mask, has_next, values, next_values, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
         LOSS, SQUASH, GAUSSIAN, BLOCK_K,
     )
-    upstream_ce = tl.where(in_range, tl.load(grad_ce_ptr + rows).to(lse_v.dtype), 0.0)
-    upstream_ntl = tl.where(valid, tl.load(grad_ntl_ptr + rows).to(lse_v.dtype), 0.0)
-    p_n = tl.exp(zn - lse_v[:, None])
+    upstream_ce = tl.where(in_range, tl.load(grad_ce_ptr + rows).to(log_sum.dtype), 0.0)
+    upstream_ntl = tl.where(valid, tl.load(grad_ntl_ptr + rows).to(log_sum.dtype), 0.0)
+    p_n = tl.exp(zn - log_sum[:, None])
     # CE target over N: Gaussian (§2.5) or one-hot at a number label; 0 for other labels
     ce_target = tl.where(valid[:, None], target, 0.0)
-    number_grad = upstream_ce[:, None] * (p_n - ce_target)
+    number_grad = scaled(upstream_ce[:, None], p_n - ce_target)
     if REWEIGH:
-        # ∂L'/∂z_k = m ∂L/∂z_k + (L - c) p_k (1[k∈N] - m)
-        mass = tl.exp(lse_n - lse_v)
+        # ∂L'/∂z_k = m ∂L/∂z_k + (L - c) p_k (1[k∈N] - m), with 1 - m the text mass
+        mass = tl.exp(lse_n - log_sum)
+        text_mass = tl.exp(tl.load(stats_ptr + 2 * M + rows) - log_sum)
         spread = loss - reweigh_constant
-        dense = upstream_ce - upstream_ntl * spread * mass
-        number_grad += upstream_ntl[:, None] * (
-            mass[:, None] * dloss + (spread * (1.0 - mass))[:, None] * p_n
+        dense = upstream_ce - scaled(upstream_ntl, spread * mass)
+        number_grad += scaled(
+            upstream_ntl[:, None], mass[:, None] * dloss + (spread * text_mass)[:, None] * p_n
         )
     else:
         dense = upstream_ce
-        number_grad += upstream_ntl[:, None] * dloss
+        number_grad += scaled(upstream_ntl[:, None], dloss)
     # a label outside N: p_l - 1 (a number label is one of the K columns)
-    label_grad = dense * tl.exp(z_label - lse_v) - upstream_ce
+    label_grad = scaled(dense, tl.exp(z_label - log_sum)) - upstream_ce
     if INPLACE:
         tl.debug_barrier()  # the gathers above complete before the row is overwritten
-    store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, V, lse_v, dense, BLOCK_V)
+    store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, V, shift, log_sum, dense, BLOCK_V)
     tl.debug_barrier()  # the exact values of K + 1 columns land after the dense write
     tl.store(
         grad_row_ptrs[:, None] + ids[None, :],
@@ -146,37 +154,42 @@ def ce_ntl_forward(
     reweigh: bool, reweigh_constant: float, gaussian_sigma: Optional[float], ignore_index: int,
     inplace: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-row CE, NTL and ``LSE_V``, each ``(M,)`` float32 (float64 for float64 logits).
+    """Per-row CE and NTL, each ``(M,)`` float32 (float64 for float64 logits), and the row
+    statistics the backward reads: ``(3, M)`` = row max (0 where not finite), ``log Σ_V exp(z -
+    max)``, and the same over the non-number tokens (``LSE_V`` = the first two summed).
 
-    ``tables`` = ``(number_ids, number_values, number_index, value_order, value_rank)``.
+    ``tables`` = ``(number_ids, number_values, number_index, value_order, value_rank, is_number)``.
     ``inplace`` only selects the backward (:func:`ce_ntl_backward_`); the forward never writes
     the logits.
     """
     check_row_inputs(logits, labels, loss)
     num_rows, vocab_size = logits.shape
     dtype = accumulation_dtype(logits.dtype)
-    ce, ntl, lse = (torch.empty(num_rows, dtype=dtype, device=logits.device) for _ in range(3))
+    ce, ntl = (torch.empty(num_rows, dtype=dtype, device=logits.device) for _ in range(2))
+    stats = torch.empty((3, num_rows), dtype=dtype, device=logits.device)
     if num_rows == 0:
-        return ce, ntl, lse
+        return ce, ntl, stats
     scalars, switches = kernel_options(loss, squash, squash_min, squash_scale, reweigh,
                                         reweigh_constant, gaussian_sigma, ignore_index)
     num_numbers = tables[0].numel()
     settings = launch_settings(num_rows, vocab_size, num_numbers, full_row=True)
     grid = (triton.cdiv(num_rows, settings["BLOCK_M"]),)
     _ce_ntl_forward_kernel[grid](
-        logits, logits.stride(0), labels, *tables, ce, ntl, lse,
+        logits, logits.stride(0), labels, labels.stride(0), *tables, ce, ntl, stats,
         num_rows, vocab_size, num_numbers, *scalars, **switches, **settings,
     )
-    return ce, ntl, lse
+    return ce, ntl, stats
 
 
 @ce_ntl_forward.register_fake
 def _ce_ntl_forward_fake(logits, labels, tables, *options):
     dtype = accumulation_dtype(logits.dtype)
-    return tuple(logits.new_empty(logits.shape[:1], dtype=dtype) for _ in range(3))
+    rows = logits.shape[:1]
+    return (logits.new_empty(rows, dtype=dtype), logits.new_empty(rows, dtype=dtype),
+            logits.new_empty((3,) + tuple(rows), dtype=dtype))
 
 
-def _launch_backward(grad, grad_ce, grad_ntl, logits, labels, lse, tables, options, inplace):
+def _launch_backward(grad, grad_ce, grad_ntl, logits, labels, stats, tables, options, inplace):
     num_rows, vocab_size = logits.shape
     if num_rows == 0:
         return
@@ -185,7 +198,7 @@ def _launch_backward(grad, grad_ce, grad_ntl, logits, labels, lse, tables, optio
     settings = launch_settings(num_rows, vocab_size, num_numbers, full_row=True)
     grid = (triton.cdiv(num_rows, settings["BLOCK_M"]),)
     _ce_ntl_backward_kernel[grid](
-        logits, logits.stride(0), grad, grad.stride(0), labels, lse,
+        logits, logits.stride(0), grad, grad.stride(0), labels, labels.stride(0), stats.contiguous(),
         grad_ce.contiguous(), grad_ntl.contiguous(), *tables,
         num_rows, vocab_size, num_numbers, *scalars, **switches, INPLACE=inplace, **settings,
     )
@@ -193,7 +206,7 @@ def _launch_backward(grad, grad_ce, grad_ntl, logits, labels, lse, tables, optio
 
 @torch.library.custom_op("ntl_fast::triton_ce_ntl_backward", mutates_args=())
 def ce_ntl_backward(
-    grad_ce: Tensor, grad_ntl: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
+    grad_ce: Tensor, grad_ntl: Tensor, logits: Tensor, labels: Tensor, stats: Tensor,
     tables: List[Tensor],
     loss: str, squash: bool, squash_min: float, squash_scale: float,
     reweigh: bool, reweigh_constant: float, gaussian_sigma: Optional[float], ignore_index: int,
@@ -202,18 +215,18 @@ def ce_ntl_backward(
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     options = (loss, squash, squash_min, squash_scale, reweigh, reweigh_constant, gaussian_sigma,
                ignore_index)
-    _launch_backward(grad, grad_ce, grad_ntl, logits, labels, lse, tables, options, inplace=False)
+    _launch_backward(grad, grad_ce, grad_ntl, logits, labels, stats, tables, options, inplace=False)
     return grad
 
 
 @ce_ntl_backward.register_fake
-def _ce_ntl_backward_fake(grad_ce, grad_ntl, logits, labels, lse, tables, *options):
+def _ce_ntl_backward_fake(grad_ce, grad_ntl, logits, labels, stats, tables, *options):
     return logits.new_empty(logits.shape)
 
 
 @torch.library.custom_op("ntl_fast::triton_ce_ntl_backward_", mutates_args=("logits",))
 def ce_ntl_backward_(
-    grad_ce: Tensor, grad_ntl: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
+    grad_ce: Tensor, grad_ntl: Tensor, logits: Tensor, labels: Tensor, stats: Tensor,
     tables: List[Tensor],
     loss: str, squash: bool, squash_min: float, squash_scale: float,
     reweigh: bool, reweigh_constant: float, gaussian_sigma: Optional[float], ignore_index: int,
@@ -226,7 +239,7 @@ def ce_ntl_backward_(
     """
     options = (loss, squash, squash_min, squash_scale, reweigh, reweigh_constant, gaussian_sigma,
                ignore_index)
-    _launch_backward(logits, grad_ce, grad_ntl, logits, labels, lse, tables, options, inplace=True)
+    _launch_backward(logits, grad_ce, grad_ntl, logits, labels, stats, tables, options, inplace=True)
 
 
 def _setup_context(ctx, inputs, output):
@@ -236,17 +249,17 @@ def _setup_context(ctx, inputs, output):
     ctx.inplace = inplace
 
 
-def _backward(ctx, grad_ce, grad_ntl, grad_lse):
-    logits, labels, lse, *tables = ctx.saved_tensors
+def _backward(ctx, grad_ce, grad_ntl, grad_stats):
+    logits, labels, stats, *tables = ctx.saved_tensors
     if grad_ce is None:
-        grad_ce = torch.zeros_like(lse)
+        grad_ce = torch.zeros_like(stats[0])
     if grad_ntl is None:
-        grad_ntl = torch.zeros_like(lse)
+        grad_ntl = torch.zeros_like(stats[0])
     if ctx.inplace:
-        ce_ntl_backward_(grad_ce, grad_ntl, logits, labels, lse, tables, *ctx.options)
+        ce_ntl_backward_(grad_ce, grad_ntl, logits, labels, stats, tables, *ctx.options)
         grad = logits
     else:
-        grad = ce_ntl_backward(grad_ce, grad_ntl, logits, labels, lse, tables, *ctx.options)
+        grad = ce_ntl_backward(grad_ce, grad_ntl, logits, labels, stats, tables, *ctx.options)
     return (grad, None, [None] * len(tables)) + (None,) * (len(ctx.options) + 1)
 
 

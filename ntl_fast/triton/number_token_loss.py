@@ -1,8 +1,8 @@
 """Standalone Number Token Loss (NTL_SPEC §2.1-2.4) as Triton kernels and ``torch.library`` ops.
 
 Forward: reads only the K number-token columns of each row (and, with reweigh, the full row once
-for ``LSE_V``); writes the per-row loss and the row statistic the backward needs (``LSE_V`` with
-reweigh). Backward: without reweigh the gradient is zeros plus the K number columns; with reweigh
+for its max and log-sums); writes the per-row loss and the row statistics the backward needs
+(with reweigh). Backward: without reweigh the gradient is zeros plus the K number columns; with reweigh
 it is dense (``∂L'/∂z_k`` involves ``p_k`` for every k), one read and one write of each row.
 
 Ops: ``ntl_fast::triton_ntl_forward`` and ``ntl_fast::triton_ntl_backward``.
@@ -23,10 +23,12 @@ from ._common import (
     kernel_options,
     launch_settings,
     number_columns,
+    number_logits,
     number_token_terms,
     row_block,
     row_labels,
     row_logsumexp,
+    scaled,
     store_dense_gradient,
 )
 
@@ -35,9 +37,9 @@ __all__ = ["ntl_forward", "ntl_backward"]
 
 @triton.jit
 def _ntl_forward_kernel(
-    logits_ptr, stride_m, labels_ptr,
-    number_ids_ptr, number_values_ptr, number_index_ptr, value_order_ptr, value_rank_ptr,
-    ntl_ptr, lse_ptr,
+    logits_ptr, stride_m, labels_ptr, stride_label,
+    number_ids_ptr, number_values_ptr, number_index_ptr, value_order_ptr, value_rank_ptr, is_number_ptr,
+    ntl_ptr, stats_ptr,
     M, V, K, ignore_index, squash_min, squash_scale, reweigh_constant, sigma,
     LOSS: tl.constexpr, SQUASH: tl.constexpr, REWEIGH: tl.constexpr, GAUSSIAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -45,33 +47,36 @@ def _ntl_forward_kernel(
     rows, row_mask = row_block(M, BLOCK_M)
     row_ptrs = logits_ptr + rows * stride_m
     label, in_range, bad, valid, rank, y = row_labels(
-        labels_ptr, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V, ignore_index
+        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V,
+        ignore_index,
     )
-    ids, values, gaps, k_mask = number_columns(
+    ids, values, k_mask, next_ids, next_values, has_next = number_columns(
         number_ids_ptr, number_values_ptr, value_order_ptr, K, ntl_ptr, BLOCK_K
     )
-    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=k_mask[None, :], other=float("-inf"))
-    zn = zn.to(ntl_ptr.dtype.element_ty)
+    if REWEIGH:
+        shift, log_sum, log_text = row_logsumexp(row_ptrs, V, is_number_ptr, ntl_ptr, BLOCK_V, True)
+    else:
+        shift = tl.zeros([BLOCK_M], dtype=ntl_ptr.dtype.element_ty)
+    zn, zn_next = number_logits(row_ptrs, ids, k_mask, next_ids, has_next, shift, LOSS)
     lse_n, q, loss, dloss, target = number_token_terms(
-        zn, k_mask, values, gaps, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
+        zn, zn_next, k_mask, has_next, values, next_values, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
         LOSS, SQUASH, GAUSSIAN, BLOCK_K,
     )
     if REWEIGH:
-        lse = row_logsumexp(row_ptrs, V, ntl_ptr, BLOCK_V)
-        mass = tl.exp(lse_n - lse)
-        loss = mass * loss + reweigh_constant * (1.0 - mass)
-    else:
-        lse = lse_n  # unused by the backward
+        mass = tl.exp(lse_n - log_sum)
+        loss = mass * loss + reweigh_constant * tl.exp(log_text - log_sum)
+        tl.store(stats_ptr + rows, shift, mask=row_mask)
+        tl.store(stats_ptr + M + rows, log_sum, mask=row_mask)
+        tl.store(stats_ptr + 2 * M + rows, log_text, mask=row_mask)
     loss = tl.where(valid, loss, 0.0)
     loss = tl.where(bad, float("nan"), loss)
     tl.store(ntl_ptr + rows, loss, mask=row_mask)
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
 
 
 @triton.jit
 def _ntl_backward_kernel(
-    logits_ptr, stride_m, grad_ptr, stride_gm, labels_ptr, lse_ptr, grad_ntl_ptr,
-    number_ids_ptr, number_values_ptr, number_index_ptr, value_order_ptr, value_rank_ptr,
+    logits_ptr, stride_m, grad_ptr, stride_gm, labels_ptr, stride_label, stats_ptr, grad_ntl_ptr,
+    number_ids_ptr, number_values_ptr, number_index_ptr, value_order_ptr, value_rank_ptr, is_number_ptr,
     M, V, K, ignore_index, squash_min, squash_scale, reweigh_constant, sigma,
     LOSS: tl.constexpr, SQUASH: tl.constexpr, REWEIGH: tl.constexpr, GAUSSIAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -80,31 +85,38 @@ def _ntl_backward_kernel(
     row_ptrs = logits_ptr + rows * stride_m
     grad_row_ptrs = grad_ptr + rows * stride_gm
     label, in_range, bad, valid, rank, y = row_labels(
-        labels_ptr, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V, ignore_index
+        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V,
+        ignore_index,
     )
-    ids, values, gaps, k_mask = number_columns(
-        number_ids_ptr, number_values_ptr, value_order_ptr, K, lse_ptr, BLOCK_K
+    ids, values, k_mask, next_ids, next_values, has_next = number_columns(
+        number_ids_ptr, number_values_ptr, value_order_ptr, K, stats_ptr, BLOCK_K
     )
-    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=k_mask[None, :], other=float("-inf"))
-    zn = zn.to(lse_ptr.dtype.element_ty)
+    if REWEIGH:
+        shift = tl.load(stats_ptr + rows)
+        log_sum = tl.load(stats_ptr + M + rows)
+    else:
+        shift = tl.zeros([BLOCK_M], dtype=stats_ptr.dtype.element_ty)
+    zn, zn_next = number_logits(row_ptrs, ids, k_mask, next_ids, has_next, shift, LOSS)
     lse_n, q, loss, dloss, target = number_token_terms(
-        zn, k_mask, values, gaps, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
+        zn, zn_next, k_mask, has_next, values, next_values, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
         LOSS, SQUASH, GAUSSIAN, BLOCK_K,
     )
     upstream = tl.where(valid, tl.load(grad_ntl_ptr + rows).to(zn.dtype), 0.0)
     if REWEIGH:
         # ∂L'/∂z_k = m ∂L/∂z_k + (L - c) p_k (1[k∈N] - m): dense -(L - c) m p_k, then N fixed up
-        lse = tl.load(lse_ptr + rows)
-        mass = tl.exp(lse_n - lse)
+        mass = tl.exp(lse_n - log_sum)
+        text_mass = tl.exp(tl.load(stats_ptr + 2 * M + rows) - log_sum)
         spread = loss - reweigh_constant
-        store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, V, lse, -upstream * spread * mass, BLOCK_V)
-        p_n = tl.exp(zn - lse[:, None])
-        number_grad = upstream[:, None] * (
-            mass[:, None] * dloss + (spread * (1.0 - mass))[:, None] * p_n
+        store_dense_gradient(
+            row_ptrs, grad_row_ptrs, row_mask, V, shift, log_sum, -scaled(upstream, spread * mass), BLOCK_V
+        )
+        p_n = tl.exp(zn - log_sum[:, None])
+        number_grad = scaled(
+            upstream[:, None], mass[:, None] * dloss + (spread * text_mass)[:, None] * p_n
         )
         tl.debug_barrier()  # the number columns' exact values land after the dense write
     else:
-        number_grad = upstream[:, None] * dloss
+        number_grad = scaled(upstream[:, None], dloss)
     tl.store(
         grad_row_ptrs[:, None] + ids[None, :],
         number_grad.to(grad_ptr.dtype.element_ty),
@@ -118,39 +130,41 @@ def ntl_forward(
     loss: str, squash: bool, squash_min: float, squash_scale: float,
     reweigh: bool, reweigh_constant: float, gaussian_sigma: Optional[float], ignore_index: int,
 ) -> Tuple[Tensor, Tensor]:
-    """Per-row NTL ``(M,)`` and the row statistic the backward reads (``LSE_V`` with reweigh).
+    """Per-row NTL ``(M,)`` and the row statistics the backward reads with reweigh: ``(3, M)`` =
+    row max, ``log Σ_V exp(z - max)`` and the same over the non-number tokens (zeros without
+    reweigh).
 
-    ``tables`` = ``(number_ids, number_values, number_index, value_order, value_rank)`` of a
-    :class:`~ntl_fast.NumberTokenTable` covering the logits' V columns.
+    ``tables`` = ``(number_ids, number_values, number_index, value_order, value_rank, is_number)``
+    of a :class:`~ntl_fast.NumberTokenTable` covering the logits' V columns.
     """
     check_row_inputs(logits, labels, loss)
     num_rows, vocab_size = logits.shape
     dtype = accumulation_dtype(logits.dtype)
     ntl = torch.empty(num_rows, dtype=dtype, device=logits.device)
-    lse = torch.empty(num_rows, dtype=dtype, device=logits.device)
+    stats = torch.zeros((3, num_rows), dtype=dtype, device=logits.device)
     if num_rows == 0:
-        return ntl, lse
+        return ntl, stats
     scalars, switches = kernel_options(loss, squash, squash_min, squash_scale, reweigh,
                                         reweigh_constant, gaussian_sigma, ignore_index)
     num_numbers = tables[0].numel()
     settings = launch_settings(num_rows, vocab_size, num_numbers, full_row=reweigh)
     grid = (triton.cdiv(num_rows, settings["BLOCK_M"]),)
     _ntl_forward_kernel[grid](
-        logits, logits.stride(0), labels, *tables, ntl, lse,
+        logits, logits.stride(0), labels, labels.stride(0), *tables, ntl, stats,
         num_rows, vocab_size, num_numbers, *scalars, **switches, **settings,
     )
-    return ntl, lse
+    return ntl, stats
 
 
 @ntl_forward.register_fake
 def _ntl_forward_fake(logits, labels, tables, *options):
     dtype = accumulation_dtype(logits.dtype)
-    return logits.new_empty(logits.shape[:1], dtype=dtype), logits.new_empty(logits.shape[:1], dtype=dtype)
+    return logits.new_empty(logits.shape[:1], dtype=dtype), logits.new_empty((3,) + tuple(logits.shape[:1]), dtype=dtype)
 
 
 @torch.library.custom_op("ntl_fast::triton_ntl_backward", mutates_args=())
 def ntl_backward(
-    grad_ntl: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, tables: List[Tensor],
+    grad_ntl: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, tables: List[Tensor],
     loss: str, squash: bool, squash_min: float, squash_scale: float,
     reweigh: bool, reweigh_constant: float, gaussian_sigma: Optional[float], ignore_index: int,
 ) -> Tensor:
@@ -167,14 +181,15 @@ def ntl_backward(
     settings = launch_settings(num_rows, vocab_size, num_numbers, full_row=reweigh)
     grid = (triton.cdiv(num_rows, settings["BLOCK_M"]),)
     _ntl_backward_kernel[grid](
-        logits, logits.stride(0), grad, grad.stride(0), labels, lse, grad_ntl.contiguous(), *tables,
+        logits, logits.stride(0), grad, grad.stride(0), labels, labels.stride(0), stats.contiguous(),
+        grad_ntl.contiguous(), *tables,
         num_rows, vocab_size, num_numbers, *scalars, **switches, **settings,
     )
     return grad
 
 
 @ntl_backward.register_fake
-def _ntl_backward_fake(grad_ntl, logits, labels, lse, tables, *options):
+def _ntl_backward_fake(grad_ntl, logits, labels, stats, tables, *options):
     return logits.new_empty(logits.shape)
 
 
@@ -184,11 +199,11 @@ def _setup_context(ctx, inputs, output):
     ctx.options = options
 
 
-def _backward(ctx, grad_ntl, grad_lse):
-    logits, labels, lse, *tables = ctx.saved_tensors
+def _backward(ctx, grad_ntl, grad_stats):
+    logits, labels, stats, *tables = ctx.saved_tensors
     if grad_ntl is None:
-        grad_ntl = torch.zeros_like(lse)
-    grad = ntl_backward(grad_ntl, logits, labels, lse, tables, *ctx.options)
+        grad_ntl = torch.zeros_like(stats[0])
+    grad = ntl_backward(grad_ntl, logits, labels, stats, tables, *ctx.options)
     return (grad, None, [None] * len(tables)) + (None,) * len(ctx.options)
 
 
