@@ -11,10 +11,10 @@ Modes: ``fwd``, ``bwd`` (backward of a retained graph) and ``full`` (forward + b
 
 Times: CUDA events (median, p20, p80 of repeated runs) on a GPU, the host clock on a CPU.
 Peak memory: above the inputs (gradients of the inputs included; ``grad_mib`` gives their size,
-so the extra memory of issue 6's rule is ``peak_mib - grad_mib``), from the CUDA allocator on a
-GPU; on a CPU from the growth of the resident set of a fresh process per measurement
-(``--cpu-memory``). On a GPU each time is also
-given as a multiple of the bandwidth floor of NTL_SPEC §5 (one read of the logits, plus one write
+so the extra memory, everything above the inputs and their gradients, is
+``peak_mib - grad_mib``), from the CUDA allocator on a GPU; on a CPU from the growth of the
+resident set of a fresh process per measurement (``--cpu-memory``). On a GPU each time is also
+given as a multiple of the bandwidth floor of docs/math.md §5 (one read of the logits, plus one write
 of the gradient when a backward runs, at the device-to-device copy rate measured in the same run).
 
     python benchmarks/bench.py --preset gpu-check --out benchmarks/results/gpu.csv
@@ -262,7 +262,7 @@ def copy_bandwidth(device: str) -> float:
 
 
 def floor_ms(M: int, V: int, dtype: torch.dtype, mode: str, bandwidth: float) -> float:
-    """NTL_SPEC §5: read the logits once; write the gradient once when a backward runs."""
+    """docs/math.md §5: read the logits once; write the gradient once when a backward runs."""
     element = torch.finfo(dtype).bits // 8
     passes = 1 if mode == "fwd" else 2
     return 1e3 * passes * M * V * element / bandwidth
@@ -486,21 +486,25 @@ def print_ratios(rows: List[Row]) -> None:
         for baseline in ("ntloss", "liger-ce+ntloss", "reference", "reference-compiled"):
             other = index.get((op, baseline, mode, M, V, dtype))
             if other:
-                lines.append(f"{op} {mode} M={M} V={V} {dtype}: {provider} is {other / median:.2f}x faster than {baseline}")
+                lines.append(f"{op} {mode} M={M} V={V} {dtype}: {provider} is {other / median:.2f}x "
+                             f"faster than {baseline}")
         if op == "linear_ce_ntl":
             other = [r for r in rows if (r.op, r.provider, r.mode, r.M, r.V, r.dtype) == (
                 "matmul_ce_ntl", provider, mode, M, V, dtype)]
-            mine = [r for r in rows if (r.op, r.provider, r.mode, r.M, r.V, r.dtype) == (op, provider, mode, M, V, dtype)]
+            mine = [r for r in rows
+                    if (r.op, r.provider, r.mode, r.M, r.V, r.dtype) == (op, provider, mode, M, V, dtype)]
             if other and mine:
                 extra_mine = mine[0].peak_mib - mine[0].grad_mib
                 extra_other = other[0].peak_mib - other[0].grad_mib
-                lines.append(f"linear_ce_ntl {mode} M={M} V={V} {dtype} ({provider}): {median / other[0].median_ms:.2f}x "
+                lines.append(f"linear_ce_ntl {mode} M={M} V={V} {dtype} ({provider}): "
+                             f"{median / other[0].median_ms:.2f}x "
                              f"the time and {extra_mine / extra_other:.3f}x the extra memory of matmul_ce_ntl")
         if op == "ce_ntl":
             for bar in ("liger-ce", "torch-ce"):
                 other = index.get(("ce", bar, mode, M, V, dtype))
                 if other:
-                    lines.append(f"ce_ntl {mode} M={M} V={V} {dtype}: {provider} takes {median / other:.2f}x the time of {bar} alone")
+                    lines.append(f"ce_ntl {mode} M={M} V={V} {dtype}: {provider} takes {median / other:.2f}x "
+                                 f"the time of {bar} alone")
     if lines:
         print("\n".join(["", "ratios (same run):"] + lines))
 

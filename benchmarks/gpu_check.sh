@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of everything that has landed, in one command for a short GPU session: each timed
+# The GPU check of everything that has landed, in one command that fits a short GPU time budget: each timed
 # step below has a timeout, and in the worst case they add up to at most BUDGET_S = 270 s.
 #   - installs the baselines' wheels carried in .whl/ (make wheels: benchmarks/baseline_wheels.txt),
 #   - builds the CUDA extension in the background (csrc/, torch-free .cu files + ninja),

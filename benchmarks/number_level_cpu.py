@@ -1,4 +1,4 @@
-"""Number-level NTL (NTL_SPEC §2.7): the vectorised ops vs the reference per-number Python loop.
+"""Number-level NTL (docs/math.md §2.7): the vectorised ops vs the reference per-number Python loop.
 
     python benchmarks/number_level_cpu.py                     # B=64, T=256, V=1024, fp32, CPU
     python benchmarks/number_level_cpu.py --batch 8 --length 128 --vocab 32128

@@ -60,7 +60,8 @@ def main(argv=None) -> None:
         for index, provider in enumerate(providers):
             xs, medians, lows, highs, memory = [], [], [], [], []
             for position, (M, V, dtype) in enumerate(sizes):
-                match = [r for r in subset if r["provider"] == provider and (int(r["M"]), int(r["V"]), r["dtype"]) == (M, V, dtype)]
+                match = [r for r in subset
+                         if r["provider"] == provider and (int(r["M"]), int(r["V"]), r["dtype"]) == (M, V, dtype)]
                 if not match:
                     continue
                 row = match[-1]

@@ -7,7 +7,7 @@
 //            value_order (K,) int64, sorted_gaps (K-1,) float32   (ntl_fast.NumberTokenTable)
 //   options: loss ("was", "mse", "mae", "huber", "was_cdf"), squash_factor, the table's non-zero
 //            distance range, reweigh and its constant c, gaussian_sigma, ignore_index
-//            (ntl_fast.LossConfig; NTL_SPEC §2)
+//            (ntl_fast.LossConfig; docs/math.md §2)
 // Losses and the saved per-row statistics are float32 (float64 for float64 logits); gradients
 // have the logits' dtype. row_stats (M, 5) is what a forward saves for its backward (RowStats of
 // csrc/ntl_math.h: LSE_V and LSE_N each as max and log-sum, and log(1 - m)); its layout is

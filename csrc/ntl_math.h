@@ -1,4 +1,4 @@
-// The per-row Number Token Loss math of NTL_SPEC §2, shared by the CPU kernels and the CUDA kernels.
+// The per-row Number Token Loss math of docs/math.md §2, shared by the CPU kernels and the CUDA kernels.
 //
 // Torch-free on purpose: nvcc compiles it in a .cu file without any PyTorch header. The kernels
 // do the dense work over the vocabulary (log-sum-exp, writing the gradient); everything that
@@ -125,7 +125,7 @@ struct RowStats {
   NTL_HD static RowStats load(const acc_t* in) { return {{in[0], in[1]}, {in[2], in[3]}, in[4]}; }
 };
 
-// How a label classifies its row (NTL_SPEC §2): counts for CE iff in_range (in [0, V) and not
+// How a label classifies its row (docs/math.md §2): counts for CE iff in_range (in [0, V) and not
 // ignore_index); NTL-valid iff number >= 0.
 struct RowLabel {
   int64_t label;

@@ -15,7 +15,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Per-call switches of NTL_SPEC §2 (hashable: kernels specialise on them).
+    """Per-call switches of docs/math.md §2 (hashable: kernels specialise on them).
 
     loss: ``"was"`` (§2.2), ``"mse"`` / ``"mae"`` / ``"huber"`` (§2.1), ``"was_cdf"`` (§2.3).
     squash_factor: WAS only; maps non-zero distances onto ``[1, s]``.

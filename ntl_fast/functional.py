@@ -50,7 +50,7 @@ def _is_compiling() -> bool:
 def _check_inputs(
     logits: Tensor, labels: Tensor, table: NumberTokenTable, weights: Optional[Tensor]
 ) -> None:
-    """Shape, dtype and device checks (NTL_SPEC §4); none of them reads device memory."""
+    """Shape, dtype and device checks (docs/math.md §4); none of them reads device memory."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
     if not isinstance(labels, Tensor):
@@ -109,7 +109,7 @@ def _ignore_zero_weight(labels: Tensor, weights: Optional[Tensor], ignore_index:
 
 
 def _check_values(labels: Tensor, vocab_size: int, ignore_index: int, weights: Optional[Tensor]) -> None:
-    """The eager value checks of NTL_SPEC §4 (one device-to-host read each)."""
+    """The eager value checks of docs/math.md §4 (one device-to-host read each)."""
     bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
     if bool(bad.any()):
         position = torch.nonzero(bad)[0].tolist()
@@ -162,7 +162,7 @@ def _safe_divide(total: Tensor, count: Tensor) -> Tensor:
 
 
 def _mean_count(counted: Tensor, weights: Optional[Tensor], normalizer: Normalizer, dtype: torch.dtype) -> Tensor:
-    """The denominator of a mean (NTL_SPEC §3): the weights of the counted positions summed (their
+    """The denominator of a mean (docs/math.md §3): the weights of the counted positions summed (their
     number without weights), or ``normalizer`` when given."""
     if normalizer is None:
         if weights is None:
@@ -183,7 +183,7 @@ def _reduce(
     normalizer: Normalizer,
     shape: torch.Size,
 ) -> Tensor:
-    """Apply weights and a reduction to per-position losses (NTL_SPEC §3).
+    """Apply weights and a reduction to per-position losses (docs/math.md §3).
 
     ``counted`` marks the positions the mean is over; ``rows`` is 0 elsewhere.
     """

@@ -4,7 +4,7 @@ Every function here works on one row of logits per position: ``logits`` is ``(M,
 ``labels`` is ``(M,)``. They return per-position losses, ``0`` where a position does not count
 and NaN where a label is out of range (which the public API rejects before getting here when
 ``validate=True``). Reductions, weights and normalisers live in :mod:`ntl_fast.functional`, so
-every backend shares them. Gradients come from autograd; the closed forms of NTL_SPEC §2 are
+every backend shares them. Gradients come from autograd; the closed forms of docs/math.md §2 are
 checked against these functions in the tests.
 
 :func:`ntl_rows` and :func:`ce_ntl_rows` compute in float64 whatever the logits' dtype and return
@@ -12,7 +12,7 @@ float32 (float64 for float64 logits), as the kernels do: the float32 results are
 correctly rounded values, also on rows where float32 arithmetic itself is ill-conditioned (a
 reweigh constant in the thousands cancelling against ``m ∂L/∂z``).
 
-Notation (NTL_SPEC §2): ``N`` the number-token ids, ``q`` the softmax over the number tokens,
+Notation (docs/math.md §2): ``N`` the number-token ids, ``q`` the softmax over the number tokens,
 ``p`` the softmax over the full vocabulary, ``y`` the label's value, ``ŷ = Σ q_j v_j``.
 """
 
@@ -45,7 +45,7 @@ __all__ = [
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 logits (gradcheck), float32 for everything else (NTL_SPEC §4)."""
+    """float64 for float64 logits (gradcheck), float32 for everything else (docs/math.md §4)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -53,7 +53,8 @@ def label_positions(labels: Tensor, table: NumberTokenTable, ignore_index: int):
     """Classify each label.
 
     Returns ``(in_range, bad, number_index)``: labels in ``[0, V)`` other than ``ignore_index``
-    (which may itself lie in that range); labels that are neither in range nor ``ignore_index``; and each label's position in N (-1 where it is not a number token).
+    (which may itself lie in that range); labels that are neither in range nor ``ignore_index``;
+    and each label's position in N (-1 where it is not a number token).
     A position is NTL-valid iff ``number_index >= 0``; it counts for CE iff ``in_range``.
     """
     vocab_size = table.vocab_size
@@ -216,7 +217,7 @@ def _number_runs(number_index: Tensor, labels: Tensor, float_level: bool, dot_id
     """Yield ``(row, digit positions)`` for every number along the rows.
 
     A number is a maximal run of NTL-valid positions; with ``float_level`` a single ``.`` label
-    between two digits joins the run but is no digit (NTL_SPEC §2.7).
+    between two digits joins the run but is no digit (docs/math.md §2.7).
     """
     is_digit = (number_index >= 0).tolist()
     is_dot = (labels == dot_id).tolist() if float_level and dot_id is not None else None

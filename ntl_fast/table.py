@@ -19,7 +19,7 @@ __all__ = ["NumberTokenTable"]
 
 # One leading marker that tokenizers put on word-initial pieces: SentencePiece, byte-level BPE, plain.
 _MARKERS = ("\u2581", "\u0120", " ")
-# ASCII-only decimal literal (NTL_SPEC §1); deliberately stricter than Python's float().
+# ASCII-only decimal literal (docs/math.md §1); deliberately stricter than Python's float().
 _NUMBER_RE = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)$")
 _DIGITS = "0123456789"
 
@@ -146,7 +146,7 @@ class NumberTokenTable:
         self._check_contents()
 
     def _check_contents(self) -> None:
-        """What every kernel indexes with, checked once, here (NTL_SPEC §1, §4): ids unique, sorted
+        """What every kernel indexes with, checked once, here (docs/math.md §1, §4): ids unique, sorted
         and in ``[0, V)``, ``number_index`` their inverse, ``value_order`` a permutation sorting
         the values and ``value_rank`` its inverse, values and their distances finite in float32."""
         k, vocab_size = self.num_numbers, self.vocab_size

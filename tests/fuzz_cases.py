@@ -50,7 +50,7 @@ import itertools
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -358,7 +358,8 @@ def _kwargs(spec: Spec, ignore_index: int, table: NumberTokenTable, labels, weig
     if spec.function == "ce":
         kwargs["inplace"] = spec.inplace
     if spec.normalizer != "none":
-        names = ("ce_normalizer", "ntl_normalizer") if spec.function in ("ce", "module_ce", "linear") else ("normalizer",)
+        names = (("ce_normalizer", "ntl_normalizer") if spec.function in ("ce", "module_ce", "linear")
+                 else ("normalizer",))
         for index, name in enumerate(names):
             count = 3.5 + index * 2
             kwargs[name] = count if spec.normalizer == "number" else torch.tensor(count)
@@ -413,7 +414,8 @@ def call(case: Case, backend_name: str, logits=None, labels=None, weights=None, 
         weight, bias = (t.detach().clone().requires_grad_() for t in linear)
         inputs += [weight, bias]
         out = ntl_fast.linear_cross_entropy_with_ntl(
-            source, weight, labels, table, bias=bias, weights=weights, backend=backend_name, chunk_size=LINEAR_CHUNK, **kwargs
+            source, weight, labels, table, bias=bias, weights=weights, backend=backend_name,
+            chunk_size=LINEAR_CHUNK, **kwargs
         )
     else:
         raise ValueError(function)
@@ -574,7 +576,8 @@ def _identical(first, second, what: str) -> None:
     for index, (a, b) in enumerate(zip(first, second)):
         if a is None and b is None:
             continue
-        if a.shape != b.shape or not torch.equal(torch.nan_to_num(a, 7.0, 8.0, 9.0), torch.nan_to_num(b, 7.0, 8.0, 9.0)) \
+        if a.shape != b.shape \
+                or not torch.equal(torch.nan_to_num(a, 7.0, 8.0, 9.0), torch.nan_to_num(b, 7.0, 8.0, 9.0)) \
                 or not torch.equal(torch.isnan(a), torch.isnan(b)):
             raise Mismatch(f"{what}: element {index} differs")
 

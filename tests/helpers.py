@@ -1,4 +1,4 @@
-"""Tables, inputs and the tolerance rule (NTL_SPEC §6) shared by the test modules."""
+"""Tables, inputs and the tolerance rule (docs/math.md §6) shared by the test modules."""
 
 from typing import Optional
 
@@ -33,7 +33,7 @@ def random_labels(shape, table: NumberTokenTable, number_fraction: float = 0.5,
 
 
 def tolerances(dtype: torch.dtype, gradient: bool = False):
-    """(rtol, atol) of NTL_SPEC §6 for inputs of ``dtype``."""
+    """(rtol, atol) of docs/math.md §6 for inputs of ``dtype``."""
     if dtype in (torch.float32, torch.float64):
         return 1e-5, 1e-6
     return (2e-2, 0.0) if gradient else (1e-4, 1e-6)
@@ -41,7 +41,7 @@ def tolerances(dtype: torch.dtype, gradient: bool = False):
 
 def assert_spec_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
                       gradient: bool = False, what: str = "") -> None:
-    """``|a - b| <= rtol * max|b| + atol`` per tensor (NTL_SPEC §6); NaN never passes."""
+    """``|a - b| <= rtol * max|b| + atol`` per tensor (docs/math.md §6); NaN never passes."""
     rtol, atol = tolerances(dtype, gradient)
     actual = actual.detach().double().cpu()
     expected = expected.detach().double().cpu()

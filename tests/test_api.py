@@ -179,10 +179,12 @@ BAD_CALLS = [
      ValueError, "non-empty"),
     ("negative weights", dict(weights=lambda t: torch.tensor([[1.0, -1.0, 1.0]])), ValueError, "weights must be >= 0"),
     ("nan weights", dict(weights=lambda t: torch.tensor([[1.0, float("nan"), 1.0]])), ValueError, "weights"),
-    ("complex weights", dict(weights=lambda t: torch.ones(1, 3, dtype=torch.complex64)), TypeError, "weights must be a real"),
+    ("complex weights", dict(weights=lambda t: torch.ones(1, 3, dtype=torch.complex64)), TypeError,
+     "weights must be a real"),
     ("negative int weights", dict(weights=lambda t: torch.tensor([[1, -1, 1]])), ValueError, "weights must be >= 0"),
     ("weights shape", dict(weights=lambda t: torch.ones(3)), ValueError, "weights must have"),
-    ("labels device", dict(labels=lambda t: torch.zeros(1, 3, dtype=torch.long, device="meta")), ValueError, "labels are on"),
+    ("labels device", dict(labels=lambda t: torch.zeros(1, 3, dtype=torch.long, device="meta")), ValueError,
+     "labels are on"),
     ("table type", dict(table=lambda t: {"0": 0}), TypeError, "table must be"),
     ("loss name", dict(loss="l2"), ValueError, "loss must be one of"),
     ("reduction", dict(reduction="avg"), ValueError, "reduction must be one of"),
@@ -237,9 +239,11 @@ def test_bad_labels_without_validation_give_nan_not_a_crash(table):
 def test_modules_equal_the_functions(table):
     logits, labels = make_batch(table)
     module = ntl_fast.NumberTokenLoss(table=table, loss="mse", reweigh=True)
-    torch.testing.assert_close(module(logits, labels), ntl_fast.number_token_loss(logits, labels, table, loss="mse", reweigh=True))
+    torch.testing.assert_close(module(logits, labels),
+                               ntl_fast.number_token_loss(logits, labels, table, loss="mse", reweigh=True))
     combined = ntl_fast.CrossEntropyWithNTL(table=table, ntl_weight=0.8, gaussian_sigma=1.0, loss="was_cdf")
-    expected = ntl_fast.cross_entropy_with_ntl(logits, labels, table, ntl_weight=0.8, gaussian_sigma=1.0, loss="was_cdf")
+    expected = ntl_fast.cross_entropy_with_ntl(logits, labels, table, ntl_weight=0.8, gaussian_sigma=1.0,
+                                               loss="was_cdf")
     got = combined(logits, labels)
     assert isinstance(got, ntl_fast.NTLOutput)
     torch.testing.assert_close(got.loss, expected.loss)
@@ -284,7 +288,7 @@ def test_irregular_vocabulary_end_to_end():
         assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
 
 
-# ----------------------------------------------------------------------------- weights of any dtype, rows that do not count
+# ------------------------------------------------------------------------- weights of any dtype, rows that do not count
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
 def test_integer_and_bool_weights_are_accepted_as_float(table, backend, dtype):

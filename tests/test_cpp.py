@@ -1,7 +1,7 @@
 """The compiled C++ operators (ntl_fast._C, backend "cpp") on CPU against the PyTorch reference.
 
 Parity runs the reference in float64 on the very same (for bf16/fp16: already rounded) inputs and
-applies the tolerances of NTL_SPEC §6 through helpers.assert_spec_close.
+applies the tolerances of docs/math.md §6 through helpers.assert_spec_close.
 """
 
 import pytest

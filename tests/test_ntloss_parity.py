@@ -8,7 +8,8 @@ import ntl_fast
 from helpers import assert_spec_close
 from test_table import DIGITS, TEXT, make_tokenizer
 
-ntloss = pytest.importorskip("ntloss", reason="the authors' ntloss package is a test dependency (pip install ntloss==0.3.2)")
+ntloss = pytest.importorskip("ntloss",
+                             reason="the authors' ntloss package is a test dependency (pip install ntloss==0.3.2)")
 
 VOCABULARIES = {
     "digits": TEXT + DIGITS + ["12", "\u25815"],
@@ -28,7 +29,7 @@ def batch(tokenizer, table, dtype=torch.float64, shape=(3, 11)):
 
 
 def compare(theirs, ours, logits):
-    """Losses and gradients within NTL_SPEC §6's float32 rule, per tensor (both packages keep
+    """Losses and gradients within docs/math.md §6's float32 rule, per tensor (both packages keep
     their value and distance tables in float32, so float64 logits agree to that precision)."""
     assert_spec_close(ours, theirs, torch.float32, what="loss")
     if theirs.dim() > 0:
@@ -112,5 +113,6 @@ def test_number_level_loss_matches_ntloss(float_level, reduction):
     labels[3, 4] = tokenizer.convert_tokens_to_ids("the")
     weights = torch.rand(4, 12, dtype=torch.float64)
     theirs = theirs_loss(logits, labels, loss_weights=weights, reduction=reduction)
-    ours = ntl_fast.number_level_loss(logits, labels, table, float_level=float_level, reduction=reduction, weights=weights)
+    ours = ntl_fast.number_level_loss(logits, labels, table, float_level=float_level, reduction=reduction,
+                                      weights=weights)
     compare(theirs, ours, logits)

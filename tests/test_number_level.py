@@ -1,4 +1,4 @@
-"""The vectorised number-level loss (NTL_SPEC §2.7) against the per-run reference loop and ntloss."""
+"""The vectorised number-level loss (docs/math.md §2.7) against the per-run reference loop and ntloss."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The PyTorch reference against hand-computed cases and the closed forms of NTL_SPEC §2."""
+"""The PyTorch reference against hand-computed cases and the closed forms of docs/math.md §2."""
 
 import itertools
 
@@ -130,7 +130,7 @@ def small_irregular_table():
 
 
 def closed_form(logits, labels, table, config):
-    """Per-row losses and gradients of ce + ntl written from NTL_SPEC §2, float64, row by row."""
+    """Per-row losses and gradients of ce + ntl written from docs/math.md §2, float64, row by row."""
     ce_grad = torch.zeros_like(logits)
     ntl_grad = torch.zeros_like(logits)
     ids = table.number_ids

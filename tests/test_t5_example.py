@@ -198,7 +198,8 @@ def test_paired_difference():
 def _fake_run(label, seed, accuracy, median_ae=2.0):
     split = {"n": 10, "accuracy": accuracy, "within_1": accuracy, "within_10pct": accuracy, "median_ae": median_ae,
              "mae": median_ae, "runaway": 0, "no_number": 0}
-    return {"label": label, "seed": seed, "metrics": {"interpolate": dict(split), "extrapolate": dict(split, accuracy=0.0)}}
+    return {"label": label, "seed": seed,
+            "metrics": {"interpolate": dict(split), "extrapolate": dict(split, accuracy=0.0)}}
 
 
 def test_seed_summary_and_verdict():
@@ -282,7 +283,8 @@ def test_every_variant_trains_and_resumes(tmp_path, capsys):
 def _comparable(run):
     """What must not change between two runs of the same seed (timings may), as JSON (NaN == NaN)."""
     return json.dumps({"metrics": run["metrics"], "examples": run["examples"],
-                       "losses": [(e["step"], e["loss"], e["ce"], e["ntl"]) for e in run["log_history"] if "loss" in e]},
+                       "losses": [(e["step"], e["loss"], e["ce"], e["ntl"])
+                                  for e in run["log_history"] if "loss" in e]},
                       sort_keys=True)
 
 

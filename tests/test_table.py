@@ -1,4 +1,4 @@
-"""NumberTokenTable (NTL_SPEC §1) on tokenizers built here with `tokenizers`."""
+"""NumberTokenTable (docs/math.md §1) on tokenizers built here with `tokenizers`."""
 
 import math
 

@@ -1,7 +1,7 @@
 """The Triton backend against the PyTorch reference, run in Triton's interpreter on CPU tensors.
 
 conftest.py sets TRITON_INTERPRET=1 before ntl_fast.triton is imported. Tolerances are those of
-NTL_SPEC §6 (tests/helpers.assert_spec_close). Cases stay small: the interpreter's cost is per
+docs/math.md §6 (tests/helpers.assert_spec_close). Cases stay small: the interpreter's cost is per
 op per program.
 """
 
@@ -236,7 +236,8 @@ def test_cross_entropy_with_ntl_api(options, weighted, reduction):
         out = ntl_fast.cross_entropy_with_ntl(
             z, labels, table, ntl_weight=0.3, reduction=reduction, weights=weights, backend=backend, **options
         )
-        loss = out.loss if reduction != "none" else (out.loss * torch.randn(2, 13, generator=torch.Generator().manual_seed(1))).sum()
+        loss = out.loss if reduction != "none" else (
+            out.loss * torch.randn(2, 13, generator=torch.Generator().manual_seed(1))).sum()
         loss.backward()
         results[backend] = (out.loss.detach(), out.ce, out.ntl, z.grad)
     for name, got, want in zip(("loss", "ce", "ntl", "grad"), results["triton"], results["reference"]):

@@ -6,7 +6,8 @@ Skipped without CUDA (the interpreter half lives in test_triton.py).
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (Triton kernels compiled for GPU)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device (Triton kernels compiled for GPU)")
 
 import ntl_fast  # noqa: E402
 from ntl_fast import LossConfig, reference  # noqa: E402
@@ -45,14 +46,15 @@ def _rows_and_grad(fn, logits, upstream):
 
 
 # two pairings instead of the full product: each distinct (config, dtype, K) costs kernel
-# compilations on a device lease; the interpreter suite covers the full product on CPU
+# compilations on the GPU; the interpreter suite covers the full product on CPU
 @pytest.mark.parametrize("table_name,vocab_size,dtype", [
     ("digits", 5000, torch.bfloat16), ("irregular", 301, torch.float32),
 ], ids=["digits-bf16", "irregular-fp32"])
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
 def test_parity_on_cuda(config, table_name, vocab_size, dtype):
     torch.manual_seed(0)
-    table = (digit_table(vocab_size, first_id=4000) if table_name == "digits" else irregular_table(vocab_size)).to("cuda")
+    table = (digit_table(vocab_size, first_id=4000) if table_name == "digits"
+             else irregular_table(vocab_size)).to("cuda")
     rows = 257
     logits = (torch.randn(rows, vocab_size, device="cuda") * 3).to(dtype)
     labels = random_labels((rows,), table.to("cpu")).cuda()

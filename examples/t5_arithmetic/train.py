@@ -103,7 +103,8 @@ SPLITS = ("interpolate", "extrapolate")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     run = parser.add_argument_group("run")
     run.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                      help="cpu: the CPU demo (default); study: every variant, 5 seeds, λ 0.3 and 0.8 (CPU);\n"
@@ -115,7 +116,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
                      help="loss variants, trained on the same data, initial weights and budget")
     run.add_argument("--seeds", nargs="+", type=int,
-                     help="one run per seed and variant; a seed fixes the data, the initial weights and the batch order")
+                     help="one run per seed and variant; "
+                          "a seed fixes the data, the initial weights and the batch order")
     run.add_argument("--output_dir", "--out", dest="output_dir", help="everything a run writes goes here")
     run.add_argument("--resume", action="store_true",
                      help="reuse finished runs and resume the others from their last checkpoint")
@@ -288,7 +290,8 @@ def evaluate_split(model, tokenizer, pairs, batch_size: int, num_beams: int) -> 
 def baseline(data: ArithmeticData) -> Dict[str, Dict[str, float]]:
     """Always answering 0: the floor every trained model should beat."""
     return {
-        split: number_metrics(["0"] * len(data.split(split)), [a for _, a in data.split(split)], [False] * len(data.split(split)))
+        split: number_metrics(["0"] * len(data.split(split)), [a for _, a in data.split(split)],
+                              [False] * len(data.split(split)))
         for split in SPLITS
     }
 
@@ -446,7 +449,8 @@ def summarise(results: List[Dict[str, Any]], baselines: Dict[int, Dict[str, Dict
             for split in SPLITS
         }
     summary["learnt"] = {
-        split: max(summary["metrics"][label][split]["accuracy"]["mean"] for label in labels) > LEARNT for split in SPLITS
+        split: max(summary["metrics"][label][split]["accuracy"]["mean"] for label in labels) > LEARNT
+        for split in SPLITS
     }
     return summary
 
@@ -495,7 +499,8 @@ def report(summary: Dict[str, Any], headline: str) -> str:
     if summary["differences"]:
         lines.append("Paired per-seed differences from CE, mean [95% CI, Student t]:")
         lines.append("")
-        lines.append("| variant − CE | split | seeds | " + " | ".join(f"Δ {title}" for title, _, _ in DIFFERENCES) + " |")
+        lines.append("| variant − CE | split | seeds | "
+                     + " | ".join(f"Δ {title}" for title, _, _ in DIFFERENCES) + " |")
         lines.append("|---|---|---|" + "---|" * len(DIFFERENCES))
         for label, per_split in summary["differences"].items():
             for split in SPLITS:
@@ -525,7 +530,8 @@ def plot(results: List[Dict[str, Any]], summary: Dict[str, Any], path: str, titl
             spread = [index + 0.08 * (i - (len(values) - 1) / 2) for i in range(len(values))]
             axis.scatter(spread, values, s=14, color="tab:gray", zorder=2, label="a seed" if index == 0 else None)
             stat = summary["metrics"][label]["interpolate"][key]
-            axis.errorbar([index + 0.3], [stat["mean"] * scale], yerr=[0 if math.isnan(stat["sd"]) else stat["sd"] * scale],
+            axis.errorbar([index + 0.3], [stat["mean"] * scale],
+                          yerr=[0 if math.isnan(stat["sd"]) else stat["sd"] * scale],
                           fmt="o", color="tab:blue", capsize=4, zorder=3, label="mean ± sd" if index == 0 else None)
         axis.set_xticks(range(len(labels)), labels, rotation=25, ha="right")
         axis.set_title(name + (" (%)" if scale == 100.0 else ", log scale above 1"))

@@ -1,7 +1,7 @@
 """Row math and launch settings shared by the Triton kernels of this package.
 
 The kernels work on tiles of ``BLOCK_M`` rows. Number tokens are gathered in *value order*
-(``number_ids[value_order[k]]``), so the CDF form of W1 (NTL_SPEC §2.3) is a cumulative sum along
+(``number_ids[value_order[k]]``), so the CDF form of W1 (docs/math.md §2.3) is a cumulative sum along
 the tile; every other variant is invariant under that permutation. A label's position in that
 order is ``value_rank[number_index[label]]``: one V-table read per row, outside any loop.
 
@@ -129,7 +129,7 @@ def row_block(M, BLOCK_M: tl.constexpr):
 @triton.jit
 def row_labels(labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V,
                ignore_index):
-    """Classify each row's label (NTL_SPEC §2, §4); a bad label never indexes memory.
+    """Classify each row's label (docs/math.md §2, §4); a bad label never indexes memory.
 
     Returns ``(label, in_range, bad, valid, rank, y)``: the label clamped into ``[0, V)``; whether
     it counts for CE; whether it is neither in range nor ignore_index; whether the row is
@@ -169,7 +169,7 @@ def row_logsumexp(row_ptrs, V, is_number_ptr, acc_ptr, BLOCK_V: tl.constexpr, TE
 
     Returns ``(shift, log_sum, log_text)``: the row max (0 where not finite), ``log Σ_k exp(z_k -
     shift)`` (so ``LSE_V = shift + log_sum``) and, with TEXT, the same sum over the non-number
-    tokens only (``1 - m = exp(log_text - log_sum)`` without cancellation, NTL_SPEC §2.4).
+    tokens only (``1 - m = exp(log_text - log_sum)`` without cancellation, docs/math.md §2.4).
     Callers form ``(z - shift) - log_sum``, never ``z - LSE_V``: a rounded LSE_V of large
     magnitude would cost the shift invariance of §4.
     """
@@ -239,7 +239,7 @@ def number_token_terms(
     ``zn_next`` one position further along the value order, read by the CDF form only).
 
     Returns ``(lse_n, q, loss, dloss, target)``: ``LSE_N``, the softmax over the number tokens, L,
-    ``∂L/∂z_j`` (NTL_SPEC §2.1-2.3) and the target over N (Gaussian §2.5 when GAUSSIAN, else the
+    ``∂L/∂z_j`` (docs/math.md §2.1-2.3) and the target over N (Gaussian §2.5 when GAUSSIAN, else the
     one-hot at ``rank``; meaningful on NTL-valid rows only).
     """
     k = tl.arange(0, BLOCK_K)

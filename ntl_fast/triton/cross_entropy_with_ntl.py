@@ -1,4 +1,4 @@
-"""Cross-entropy (or Gaussian-CE) fused with the Number Token Loss (NTL_SPEC §2), in Triton.
+"""Cross-entropy (or Gaussian-CE) fused with the Number Token Loss (docs/math.md §2), in Triton.
 
 Forward, per row: ONE pass over the vocabulary in BLOCK_V chunks (online max / log-sum-exp), plus
 a gather of the label column and of the K number-token columns; it writes CE, NTL and the row

@@ -1,4 +1,4 @@
-"""Standalone Number Token Loss (NTL_SPEC §2.1-2.4) as Triton kernels and ``torch.library`` ops.
+"""Standalone Number Token Loss (docs/math.md §2.1-2.4) as Triton kernels and ``torch.library`` ops.
 
 Forward: reads only the K number-token columns of each row (and, with reweigh, the full row once
 for its max and log-sums); writes the per-row loss and the row statistics the backward needs
@@ -159,7 +159,8 @@ def ntl_forward(
 @ntl_forward.register_fake
 def _ntl_forward_fake(logits, labels, tables, *options):
     dtype = accumulation_dtype(logits.dtype)
-    return logits.new_empty(logits.shape[:1], dtype=dtype), logits.new_empty((3,) + tuple(logits.shape[:1]), dtype=dtype)
+    return (logits.new_empty(logits.shape[:1], dtype=dtype),
+            logits.new_empty((3,) + tuple(logits.shape[:1]), dtype=dtype))
 
 
 @torch.library.custom_op("ntl_fast::triton_ntl_backward", mutates_args=())

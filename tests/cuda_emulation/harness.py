@@ -25,7 +25,8 @@ API (also for case generators such as a fuzzer)::
         The block barriers of the kernels, and what goes wrong without one of them.
 
 A Case (or Case.from_table(name, kernel, logits, labels, table, config, ...) with a
-NumberTokenTable and a LossConfig) holds the operators' arguments: ``kernel`` ("forward", "backward", "backward_inplace"),
+NumberTokenTable and a LossConfig) holds the operators' arguments:
+``kernel`` ("forward", "backward", "backward_inplace"),
 ``logits`` (M, V) float32/bfloat16/float16/float64, ``labels`` (M,) int64/int32, ``table`` (the
 five table tensors of NumberTokenTable), ``options`` (the operators' eight option arguments: loss,
 squash_factor, min_distance, max_distance, reweigh, reweigh_constant, gaussian_sigma,
