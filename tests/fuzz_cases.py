@@ -97,7 +97,7 @@ BACKENDS: Dict[str, Backend] = {
     "cpp": Backend("cpp", contextlib.nullcontext, _reason("cpp")),
     # Triton's interpreter with its own tiling (many rows and 128-wide vocabulary blocks per program)
     "triton": Backend("triton", _triton_settings("interpret"), _reason("triton")),
-    # the same kernels with the settings a GPU launch uses (one row and 4096-wide blocks per program)
+    # the same kernels with the settings a GPU launch uses (one row and CUDA_BLOCK_V-wide blocks per program)
     "triton-gpu-tiles": Backend("triton", _triton_settings("cuda"), _reason("triton")),
     # the CUDA kernels' device code run on the CPU (tests/cuda_emulation), against the C++ operators
     "cuda-emulation": Backend("cpp", contextlib.nullcontext, lambda: _cuda_emulation_reason(),

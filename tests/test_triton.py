@@ -616,10 +616,10 @@ MASK_CONFIGS = [LossConfig("was"), LossConfig("mse", reweigh=True), LossConfig("
 def test_minus_inf_masks_give_the_reference_result(config, profile):
     """-inf logits are ordinary input: leading blocks of any length (the online log-sum-exp once
     computed exp(-inf - (-inf)) = NaN there), every text token, all but the label, every number
-    token under a text label. The "cuda" profile runs a GPU launch's tiling (4096-wide blocks)."""
+    token under a text label. The "cuda" profile runs a GPU launch's tiling (CUDA_BLOCK_V-wide blocks)."""
     torch.manual_seed(31)
     vocab_size = 5000 if profile == "cuda" else 300
-    block = 4096 if profile == "cuda" else 128
+    block = _common.CUDA_BLOCK_V if profile == "cuda" else _common.INTERPRET_BLOCK_V
     table = NumberTokenTable.from_values({vocab_size - 20 + d: float(d) for d in range(10)}, vocab_size=vocab_size)
     logits = _logits(6, vocab_size)
     labels = torch.tensor([vocab_size - 17, 5, vocab_size - 11, 3, vocab_size - 20, 200])

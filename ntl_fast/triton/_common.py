@@ -34,7 +34,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # and streams its vocabulary in CUDA_BLOCK_V chunks; number-token-only kernels take several rows.
 INTERPRET_BLOCK_M = 64
 INTERPRET_BLOCK_V = 128
-CUDA_BLOCK_V = 4096
+# 2048 columns x 8 warps: 8 logits (16 bytes of bf16) per thread and chunk. With 4096, ptxas
+# spilled the standalone NTL forward's three running sums (reweighing) at K = 10 (sm_90, bf16);
+# benchmarks/triton_aot.py gates every specialisation on that.
+CUDA_BLOCK_V = 2048
 CUDA_NUM_WARPS = 8
 CUDA_NUMBER_TILE = 2048  # rows x BLOCK_K elements per program of the number-token-only kernel
 
