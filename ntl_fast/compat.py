@@ -29,6 +29,7 @@ Where these classes differ from ``ntloss``:
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any, Callable, Optional, Tuple
 
@@ -85,7 +86,7 @@ def _float_weights(loss_weights: Optional[Tensor]) -> Optional[Tensor]:
     return loss_weights
 
 
-class _CompatLoss:
+class _CompatLoss(abc.ABC):
     """What the three classes share: the table, ``ntloss``'s attributes, and the V check."""
 
     def __init__(self, tokenizer: Any, vocab_size: Optional[int], digit_level: bool, reweigh: bool,
@@ -117,9 +118,10 @@ class _CompatLoss:
             )
         return self.table.to(logits.device)
 
+    @abc.abstractmethod
     def forward(self, logits: Tensor, labels: Tensor, loss_weights: Optional[Tensor] = None,
                 reduction: str = "mean", ignore_index: int = -100) -> Tensor:
-        raise NotImplementedError
+        """The loss of ``logits (..., V)`` against ``labels (...)``; each class defines it."""
 
 
 class NTLoss(_CompatLoss):

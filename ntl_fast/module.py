@@ -33,6 +33,16 @@ def _table(tokenizer: Any, table: Optional[NumberTokenTable], vocab_size: Option
     )
 
 
+def _ce_ntl_options(ntl_weight, loss, gaussian_sigma, squash_factor, reweigh, reduction, ignore_index,
+                    shift_labels, validate, backend) -> dict:
+    """The CE + NTL modules' call options, checked once at construction."""
+    LossConfig(loss, squash_factor, reweigh, gaussian_sigma, ignore_index)
+    check_reduction(reduction)
+    return dict(ntl_weight=ntl_weight, loss=loss, gaussian_sigma=gaussian_sigma, squash_factor=squash_factor,
+                reweigh=reweigh, reduction=reduction, ignore_index=ignore_index, shift_labels=shift_labels,
+                validate=validate, backend=backend)
+
+
 class _TableModule(torch.nn.Module):
     """Holds a table and hands out its copy on the device of the logits."""
 
@@ -42,6 +52,9 @@ class _TableModule(torch.nn.Module):
 
     def table_for(self, logits: Tensor) -> NumberTokenTable:
         return self.table.to(logits.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.table!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
 class NumberTokenLoss(_TableModule):
@@ -102,9 +115,6 @@ class NumberTokenLoss(_TableModule):
             logits, labels, self.table_for(logits), weights=weights, normalizer=normalizer, **self.options
         )
 
-    def extra_repr(self) -> str:
-        return f"{self.table!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
 
 class CrossEntropyWithNTL(_TableModule):
     """Cross-entropy + ``ntl_weight`` x NTL as a module (see :func:`ntl_fast.cross_entropy_with_ntl`).
@@ -141,13 +151,8 @@ class CrossEntropyWithNTL(_TableModule):
         backend: str = "auto",
     ) -> None:
         super().__init__(_table(tokenizer, table, vocab_size, digit_level, include_marked))
-        LossConfig(loss, squash_factor, reweigh, gaussian_sigma, ignore_index)
-        check_reduction(reduction)
-        self.options = dict(
-            ntl_weight=ntl_weight, loss=loss, gaussian_sigma=gaussian_sigma,
-            squash_factor=squash_factor, reweigh=reweigh, reduction=reduction,
-            ignore_index=ignore_index, shift_labels=shift_labels, validate=validate, backend=backend,
-        )
+        self.options = _ce_ntl_options(ntl_weight, loss, gaussian_sigma, squash_factor, reweigh, reduction,
+                                       ignore_index, shift_labels, validate, backend)
 
     def forward(self, logits: Tensor, labels: Tensor, weights: Optional[Tensor] = None,
                 ce_normalizer: Normalizer = None, ntl_normalizer: Normalizer = None) -> NTLOutput:
@@ -158,9 +163,6 @@ class CrossEntropyWithNTL(_TableModule):
             logits, labels, self.table_for(logits), weights=weights,
             ce_normalizer=ce_normalizer, ntl_normalizer=ntl_normalizer, **self.options,
         )
-
-    def extra_repr(self) -> str:
-        return f"{self.table!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
 class LinearCrossEntropyWithNTL(_TableModule):
@@ -215,17 +217,12 @@ class LinearCrossEntropyWithNTL(_TableModule):
         chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__(_table(tokenizer, table, vocab_size, digit_level, include_marked))
-        LossConfig(loss, squash_factor, reweigh, gaussian_sigma, ignore_index)
-        check_reduction(reduction)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
-        self.options = dict(
-            ntl_weight=ntl_weight, loss=loss, gaussian_sigma=gaussian_sigma,
-            squash_factor=squash_factor, reweigh=reweigh, reduction=reduction,
-            ignore_index=ignore_index, shift_labels=shift_labels, validate=validate, backend=backend,
-            chunk_size=chunk_size,
-        )
+        self.options = _ce_ntl_options(ntl_weight, loss, gaussian_sigma, squash_factor, reweigh, reduction,
+                                       ignore_index, shift_labels, validate, backend)
+        self.options["chunk_size"] = chunk_size
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
                 weights: Optional[Tensor] = None, ce_normalizer: Normalizer = None,
@@ -240,6 +237,3 @@ class LinearCrossEntropyWithNTL(_TableModule):
             hidden, weight, labels, self.table_for(hidden), bias=bias, weights=weights,
             ce_normalizer=ce_normalizer, ntl_normalizer=ntl_normalizer, **self.options,
         )
-
-    def extra_repr(self) -> str:
-        return f"{self.table!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
