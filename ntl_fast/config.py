@@ -2,15 +2,47 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from .table import check_squash_factor
 
-__all__ = ["LOSSES", "REDUCTIONS", "LossConfig"]
+__all__ = ["LOSSES", "REDUCTIONS", "LossConfig", "LossKind", "accumulation_dtype"]
 
-LOSSES = ("was", "mse", "mae", "huber", "was_cdf")
+
+class LossKind(enum.IntEnum):
+    """The NTL variants and the integer code each kernel receives for them: the one definition.
+
+    The Triton kernels take ``LossKind.X.value`` as named ``tl.constexpr`` values; the C++ enum
+    ``ntl::LossKind`` of ``csrc/ntl_math.h`` is checked against this class by the test suite.
+    The public API names a variant by ``name.lower()`` (``"was"``, ``"mse"``, ...).
+    """
+
+    WAS = 0  # Wasserstein-1 over the values, docs/math.md §2.2
+    MSE = 1  # squared error of the expected value, §2.1
+    MAE = 2  # absolute error of the expected value, §2.1
+    HUBER = 3  # Huber (delta = 1) of the expected value, §2.1
+    WAS_CDF = 4  # Wasserstein-1 in CDF form, §2.3
+
+    @classmethod
+    def of(cls, loss: str) -> "LossKind":
+        """The kind named ``loss`` (``"was"``, ...); ValueError for an unknown name."""
+        if not isinstance(loss, str) or loss.upper() not in cls.__members__ or loss != loss.lower():
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        return cls[loss.upper()]
+
+
+LOSSES = tuple(kind.name.lower() for kind in LossKind)
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 logits (gradcheck), float32 for everything else (docs/math.md §4): the
+    dtype of every loss, saved statistic and internal sum."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .config import LossConfig
+from .config import LossConfig, accumulation_dtype
 from .table import NumberTokenTable
 
 __all__ = [
@@ -42,11 +42,6 @@ __all__ = [
     "ce_ntl_rows",
     "number_level_rows",
 ]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 logits (gradcheck), float32 for everything else (docs/math.md §4)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def label_positions(labels: Tensor, table: NumberTokenTable, ignore_index: int):

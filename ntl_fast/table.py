@@ -145,6 +145,14 @@ class NumberTokenTable:
         self._device_cache: Dict[torch.device, "NumberTokenTable"] = {torch.device("cpu"): self}
         self._check_contents()
 
+    KERNEL_TENSORS = ("number_ids", "number_values", "number_index", "value_order", "value_rank",
+                      "sorted_gaps", "is_number")
+
+    def kernel_tensors(self) -> Tuple[Tensor, ...]:
+        """The tensors every kernel backend receives, in the order of :attr:`KERNEL_TENSORS` (one
+        list for all backends; each reads the ones its algorithm needs)."""
+        return tuple(getattr(self, name) for name in self.KERNEL_TENSORS)
+
     def _check_contents(self) -> None:
         """What every kernel indexes with, checked once, here (docs/math.md §1, §4): ids unique, sorted
         and in ``[0, V)``, ``number_index`` their inverse, ``value_order`` a permutation sorting
@@ -295,8 +303,7 @@ class NumberTokenTable:
         if cached is None:
             cached = object.__new__(type(self))
             cached.__dict__.update(self.__dict__)
-            for name in ("values", "is_number", "number_ids", "number_values", "number_index",
-                         "value_order", "value_rank", "sorted_gaps"):
+            for name in ("values",) + self.KERNEL_TENSORS:
                 setattr(cached, name, getattr(self, name).to(device))
             cached._distance_cache = {}
             cached._resized_cache = {}
