@@ -1,7 +1,7 @@
 // C launch API of the ntl_fast CUDA kernels (csrc/cuda/ntl_kernels.cu).
 //
 // Torch-free: the kernels compile with nvcc alone in seconds, and csrc/cuda/ntl_cuda.cpp does
-// the tensor plumbing (checks, allocation, the current stream) and calls these two functions.
+// the tensor plumbing (checks, allocation, the current stream) and calls these functions.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -34,6 +34,8 @@ struct CudaRows {
   void* row_stats;            // (M, RowStats::kSize): forward output, backward input
   const void* grad_ce;        // backward inputs, (M,); grad_ce unused when !with_ce
   const void* grad_ntl;
+  const void* ce_scale;       // one-pass inputs, (M,): d total / d ce_r and d total / d ntl_r
+  const void* ntl_scale;
   Options options;
 };
 
@@ -42,5 +44,13 @@ constexpr int64_t kMaxNumberTokens = 4096;  // 32 KiB of float64 fixes, under th
 
 cudaError_t launch_forward(const CudaRows& rows, cudaStream_t stream);
 cudaError_t launch_backward(const CudaRows& rows, cudaStream_t stream);
+// Loss and gradient in one pass (reductions "mean" and "sum"): writes ce, ntl and
+// grad_logits = d(sum_r ce_scale[r] ce_r + ntl_scale[r] ntl_r) / d logits, each row's gradient
+// while the row is still in cache; grad_logits may equal logits (in place). with_ce must be true.
+cudaError_t launch_loss_and_grad(const CudaRows& rows, cudaStream_t stream);
+// grad (numel elements of LogitsDtype dtype) *= *grad_output in place, the scalar read on the
+// device (float64 for kFloat64, float32 otherwise); every block returns at once when it is 1.
+cudaError_t launch_scale_gradient(void* grad, int dtype, int64_t numel, const void* grad_output,
+                                  cudaStream_t stream);
 
 }  // namespace ntl
