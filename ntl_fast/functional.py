@@ -130,15 +130,8 @@ def _check_values(labels: Tensor, vocab_size: int, ignore_index: int, weights: O
         raise ValueError("weights must be >= 0 (and not NaN)")
 
 
-def _shifted(
-    logits: Tensor,
-    labels: Tensor,
-    table: NumberTokenTable,
-    weights: Optional[Tensor],
-    shift_labels: bool,
-    validate: bool,
-    ignore_index: int,
-) -> Tuple[Tensor, Optional[Tensor]]:
+def _shifted(logits: Tensor, labels: Tensor, table: NumberTokenTable, weights: Optional[Tensor], shift_labels: bool,
+             validate: bool, ignore_index: int) -> Tuple[Tensor, Optional[Tensor]]:
     """Check, and for causal models shift the labels (never the logits): ``(labels, weights)``
     aligned with the logits' positions, float weights."""
     _check_inputs(logits, labels, table, weights)
@@ -165,16 +158,8 @@ class _Rows(NamedTuple):
     shape: torch.Size  # the labels' shape: what reduction "none" returns (before dropping a shifted end)
 
 
-def _rows(
-    logits: Tensor,
-    labels: Tensor,
-    table: NumberTokenTable,
-    weights: Optional[Tensor],
-    shift_labels: bool,
-    validate: bool,
-    ignore_index: int,
-    backend: str,
-) -> _Rows:
+def _rows(logits: Tensor, labels: Tensor, table: NumberTokenTable, weights: Optional[Tensor], shift_labels: bool,
+          validate: bool, ignore_index: int, backend: str) -> _Rows:
     """Check, shift, flatten to rows and pick the backend."""
     labels, weights = _shifted(logits, labels, table, weights, shift_labels, validate, ignore_index)
     vocab_size = logits.shape[-1]

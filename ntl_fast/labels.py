@@ -63,14 +63,8 @@ def label_positions(labels: Tensor, table: NumberTokenTable, ignore_index: int) 
     return in_range, bad, number_index
 
 
-def count_positions(
-    labels: Labels,
-    table: NumberTokenTable,
-    ignore_index: int = -100,
-    weights: Optional[Labels] = None,
-    *,
-    shift_labels: bool = False,
-) -> Tuple[Tensor, Tensor]:
+def count_positions(labels: Labels, table: NumberTokenTable, ignore_index: int = -100,
+                    weights: Optional[Labels] = None, *, shift_labels: bool = False) -> Tuple[Tensor, Tensor]:
     """``(ce_count, ntl_count)``: how many positions count for CE and for NTL (the denominators of
     the two means), over one label tensor or a sequence of them (the micro-batches of one step).
 
