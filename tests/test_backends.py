@@ -7,6 +7,7 @@ import torch
 from ntl_fast import backends, reference
 from ntl_fast.backends import Backend, get_backend
 from ntl_fast.config import LossConfig
+from ntl_fast.fused import cross_entropy_with_ntl_and_gradient
 from helpers import assert_spec_close, irregular_table, random_labels
 
 # the backends importable here whose modules implement the whole contract
@@ -96,3 +97,36 @@ def test_scale_gradient_scales_in_place(name):
 def test_fuses_loss_and_grad_answers_for_the_logits(name):
     answer = get_backend(name).fuses_loss_and_grad(torch.zeros(3, 5, dtype=torch.bfloat16))
     assert isinstance(answer, bool)
+
+
+class _RecordingBackend:
+    """A one-pass backend that records how the backward scales its gradient."""
+
+    def __init__(self):
+        self.scaled_by = []
+
+    def ce_ntl_loss_and_grad(self, logits, labels, table, config, ce_scale, ntl_scale, inplace=False):
+        rows = torch.ones(logits.shape[0], device=logits.device)
+        return rows, rows.clone(), torch.ones_like(logits)
+
+    def scale_gradient_(self, grad, grad_output):
+        self.scaled_by.append(grad_output)
+        return grad.mul_(grad_output)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_the_one_pass_backward_scales_through_the_backend_without_reading_grad_output(device):
+    """Off the CPU (here: meta tensors, whose values cannot be read at all) the backward never reads
+    grad_output on the host: the backend scales on the device, also when grad_output is 1. On the
+    CPU, grad_output == 1 costs nothing."""
+    for grad_output, cpu_scales in ((1.0, False), (3.0, True)):
+        backend = _RecordingBackend()
+        logits = torch.zeros(4, 6, device=device, requires_grad=True)
+        scale = torch.ones(4, device=device)
+        total, _, _ = cross_entropy_with_ntl_and_gradient(logits, torch.zeros(4, dtype=torch.long, device=device),
+                                                          None, LossConfig("was"), scale, scale, backend)
+        (total * grad_output).backward()
+        assert len(backend.scaled_by) == (1 if device != "cpu" or cpu_scales else 0)
+        assert logits.grad.shape == logits.shape
+        if device == "cpu":
+            assert (logits.grad == grad_output).all()
