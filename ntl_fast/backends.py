@@ -55,7 +55,9 @@ class Backend(Protocol):
         the logits' buffer."""
 
     def fuses_loss_and_grad(self, logits2d: Tensor) -> bool:
-        """Whether :meth:`ce_ntl_loss_and_grad` serves these logits (their device and dtype)."""
+        """Whether :meth:`ce_ntl_loss_and_grad` serves these logits (their device and dtype). On CUDA
+        only float32 and bfloat16 qualify: a float16 gradient stored before the loss scale is applied
+        underflows, so float16 keeps the two-pass path."""
 
     def ce_ntl_loss_and_grad(self, logits2d: Tensor, labels1d: Tensor, table: "NumberTokenTable",
                              config: "LossConfig", ce_scale: Tensor, ntl_scale: Tensor, inplace: bool = False
