@@ -47,6 +47,11 @@ done
 # Register budgets (ptxas "Used N registers") per kernel template and logits type. The dense
 # float32/bfloat16 kernels run 512-thread blocks for wide vocabularies: 40 registers or fewer keep
 # 3 blocks (75% occupancy) on an SM. A kernel without a budget line is only checked for spills.
+# K (the number of number tokens) is a run-time value: one compiled kernel serves every table
+# from K = 1 to 4,096 (the fixes live in K values of dynamic shared memory), so these figures
+# hold for multi-digit tables (K ~ 1,110) as for digits (K = 10). The backward and one-pass
+# kernels are bounded by the number-token math thread 0 runs (not by their dense loops): their
+# budget is the ceiling they must not exceed, above the 40 of the dense-only forward.
 budgets="$out/budgets.txt"
 cat > "$budgets" <<'BUDGETS'
 forward_kernel float 40
