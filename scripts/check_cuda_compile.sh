@@ -3,13 +3,26 @@
 # alone (no GPU and no CUDA torch needed), with the half/bfloat16 restrictions that torch's own
 # extension builds add. Fails on the first error.
 #
+# ptxas gate: every kernel's registers and spills (nvcc -Xptxas -v) are parsed; the check fails
+# when any kernel spills or uses more registers than its budget below. --record writes the table
+# to benchmarks/results/cuda_ptxas_registers.csv.
+#
 # With --plumbing it also syntax-checks the CUDA tensor plumbing (csrc/**/*_cuda.cpp) against the
 # installed torch's headers; a CPU torch lacks one generated c10/cuda header, stubbed here.
-# Usage: scripts/check_cuda_compile.sh [--plumbing]    (NVCC=/path/to/nvcc, PYTHON=python3)
+# Usage: scripts/check_cuda_compile.sh [--plumbing] [--record]    (NVCC=/path/to/nvcc, PYTHON=python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC="${NVCC:-nvcc}"
 PYTHON="${PYTHON:-python3}"
+plumbing=0
+record=0
+for arg in "$@"; do
+  case "$arg" in
+    --plumbing) plumbing=1 ;;
+    --record) record=1 ;;
+    *) echo "check_cuda_compile: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
 command -v "$NVCC" >/dev/null || { echo "check_cuda_compile: nvcc not found (set NVCC)" >&2; exit 2; }
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
@@ -20,13 +33,102 @@ torch_defines=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
 for arch in sm_80 sm_90; do
   for src in "${sources[@]}"; do
     start=$(date +%s)
-    "$NVCC" -std=c++17 -O3 -arch="$arch" "${torch_defines[@]}" -Xcompiler -Wall \
-      -c "$src" -o "$out/$(basename "$src" .cu).$arch.o"
+    log="$out/ptxas.$arch.$(basename "$src" .cu).log"
+    if ! "$NVCC" -std=c++17 -O3 -arch="$arch" "${torch_defines[@]}" -Xcompiler -Wall -Xptxas -v \
+        -c "$src" -o "$out/$(basename "$src" .cu).$arch.o" > "$log" 2>&1; then
+      grep -v '^ptxas info' "$log" >&2 || true
+      exit 1
+    fi
+    grep -v -e '^ptxas info' -e 'bytes stack frame' "$log" || true  # compiler warnings, if any
     echo "ok  $src  $arch  $(( $(date +%s) - start ))s"
   done
 done
 
-if [ "${1:-}" = "--plumbing" ]; then
+# Register budgets (ptxas "Used N registers") per kernel template and logits type. The dense
+# float32/bfloat16 kernels run 512-thread blocks for wide vocabularies: 40 registers or fewer keep
+# 3 blocks (75% occupancy) on an SM. A kernel without a budget line is only checked for spills.
+# K (the number of number tokens) is a run-time value: one compiled kernel serves every table
+# from K = 1 to 4,096 (the fixes live in K values of dynamic shared memory), so these figures
+# hold for multi-digit tables (K ~ 1,110) as for digits (K = 10). The backward and one-pass
+# kernels are bounded by the number-token math thread 0 runs (not by their dense loops): their
+# budget is the ceiling they must not exceed, above the 40 of the dense-only forward.
+budgets="$out/budgets.txt"
+cat > "$budgets" <<'BUDGETS'
+forward_kernel float 40
+forward_kernel __nv_bfloat16 40
+scale_kernel float 40
+scale_kernel __nv_bfloat16 40
+scale_kernel __half 40
+backward_kernel float 64
+backward_kernel __nv_bfloat16 64
+loss_and_grad_kernel float 64
+loss_and_grad_kernel __nv_bfloat16 64
+BUDGETS
+csv=""
+[ "$record" = 1 ] && csv="benchmarks/results/cuda_ptxas_registers.csv"
+"$PYTHON" - "$budgets" "$csv" "$out"/ptxas.*.log <<'PARSE'
+import re
+import subprocess
+import sys
+
+budget_file, csv_path, logs = sys.argv[1], sys.argv[2], sys.argv[3:]
+budgets = {}
+for line in open(budget_file):
+    kernel, dtype, registers = line.split()
+    budgets[(kernel, dtype)] = int(registers)
+rows = []
+for log in logs:
+    source = log.rsplit("/", 1)[1].split(".", 2)[2][: -len(".log")]
+    entry = None
+    for line in open(log):
+        found = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+        if found:
+            entry = {"mangled": found.group(1), "arch": found.group(2), "source": source}
+            continue
+        found = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if found and entry is not None:
+            entry["stack"], entry["spill_stores"], entry["spill_loads"] = map(int, found.groups())
+        found = re.search(r"Used (\d+) registers", line)
+        if found and entry is not None:
+            entry["registers"] = int(found.group(1))
+            rows.append(entry)
+            entry = None
+if not rows:
+    sys.exit("check_cuda_compile: no kernel found in the ptxas output")
+try:
+    names = subprocess.run(["c++filt"], input="\n".join(r["mangled"] for r in rows), capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+except (OSError, subprocess.CalledProcessError):
+    names = [r["mangled"] for r in rows]
+failures = []
+for row, name in zip(rows, names):
+    found = re.search(r"(\w+)<([\w:]+),", name) or re.search(r"(\w+)<([\w:]+)>", name)
+    row["kernel"], row["dtype"] = (found.group(1), found.group(2)) if found else (name, "")
+    row["budget"] = budgets.get((row["kernel"], row["dtype"]), "")
+    row.setdefault("stack", 0), row.setdefault("spill_stores", 0), row.setdefault("spill_loads", 0)
+    problems = []
+    if row["spill_stores"] or row["spill_loads"]:
+        problems.append(f"spills {row['spill_stores']}/{row['spill_loads']} bytes")
+    if row["budget"] != "" and row["registers"] > row["budget"]:
+        problems.append(f"{row['registers']} registers > budget {row['budget']}")
+    status = "; ".join(problems) or "ok"
+    print(f"ptxas  {row['arch']}  {row['kernel']}<{row['dtype']}>  {row['registers']} registers "
+          f"(budget {row['budget'] or '-'}), spills {row['spill_stores']}/{row['spill_loads']}  {status}")
+    if problems:
+        failures.append(f"{row['arch']} {row['kernel']}<{row['dtype']}>: {status}")
+rows.sort(key=lambda r: (r["source"], r["kernel"], r["dtype"], r["arch"]))
+if csv_path:
+    with open(csv_path, "w") as f:
+        f.write("source,kernel,dtype,arch,registers,budget,spill_stores,spill_loads,stack_bytes\n")
+        for r in rows:
+            f.write(f"{r['source']},{r['kernel']},{r['dtype']},{r['arch']},{r['registers']},{r['budget']},"
+                    f"{r['spill_stores']},{r['spill_loads']},{r['stack']}\n")
+    print(f"wrote {csv_path}")
+if failures:
+    sys.exit("check_cuda_compile: ptxas gate failed:\n  " + "\n  ".join(failures))
+PARSE
+
+if [ "$plumbing" = 1 ]; then
   # nvcc names its own include directory (it may be a wrapper script outside the toolkit).
   cuda_include="$("$NVCC" --dryrun -x cu -c /dev/null -o "$out/probe.o" 2>&1 \
                   | grep -o '"-I[^"]*"' | head -1 | tr -d '"' | sed 's/^-I//')"

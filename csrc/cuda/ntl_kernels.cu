@@ -6,9 +6,16 @@
 // label column into shared memory (reading the logits it needs first), the block writes
 // coef * p_k over the row (one read, one write per element), then thread 0 writes the fixed
 // columns in order, so that a table with a repeated id still gives one deterministic result.
-// Reading before writing lets the backward run in place. The kernels read the table as given
-// (the host never reads device memory to check it) and stay in bounds and deterministic
-// whatever it holds.
+// Reading before writing lets the backward run in place. Loss and gradient in one pass: the
+// forward of a row, then its backward while the row is still in cache, so the logits come from
+// memory once. Rows whose losses are constants (ignore_index, bad labels) read nothing and get a
+// zero gradient. The kernels read the table as given (the host never reads device memory to
+// check it) and stay in bounds and deterministic whatever it holds.
+//
+// The dense loops move 16-byte packs from the first 16-byte boundary of each row on (a scalar
+// head and tail around them), each thread issuing all the loads of a step before its first store.
+// Registers do not depend on K: the number-token loops run over global memory and the fixes live
+// in K values of dynamic shared memory.
 //
 // Torch-free: only the CUDA runtime and its bf16/fp16 headers.
 #include <cuda_bf16.h>
@@ -80,7 +87,123 @@ __device__ __forceinline__ void merge_lse(acc_t& m, acc_t& s, acc_t other_m, acc
   m = next;
 }
 
-constexpr int kUnroll = 4;
+// ------------------------------------------------------------------------------- 16-byte accesses
+// A row is read and written in 16-byte packs (4 float32, 8 bfloat16/float16, 2 float64) from the
+// first 16-byte boundary on; the elements before it (the head) and after the last whole pack (the
+// tail) take scalar accesses. The split is computed at run time from the address, so any row of
+// any tensor works, and a gradient buffer whose alignment differs from the logits' falls back to
+// scalar accesses.
+template <typename scalar_t>
+struct Pack {
+  static constexpr int kSize = 16 / int(sizeof(scalar_t));
+  scalar_t v[kSize];
+};
+
+// Packs each thread has in flight in the gradient pass: all its loads are issued before its first
+// store, 16 values of 2- and 4-byte types, 8 of float64.
+template <typename scalar_t>
+struct InFlight {
+  static constexpr int kPacks = sizeof(scalar_t) == 2 ? 2 : 4;
+};
+
+// A pack moves as one uint4 (ld/st.global.v4.u32); its elements are bit copies of the words.
+__device__ __forceinline__ void unpack(uint32_t w, float* v) { v[0] = __uint_as_float(w); }
+__device__ __forceinline__ void unpack(uint32_t w, __nv_bfloat16* v) {
+  v[0] = __ushort_as_bfloat16(static_cast<unsigned short>(w & 0xffffu));
+  v[1] = __ushort_as_bfloat16(static_cast<unsigned short>(w >> 16));
+}
+__device__ __forceinline__ void unpack(uint32_t w, __half* v) {
+  v[0] = __ushort_as_half(static_cast<unsigned short>(w & 0xffffu));
+  v[1] = __ushort_as_half(static_cast<unsigned short>(w >> 16));
+}
+__device__ __forceinline__ uint32_t packed(const float* v) { return __float_as_uint(v[0]); }
+__device__ __forceinline__ uint32_t packed(const __nv_bfloat16* v) {
+  return uint32_t(__bfloat16_as_ushort(v[0])) | (uint32_t(__bfloat16_as_ushort(v[1])) << 16);
+}
+__device__ __forceinline__ uint32_t packed(const __half* v) {
+  return uint32_t(__half_as_ushort(v[0])) | (uint32_t(__half_as_ushort(v[1])) << 16);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t> load_pack(const scalar_t* p) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+  Pack<scalar_t> out;
+  if constexpr (sizeof(scalar_t) == 8) {
+    out.v[0] = __longlong_as_double(static_cast<long long>((uint64_t(w[1]) << 32) | w[0]));
+    out.v[1] = __longlong_as_double(static_cast<long long>((uint64_t(w[3]) << 32) | w[2]));
+  } else {
+    constexpr int kPerWord = 4 / int(sizeof(scalar_t));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) unpack(w[i], out.v + i * kPerWord);
+  }
+  return out;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store_pack(scalar_t* p, const Pack<scalar_t>& x) {
+  uint32_t w[4];
+  if constexpr (sizeof(scalar_t) == 8) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint64_t bits = static_cast<uint64_t>(__double_as_longlong(x.v[i]));
+      w[2 * i] = uint32_t(bits);
+      w[2 * i + 1] = uint32_t(bits >> 32);
+    }
+  } else {
+    constexpr int kPerWord = 4 / int(sizeof(scalar_t));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = packed(x.v + i * kPerWord);
+  }
+  uint4 raw;
+  raw.x = w[0];
+  raw.y = w[1];
+  raw.z = w[2];
+  raw.w = w[3];
+  // One 16-byte store (a plain assignment may be split into narrower stores), cached in L2 only:
+  // the gradient is not read again by this kernel.
+  __stcg(reinterpret_cast<uint4*>(p), raw);
+}
+
+// [0, head) and [tail, n) by scalar accesses, `packs` 16-byte packs in between.
+struct Split {
+  int64_t head, packs, tail;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ Split split_at_alignment(const void* p, int64_t n) {
+  constexpr int64_t kSize = Pack<scalar_t>::kSize;
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+  int64_t head = n;  // an address that is no multiple of the element size: all scalar
+  if (address % sizeof(scalar_t) == 0) head = int64_t((16 - address % 16) % 16 / sizeof(scalar_t));
+  head = head < n ? head : n;
+  const int64_t packs = (n - head) / kSize;
+  return {head, packs, head + packs * kSize};
+}
+
+// A running (max, Σ exp(x - max)) of one thread. NaN values never update it: flagged apart.
+template <typename acc_t>
+struct RunningLse {
+  acc_t m, s;
+  bool nan;
+
+  template <int n>
+  __device__ __forceinline__ void add(const acc_t (&x)[n]) {
+    acc_t group_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < n; ++j) {
+      nan |= x[j] != x[j];
+      group_max = fmax(group_max, x[j]);
+    }
+    const acc_t next = fmax(m, group_max);
+    if (next == acc_t(-INFINITY)) return;
+    acc_t sum = s * ntl_exp(m - next);
+#pragma unroll
+    for (int j = 0; j < n; ++j) sum += ntl_exp(x[j] - next);
+    s = sum;
+    m = next;
+  }
+};
 
 // The LSE of the row (text_only: of its columns off N, by number_index), returned to every thread
 // of the block. NaN logits give NaN.
@@ -89,28 +212,44 @@ __device__ LogSumExp<acc_t> block_logsumexp(const scalar_t* z, int64_t V, bool t
                                             const int64_t* number_index) {
   __shared__ acc_t warp_m[32], warp_s[32];
   __shared__ LogSumExp<acc_t> result;
-  acc_t m = -INFINITY, s = 0;
-  bool nan = false;  // a lane whose elements are all NaN never updates (m, s): flag it apart
-  const int64_t stride = int64_t(blockDim.x) * kUnroll;
-  for (int64_t base = threadIdx.x; base < V; base += stride) {
-    acc_t x[kUnroll];
-    acc_t block_max = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < kUnroll; ++j) {
-      const int64_t i = base + int64_t(j) * blockDim.x;
-      const bool counted = i < V && !(text_only && number_index[i] >= 0);
-      x[j] = counted ? acc_t(load_acc(z[i])) : acc_t(-INFINITY);
-      nan |= x[j] != x[j];
-      block_max = fmax(block_max, x[j]);
+  // 8 values per thread and step (two float32 packs, one of the 2-byte types): enough loads in
+  // flight with the block's other threads, and few registers.
+  constexpr int kSize = Pack<scalar_t>::kSize, kFlight = sizeof(scalar_t) == 4 ? 2 : 1;
+  RunningLse<acc_t> run{-INFINITY, 0, false};
+  if (text_only) {  // reweighed NTL-valid rows: the columns off N, one by one through number_index
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+      const acc_t x[1] = {number_index[i] < 0 ? acc_t(load_acc(z[i])) : acc_t(-INFINITY)};
+      run.add(x);
     }
-    const acc_t next = fmax(m, block_max);
-    if (next == acc_t(-INFINITY)) continue;
-    acc_t sum = s * ntl_exp(m - next);
+  } else {
+    const Split split = split_at_alignment<scalar_t>(z, V);
+    for (int64_t i = threadIdx.x; i < split.head; i += blockDim.x) {
+      const acc_t x[1] = {acc_t(load_acc(z[i]))};
+      run.add(x);
+    }
+    for (int64_t i = split.tail + threadIdx.x; i < V; i += blockDim.x) {
+      const acc_t x[1] = {acc_t(load_acc(z[i]))};
+      run.add(x);
+    }
+    const scalar_t* body = z + split.head;
+    for (int64_t base = threadIdx.x; base < split.packs; base += int64_t(blockDim.x) * kFlight) {
+      Pack<scalar_t> p[kFlight];
 #pragma unroll
-    for (int j = 0; j < kUnroll; ++j) sum += ntl_exp(x[j] - next);
-    s = sum;
-    m = next;
+      for (int u = 0; u < kFlight; ++u) {
+        const int64_t pack = base + int64_t(u) * blockDim.x;
+        if (pack < split.packs) p[u] = load_pack(body + pack * kSize);
+      }
+#pragma unroll
+      for (int u = 0; u < kFlight; ++u) {  // the packs merged one by one: fewer values live at once
+        if (base + int64_t(u) * blockDim.x >= split.packs) break;
+        acc_t x[kSize];
+#pragma unroll
+        for (int j = 0; j < kSize; ++j) x[j] = acc_t(load_acc(p[u].v[j]));
+        run.add(x);
+      }
+    }
   }
+  acc_t m = run.m, s = run.s;
   for (int offset = 16; offset > 0; offset >>= 1) {
     const acc_t om = __shfl_xor_sync(0xffffffffu, m, offset);
     const acc_t os = __shfl_xor_sync(0xffffffffu, s, offset);
@@ -121,7 +260,7 @@ __device__ LogSumExp<acc_t> block_logsumexp(const scalar_t* z, int64_t V, bool t
     warp_m[warp] = m;
     warp_s[warp] = s;
   }
-  const bool any_nan = __syncthreads_or(nan);
+  const bool any_nan = __syncthreads_or(run.nan);
   if (warp == 0) {
     m = lane < warps ? warp_m[lane] : acc_t(-INFINITY);
     s = lane < warps ? warp_s[lane] : acc_t(0);
@@ -136,13 +275,80 @@ __device__ LogSumExp<acc_t> block_logsumexp(const scalar_t* z, int64_t V, bool t
   return result;
 }
 
+// out[i] = scale * exp(z[i] - mx) for i in [begin, end), by scalar accesses, each thread with
+// `kSize` loads in flight before its first store.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void scalar_probabilities(const scalar_t* z, scalar_t* out, int64_t begin, int64_t end,
+                                                     acc_t scale, acc_t mx) {
+  constexpr int kSize = Pack<scalar_t>::kSize;
+  for (int64_t base = begin + threadIdx.x; base < end; base += int64_t(blockDim.x) * kSize) {
+    acc_t x[kSize];
+#pragma unroll
+    for (int j = 0; j < kSize; ++j) {
+      const int64_t i = base + int64_t(j) * blockDim.x;
+      x[j] = i < end ? acc_t(load_acc(z[i])) : acc_t(0);
+    }
+#pragma unroll
+    for (int j = 0; j < kSize; ++j) {
+      const int64_t i = base + int64_t(j) * blockDim.x;
+      if (i < end) out[i] = store_as<scalar_t>(scale * ntl_exp(x[j] - mx));
+    }
+  }
+}
+
+// out[i] = scale * exp(z[i] - mx) over a row. Each thread issues the loads of its group of packs
+// before its first store, and owns its elements: z may equal out (in place).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_probabilities(const scalar_t* z, scalar_t* out, int64_t V, acc_t scale,
+                                                    acc_t mx) {
+  constexpr int kSize = Pack<scalar_t>::kSize, kFlight = InFlight<scalar_t>::kPacks;
+  const uintptr_t offset = reinterpret_cast<uintptr_t>(out) - reinterpret_cast<uintptr_t>(z);
+  // A gradient buffer off the logits' alignment: scalar accesses, still several loads in flight.
+  const Split split = offset % 16 == 0 ? split_at_alignment<scalar_t>(z, V) : Split{V, 0, V};
+  scalar_probabilities(z, out, 0, split.head, scale, mx);
+  scalar_probabilities(z, out, split.tail, V, scale, mx);
+  const scalar_t* body = z + split.head;
+  scalar_t* body_out = out + split.head;
+  for (int64_t base = threadIdx.x; base < split.packs; base += int64_t(blockDim.x) * kFlight) {
+    Pack<scalar_t> p[kFlight];
+#pragma unroll
+    for (int u = 0; u < kFlight; ++u) {
+      const int64_t pack = base + int64_t(u) * blockDim.x;
+      if (pack < split.packs) p[u] = load_pack(body + pack * kSize);
+    }
+#pragma unroll
+    for (int u = 0; u < kFlight; ++u) {
+      const int64_t pack = base + int64_t(u) * blockDim.x;
+      if (pack >= split.packs) continue;
+#pragma unroll
+      for (int j = 0; j < kSize; ++j) p[u].v[j] = store_as<scalar_t>(scale * ntl_exp(acc_t(load_acc(p[u].v[j])) - mx));
+      store_pack(body_out + pack * kSize, p[u]);
+    }
+  }
+}
+
+// out[0, V) = 0, without reading anything.
+template <typename scalar_t>
+__device__ __forceinline__ void write_zeros(scalar_t* out, int64_t V) {
+  constexpr int kSize = Pack<scalar_t>::kSize;
+  const Split split = split_at_alignment<scalar_t>(out, V);
+  const scalar_t zero = store_as<scalar_t>(typename AccType<scalar_t>::type(0));
+  for (int64_t i = threadIdx.x; i < split.head; i += blockDim.x) out[i] = zero;
+  for (int64_t i = split.tail + threadIdx.x; i < V; i += blockDim.x) out[i] = zero;
+  Pack<scalar_t> zeros;
+#pragma unroll
+  for (int j = 0; j < kSize; ++j) zeros.v[j] = zero;
+  for (int64_t pack = threadIdx.x; pack < split.packs; pack += blockDim.x)
+    store_pack(out + split.head + pack * kSize, zeros);
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ GlobalRow<scalar_t, acc_t> global_row(const CudaRows& a, const scalar_t* z) {
   return GlobalRow<scalar_t, acc_t>{z, a.number_ids, a.number_values, a.value_order, a.sorted_gaps, a.V, a.K};
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void forward_kernel(const CudaRows a) {
+__global__ void __launch_bounds__(512) forward_kernel(const CudaRows a) {
   const int64_t r = blockIdx.x;
   const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
   __shared__ RowLabel lab;
@@ -168,8 +374,35 @@ __global__ void forward_kernel(const CudaRows a) {
 
 extern __shared__ __align__(16) unsigned char ntl_dynamic_smem[];
 
+// The dense part of a row's gradient, coef * p_k on every column (zeros when coef is 0, without
+// reading the row), then the fixed columns by thread 0 in the order of the CPU kernels: a
+// repeated id (or a label column that is also a number id, in a corrupt table) is written
+// last-wins, never raced. g and fix were computed from the logits before the first barrier here,
+// so the dense write may overwrite them (in place).
 template <typename scalar_t, typename acc_t>
-__global__ void backward_kernel(const CudaRows a) {
+__device__ __forceinline__ void write_row_gradient(const CudaRows& a, const scalar_t* z, scalar_t* out,
+                                                   const RowGradient<acc_t>& g, const LogSumExp<acc_t>& vocab,
+                                                   const acc_t* fix) {
+  const acc_t coef = g.coef;
+  if (coef != acc_t(0)) {
+    // coef * exp(z - LSE_V) as (coef / Σ) * exp(z - max): shift-invariant, one exp per element.
+    write_probabilities(z, out, a.V, coef * ntl_exp(-vocab.log_sum), vocab.max);
+  } else {
+    write_zeros(out, a.V);
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  if (g.number_fix) {
+    for (int64_t k = 0; k < a.K; ++k) {
+      const int64_t id = a.number_ids[k];
+      if (id >= 0 && id < a.V) out[id] = store_as<scalar_t>(fix[k]);
+    }
+  }
+  if (g.label_column >= 0) out[g.label_column] = store_as<scalar_t>(g.label_fix);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(512) backward_kernel(const CudaRows a) {
   const int64_t r = blockIdx.x;
   const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
   scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + r * a.V;
@@ -186,58 +419,167 @@ __global__ void backward_kernel(const CudaRows a) {
     g = row_backward(row, lab, z_label, stats, grad_ce, grad_ntl, a.with_ce, a.options, fix);
   }
   __syncthreads();
-  const acc_t coef = g.coef;
-  if (coef != acc_t(0)) {
-    // coef * exp(z - LSE_V) as (coef / Σ) * exp(z - max): shift-invariant, one exp per element.
-    const acc_t scale = coef * ntl_exp(-stats.vocab.log_sum), mx = stats.vocab.max;
-    for (int64_t i = threadIdx.x; i < a.V; i += blockDim.x)
-      out[i] = store_as<scalar_t>(scale * ntl_exp(acc_t(load_acc(z[i])) - mx));
-  } else {
-    for (int64_t i = threadIdx.x; i < a.V; i += blockDim.x) out[i] = store_as<scalar_t>(acc_t(0));
+  write_row_gradient(a, z, out, g, stats.vocab, fix);
+}
+
+// Loss and gradient in one pass: the forward of the row, then, while the row is still in cache
+// (L1/L2: one block reads it twice, back to back), d(ce_scale·ce + ntl_scale·ntl)/dz written over
+// it or beside it. Rows whose losses are constants (ignore_index, bad labels) read nothing and
+// get zeros; rows whose two scales are 0 read the row for their losses only and get zeros.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(512) loss_and_grad_kernel(const CudaRows a) {
+  const int64_t r = blockIdx.x;
+  const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
+  scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + r * a.V;
+  acc_t* fix = reinterpret_cast<acc_t*>(ntl_dynamic_smem);
+  __shared__ RowLabel lab;
+  __shared__ int dense_kind;
+  __shared__ RowGradient<acc_t> g;
+  __shared__ LogSumExp<acc_t> vocab;
+  if (threadIdx.x == 0) {
+    lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
+    dense_kind = dense_lse_kind(lab, true, a.options);
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  // One thread, in the order of the CPU kernels: a repeated id (or a label column that is also a
-  // number id, in a corrupt table) is written last-wins, never raced.
-  if (g.number_fix) {
-    for (int64_t k = 0; k < a.K; ++k) {
-      const int64_t id = a.number_ids[k];
-      if (id >= 0 && id < a.V) out[id] = store_as<scalar_t>(fix[k]);
+  if (dense_kind == kNoDense) {  // ignored or bad: NaN or zero losses, zero gradient, no read
+    if (threadIdx.x == 0) {
+      const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
+      acc_t ce = 0, ntl = 0;
+      row_forward(row, lab, acc_t(0), RowStats<acc_t>{{0, 0}, {0, 0}, 0}, true, a.options, &ce, &ntl);
+      static_cast<acc_t*>(a.ce)[r] = ce;
+      static_cast<acc_t*>(a.ntl)[r] = ntl;
+    }
+    write_zeros(out, a.V);
+    return;
+  }
+  const LogSumExp<acc_t> dense = block_logsumexp<scalar_t, acc_t>(z, a.V, dense_kind == kDenseText, a.number_index);
+  if (threadIdx.x == 0) {
+    const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
+    const RowStats<acc_t> stats = row_stats(row, lab, dense_kind, dense);
+    const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
+    acc_t ce = 0, ntl = 0;
+    row_forward(row, lab, z_label, stats, true, a.options, &ce, &ntl);
+    static_cast<acc_t*>(a.ce)[r] = ce;
+    static_cast<acc_t*>(a.ntl)[r] = ntl;
+    const acc_t ce_scale = static_cast<const acc_t*>(a.ce_scale)[r];
+    const acc_t ntl_scale = static_cast<const acc_t*>(a.ntl_scale)[r];
+    g = (ce_scale != acc_t(0) || ntl_scale != acc_t(0))
+            ? row_backward(row, lab, z_label, stats, ce_scale, ntl_scale, true, a.options, fix)
+            : RowGradient<acc_t>{0, 0, -1, false};
+    vocab = stats.vocab;
+  }
+  __syncthreads();
+  write_row_gradient(a, z, out, g, vocab, fix);
+}
+
+// grad *= *grad_output over a flat buffer; every block returns before touching it when the
+// scalar is 1.
+constexpr int kScaleThreads = 256;
+constexpr int64_t kScaleMaxBlocks = 4096;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kScaleThreads) scale_kernel(scalar_t* grad, int64_t numel, const acc_t* grad_output) {
+  const acc_t scale = *grad_output;
+  if (scale == acc_t(1)) return;
+  constexpr int kSize = Pack<scalar_t>::kSize, kFlight = InFlight<scalar_t>::kPacks;
+  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const Split split = split_at_alignment<scalar_t>(grad, numel);
+  for (int64_t i = first; i < split.head; i += stride) grad[i] = store_as<scalar_t>(scale * acc_t(load_acc(grad[i])));
+  for (int64_t i = split.tail + first; i < numel; i += stride)
+    grad[i] = store_as<scalar_t>(scale * acc_t(load_acc(grad[i])));
+  scalar_t* body = grad + split.head;
+  for (int64_t base = first; base < split.packs; base += stride * kFlight) {
+    Pack<scalar_t> p[kFlight];
+#pragma unroll
+    for (int u = 0; u < kFlight; ++u) {
+      const int64_t pack = base + int64_t(u) * stride;
+      if (pack < split.packs) p[u] = load_pack(body + pack * kSize);
+    }
+#pragma unroll
+    for (int u = 0; u < kFlight; ++u) {
+      const int64_t pack = base + int64_t(u) * stride;
+      if (pack >= split.packs) continue;
+#pragma unroll
+      for (int j = 0; j < kSize; ++j) p[u].v[j] = store_as<scalar_t>(scale * acc_t(load_acc(p[u].v[j])));
+      store_pack(body + pack * kSize, p[u]);
     }
   }
-  if (g.label_column >= 0) out[g.label_column] = store_as<scalar_t>(g.label_fix);
 }
 
 int threads_for(int64_t V) { return V >= 8192 ? 512 : (V >= 1024 ? 256 : 128); }
 
+enum class Pass { kForward, kBackward, kLossAndGrad };
+
 template <typename scalar_t>
-cudaError_t launch(const CudaRows& a, cudaStream_t stream, bool backward) {
+cudaError_t launch(const CudaRows& a, cudaStream_t stream, Pass pass) {
   using acc_t = typename AccType<scalar_t>::type;
   if (a.M == 0) return cudaSuccess;
   if (a.M > 0x7fffffffLL || a.K > kMaxNumberTokens) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned int>(a.M));
-  if (backward) {
-    backward_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), a.K * sizeof(acc_t), stream>>>(a);
-  } else {
-    forward_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), 0, stream>>>(a);
+  const size_t fixes = size_t(a.K) * sizeof(acc_t);
+  switch (pass) {
+    case Pass::kForward:
+      forward_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), 0, stream>>>(a);
+      break;
+    case Pass::kBackward:
+      backward_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), fixes, stream>>>(a);
+      break;
+    case Pass::kLossAndGrad:
+      if (!a.with_ce) return cudaErrorInvalidValue;
+      loss_and_grad_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), fixes, stream>>>(a);
+      break;
   }
   return cudaGetLastError();
 }
 
-cudaError_t dispatch(const CudaRows& a, cudaStream_t stream, bool backward) {
+cudaError_t dispatch(const CudaRows& a, cudaStream_t stream, Pass pass) {
   switch (a.dtype) {
-    case kFloat32: return launch<float>(a, stream, backward);
-    case kBFloat16: return launch<__nv_bfloat16>(a, stream, backward);
-    case kFloat16: return launch<__half>(a, stream, backward);
-    case kFloat64: return launch<double>(a, stream, backward);
+    case kFloat32: return launch<float>(a, stream, pass);
+    case kBFloat16: return launch<__nv_bfloat16>(a, stream, pass);
+    case kFloat16: return launch<__half>(a, stream, pass);
+    case kFloat64: return launch<double>(a, stream, pass);
     default: return cudaErrorInvalidValue;
   }
 }
 
+template <typename scalar_t>
+cudaError_t launch_scale(void* grad, int64_t numel, const void* grad_output, cudaStream_t stream) {
+  using acc_t = typename AccType<scalar_t>::type;
+  if (numel == 0) return cudaSuccess;
+  const int64_t work = (numel + Pack<scalar_t>::kSize * InFlight<scalar_t>::kPacks - 1) /
+                       (Pack<scalar_t>::kSize * InFlight<scalar_t>::kPacks);
+  int64_t blocks = (work + kScaleThreads - 1) / kScaleThreads;
+  blocks = blocks < kScaleMaxBlocks ? blocks : kScaleMaxBlocks;
+  scale_kernel<scalar_t, acc_t><<<dim3(static_cast<unsigned int>(blocks)), kScaleThreads, 0, stream>>>(
+      static_cast<scalar_t*>(grad), numel, static_cast<const acc_t*>(grad_output));
+  return cudaGetLastError();
+}
+
 }  // namespace
 
-cudaError_t launch_forward(const CudaRows& rows, cudaStream_t stream) { return dispatch(rows, stream, false); }
+cudaError_t launch_forward(const CudaRows& rows, cudaStream_t stream) {
+  return dispatch(rows, stream, Pass::kForward);
+}
 
-cudaError_t launch_backward(const CudaRows& rows, cudaStream_t stream) { return dispatch(rows, stream, true); }
+cudaError_t launch_backward(const CudaRows& rows, cudaStream_t stream) {
+  return dispatch(rows, stream, Pass::kBackward);
+}
+
+cudaError_t launch_loss_and_grad(const CudaRows& rows, cudaStream_t stream) {
+  return dispatch(rows, stream, Pass::kLossAndGrad);
+}
+
+cudaError_t launch_scale_gradient(void* grad, int dtype, int64_t numel, const void* grad_output,
+                                  cudaStream_t stream) {
+  if (numel < 0) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case kFloat32: return launch_scale<float>(grad, numel, grad_output, stream);
+    case kBFloat16: return launch_scale<__nv_bfloat16>(grad, numel, grad_output, stream);
+    case kFloat16: return launch_scale<__half>(grad, numel, grad_output, stream);
+    case kFloat64: return launch_scale<double>(grad, numel, grad_output, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 }  // namespace ntl

@@ -17,13 +17,13 @@ accesses and give bitwise-repeatable results whatever they are given.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import List, Tuple
 
 import torch
 
 from ntl_fast.config import LossConfig
-from ntl_fast.cpp import _option_args, _table_args
 from ntl_fast.table import NumberTokenTable
 
 from .harness import Case
@@ -63,6 +63,9 @@ def _table(kind: str, V: int) -> NumberTokenTable:
                  [-float(v) for v in range(1, 41)] + [1000.0 * v for v in range(1, 21)]
         ids = torch.randperm(V, generator=torch.Generator().manual_seed(V))[:len(values)].tolist()
         return NumberTokenTable.from_values(dict(zip(ids, values)), vocab_size=V)
+    if kind == "wide":  # K = 4,096 (the most the kernels serve): 0..4095 at scattered ids
+        ids = torch.randperm(V, generator=torch.Generator().manual_seed(V))[:4096].tolist()
+        return NumberTokenTable.from_values({i: float(v) for v, i in enumerate(ids)}, vocab_size=V)
     raise ValueError(kind)
 
 
@@ -146,10 +149,97 @@ def ci_cases(seed: int = 0) -> List[Case]:
                      f"-{str(dtype).split('.')[-1]}-{special}-{labels.dtype}".replace("torch.", "")
                      + ("-misaligned" if turn % 3 == 0 else ""),
                 kernel=kernel, logits=_logits(table, M, dtype, special, g), labels=labels,
-                table=_table_args(table), options=_option_args(table, config), with_ce=with_ce,
+                table=table, config=config, with_ce=with_ce,
                 grad_ce=grad_ce, grad_ntl=torch.rand(M, generator=g) - 0.25, misaligned=turn % 3 == 0,
             ))
             turn += 1
+    return cases
+
+
+ONE_PASS_KERNELS = ("loss_and_grad", "loss_and_grad_inplace")
+
+
+def loss_and_grad_cases(seed: int = 1) -> List[Case]:
+    """The one-pass kernels (fresh gradient and in place) on every shape of SHAPES, one loss
+    variant after another, the dtype, special values, labels and alignment rotated as in
+    ci_cases(); the per-row scales (the fields grad_ce / grad_ntl) hold rows whose two scales are
+    both 0 (they count for nothing: no gradient pass) and a zero CE scale."""
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    turn = 0
+    for (table_kind, V, M) in SHAPES:
+        table = _table(table_kind, V)
+        ignore_index = -100 if V < 1000 else 5
+        if table_kind == "multi_digit":
+            ignore_index = -100 if V == 8191 else int(table.number_ids[3])
+        for config in _variants(ignore_index):
+            if V >= 8191 and turn % 3:
+                turn += 1
+                continue
+            kernel = ONE_PASS_KERNELS[turn % 2]
+            dtype = DTYPES[turn % len(DTYPES)]
+            special = SPECIALS[(turn + 1) % len(SPECIALS)]
+            labels = _labels(table, M, ignore_index, turn + 1, g)
+            ce_scale = torch.rand(M, generator=g) + 0.5
+            ntl_scale = torch.rand(M, generator=g) - 0.25
+            if turn % 4 == 1:
+                ce_scale[0] = ntl_scale[0] = 0.0
+            if turn % 4 == 3:
+                ce_scale[M - 1] = 0.0
+            cases.append(Case(
+                name=f"{table_kind}-V{V}-M{M}-{kernel}-{_config_name(config)}-{str(dtype).split('.')[-1]}"
+                     f"-{special}-{labels.dtype}".replace("torch.", "") + ("-misaligned" if turn % 3 == 0 else ""),
+                kernel=kernel, logits=_logits(table, M, dtype, special, g), labels=labels, table=table,
+                config=config, grad_ce=ce_scale, grad_ntl=ntl_scale, misaligned=turn % 3 == 0,
+            ))
+            turn += 1
+    return cases
+
+
+def wide_table_cases() -> List[Case]:
+    """K = 4,096 number tokens (the most the kernels serve; their fixes fill 32 KiB of shared
+    memory in float64): every entry point, a few loss variants."""
+    g = torch.Generator().manual_seed(11)
+    V, M = 4101, 2
+    table = _table("wide", V)
+    numbers = table.number_ids
+    labels = torch.tensor([int(numbers[17]), int(numbers[4000])])
+    cases = []
+    modes = (("forward", True), ("forward", False), ("backward", True), ("backward", False), ("backward_inplace", True),
+             ("loss_and_grad", True), ("loss_and_grad_inplace", True))
+    configs = (LossConfig("was"), LossConfig("was_cdf"), LossConfig("mse", reweigh=True))
+    for turn, ((kernel, with_ce), config) in enumerate(itertools.product(modes, configs)):
+        dtype = (torch.float32, torch.bfloat16, torch.float64)[turn % 3]
+        cases.append(Case(
+            name=f"wide-V{V}-M{M}-{kernel}{'' if with_ce else '-ntl_only'}-{_config_name(config)}"
+                 f"-{str(dtype).split('.')[-1]}".replace("torch.", ""),
+            kernel=kernel, logits=(torch.randn(M, V, generator=g, dtype=torch.float64) * 3).to(dtype), labels=labels,
+            table=table, config=config, with_ce=with_ce, grad_ce=torch.rand(M, generator=g) + 0.5,
+            grad_ntl=torch.rand(M, generator=g) - 0.25, misaligned=turn % 2 == 1,
+        ))
+    return cases
+
+
+def scale_gradient_cases() -> List[Case]:
+    """grad *= grad_output in place: every dtype, sizes with and without 16-byte packs and tails,
+    aligned and not, grad_output 1 (nothing to do), other finite values, 0 and NaN."""
+    g = torch.Generator().manual_seed(5)
+    table = _table("digits", 40)
+    cases = []
+    shapes = ((1, 1), (1, 7), (3, 13), (4, 40), (2, 1023), (9, 1111))
+    scales = (1.0, 0.5, -3.0, 0.0, float("nan"), 1.0 + 2 ** -20)
+    for turn, ((M, V), scale) in enumerate(itertools.product(shapes, scales)):
+        dtype = DTYPES[turn % len(DTYPES)]
+        logits = torch.randn(M, V, generator=g, dtype=torch.float64) * 3
+        if turn % 5 == 2:
+            logits[0, 0] = float("inf")
+        cases.append(Case(
+            name=f"scale_gradient-M{M}-V{V}-{scale}-{str(dtype).split('.')[-1]}".replace("torch.", "")
+                 + ("-misaligned" if turn % 2 else ""),
+            kernel="scale_gradient", logits=logits.to(dtype), labels=torch.zeros(M, dtype=torch.int64),
+            table=table, config=LossConfig("was"),  # the table is not read
+            grad_output=torch.tensor(scale, dtype=torch.float64), misaligned=turn % 2 == 1,
+        ))
     return cases
 
 
@@ -165,9 +255,23 @@ def _config_name(config: LossConfig) -> str:
 
 
 def barrier_cases() -> List[Case]:
-    """The CI cases of the first shape: every kernel and variant, so every block barrier."""
+    """The CI cases of the first shape: every kernel and variant, so every block barrier (the
+    one-pass kernels' among them)."""
     table_kind, V, M = SHAPES[0]
-    return [case for case in ci_cases() if case.name.startswith(f"{table_kind}-V{V}-M{M}-")]
+    return [case for case in ci_cases() + loss_and_grad_cases()
+            if case.name.startswith(f"{table_kind}-V{V}-M{M}-")]
+
+
+def _corrupted(table: NumberTokenTable, **tensors: torch.Tensor) -> NumberTokenTable:
+    """A copy of ``table`` holding ``tensors`` in place of its own, unchecked (the constructor
+    would refuse them)."""
+    broken = copy.copy(table)
+    for name, tensor in tensors.items():
+        setattr(broken, name, tensor)
+    broken._device_cache = {torch.device("cpu"): broken}
+    broken._resized_cache = {}
+    broken._distance_cache = {}
+    return broken
 
 
 def corrupt_table_cases() -> List[Case]:
@@ -176,13 +280,12 @@ def corrupt_table_cases() -> List[Case]:
     g = torch.Generator().manual_seed(7)
     table = _table("digits", 40)
     M = 3
-    valid = _table_args(table)
-    ids, values, index, order, gaps = valid
+    ids, index, order = table.number_ids, table.number_index, table.value_order
     number_labels = ids[torch.tensor([0, 4, 9])]
 
-    def make(name, kernel, labels, table_args, config):
+    def make(name, kernel, labels, broken, config):
         return Case(name=name, kernel=kernel, logits=torch.randn(M, 40, generator=g), labels=labels,
-                    table=table_args, options=_option_args(table, config), saved_table=valid,
+                    table=broken, config=config, saved_table=table,
                     grad_ce=torch.rand(M, generator=g) + 0.5, grad_ntl=torch.rand(M, generator=g) + 0.5)
 
     # The same id twice in number_ids: two entries of the fix-up loop name one gradient column.
@@ -193,11 +296,13 @@ def corrupt_table_cases() -> List[Case]:
     bad_order = order.clone()
     bad_order[3] = 99
     bad_order[5] = bad_order[4]
+    duplicate = _corrupted(table, number_ids=dup_ids, number_index=dup_index)
+    non_permutation = _corrupted(table, value_order=bad_order)
     cases = []
-    for kernel in ("backward", "backward_inplace"):
+    for kernel in ("backward", "backward_inplace", "loss_and_grad", "loss_and_grad_inplace"):
         for loss in ("was", "mse"):
             cases.append(make(f"duplicate_number_ids-{kernel}-{loss}", kernel, number_labels[[0, 2, 2]],
-                              (dup_ids, values, dup_index, order, gaps), LossConfig(loss)))
+                              duplicate, LossConfig(loss)))
         cases.append(make(f"non_permutation_value_order-{kernel}", kernel, number_labels,
-                          (ids, values, index, bad_order, gaps), LossConfig("was_cdf")))
+                          non_permutation, LossConfig("was_cdf")))
     return cases

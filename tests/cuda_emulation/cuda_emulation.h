@@ -52,6 +52,9 @@ struct dim3 {
 struct uint3 {
   unsigned int x, y, z;
 };
+struct __align__(16) uint4 {
+  unsigned int x, y, z, w;
+};
 
 enum cudaError_t : int {
   cudaSuccess = 0,
@@ -208,6 +211,8 @@ inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline double rsqrt(double x) { return 1.0 / sqrt(x); }
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
+template <typename T>
+inline void __stcg(T* p, T value) { *p = value; }
 
 // ------------------------------------------------------------------------------- half, bfloat16
 namespace ntl_emu {
@@ -273,3 +278,21 @@ inline float __half2float(__half h) { return ntl_emu::half_bits_to_float(h.__x);
 inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16{ntl_emu::float_to_bfloat16_bits(f)}; }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); }
 inline float __bfloat162float(__nv_bfloat16 b) { return ntl_emu::bits_float(uint32_t(b.__x) << 16); }
+
+// Reinterpretations (bit copies).
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+inline __half __ushort_as_half(unsigned short u) { return __half{u}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16{u}; }
+inline unsigned int __float_as_uint(float f) { return ntl_emu::float_bits(f); }
+inline float __uint_as_float(unsigned int u) { return ntl_emu::bits_float(u); }
+inline long long __double_as_longlong(double d) {
+  long long u;
+  std::memcpy(&u, &d, sizeof u);
+  return u;
+}
+inline double __longlong_as_double(long long u) {
+  double d;
+  std::memcpy(&d, &u, sizeof d);
+  return d;
+}

@@ -235,6 +235,37 @@ void run_backward(const Record& c, Record& out) {
   out["grad"] = grad->field();
 }
 
+// Loss and gradient in one pass (ce_ntl_loss_and_grad): ce, ntl and the gradient of
+// Σ ce_scale·ce + Σ ntl_scale·ntl, into a fresh buffer or over the logits. The per-row scales
+// travel in the fields "grad_ce" / "grad_ntl".
+template <bool kInPlace>
+void run_loss_and_grad(const Record& c, Record& out) {
+  Launch l(c);
+  if (!l.rows.with_ce) throw std::runtime_error("the one-pass kernel computes CE and NTL");
+  l.rows.ce_scale = l.input(c, "grad_ce").data();
+  l.rows.ntl_scale = l.input(c, "grad_ntl").data();
+  Buffer& ce = l.output("ce", l.acc(), l.rows.M);
+  Buffer& ntl = l.output("ntl", l.acc(), l.rows.M);
+  l.rows.ce = ce.data();
+  l.rows.ntl = ntl.data();
+  Buffer* grad = kInPlace ? l.owned.front().get() : &l.output("grad_logits", uint8_t(l.rows.dtype), l.rows.M * l.rows.V);
+  l.rows.grad_logits = grad->data();
+  finish(ntl::launch_loss_and_grad(l.rows, nullptr), out);
+  out["ce"] = ce.field();
+  out["ntl"] = ntl.field();
+  out["grad"] = grad->field();
+}
+
+// grad *= grad_output in place over the logits' buffer (the field "grad_output": one value of
+// the accumulation type).
+void run_scale_gradient(const Record& c, Record& out) {
+  Launch l(c);
+  Buffer& grad = *l.owned.front();
+  const void* grad_output = l.input(c, "grad_output").data();
+  finish(ntl::launch_scale_gradient(grad.data(), l.rows.dtype, l.rows.M * l.rows.V, grad_output, nullptr), out);
+  out["grad"] = grad.field();
+}
+
 // A kernel of ntl_kernels.cu as the cases name it: a new kernel is one more line here (and its
 // reference in harness.py).
 struct KernelEntry {
@@ -245,6 +276,9 @@ const KernelEntry kKernels[] = {
     {"forward", run_forward},
     {"backward", run_backward<false>},
     {"backward_inplace", run_backward<true>},
+    {"loss_and_grad", run_loss_and_grad<false>},
+    {"loss_and_grad_inplace", run_loss_and_grad<true>},
+    {"scale_gradient", run_scale_gradient},
 };
 
 }  // namespace

@@ -15,7 +15,10 @@ API (also for case generators such as a fuzzer)::
         emulation found (races, divergent barriers, early exits, deadlocks); Result.error: a
         failed launch.
     reference(case) -> Dict[str, Tensor]
-        The same outputs from torch.ops.ntl_fast on CPU tensors.
+        The same outputs from the C++ CPU operators, through the backend functions of
+        ntl_fast.cpp (ntl_rows, ce_ntl_rows and autograd, ce_ntl_loss_and_grad); only the saved
+        row statistics come from the forward operator itself, called by its schema's argument
+        names.
     compare(case, result) -> List[str]
         Every disagreement (tolerances of docs/math.md §6; exact where both backends run the
         same code) and every report; empty when the kernel agrees.
@@ -24,16 +27,16 @@ API (also for case generators such as a fuzzer)::
     barrier_sites() -> List[str]; barrier_removal(site, cases, kind) -> List[str]
         The block barriers of the kernels, and what goes wrong without one of them.
 
-A Case (or Case.from_table(name, kernel, logits, labels, table, config, ...) with a
-NumberTokenTable and a LossConfig) holds the operators' arguments:
-``kernel`` ("forward", "backward", "backward_inplace"),
-``logits`` (M, V) float32/bfloat16/float16/float64, ``labels`` (M,) int64/int32, ``table`` (the
-five table tensors of NumberTokenTable), ``options`` (the operators' eight option arguments: loss,
-squash_factor, min_distance, max_distance, reweigh, reweigh_constant, gaussian_sigma,
-ignore_index), ``with_ce``, ``grad_ce`` / ``grad_ntl`` (M,) for the backwards, ``misaligned``
-(every buffer starts one element off 16-byte alignment), ``saved_table`` (the table the saved
-rows come from, when ``table`` is one the CPU forward refuses). The backwards get the row
-statistics from the CPU forward, so both sides differentiate from the same saved rows.
+A Case (``Case.from_table`` is the same constructor) holds the operators' inputs: ``kernel``
+(one of KERNELS), ``logits`` (M, V) float32/bfloat16/float16/float64, ``labels`` (M,) int64/int32,
+``table`` (a NumberTokenTable; the kernels get its tensors by name, so a copy with corrupted
+tensors tests what the kernels do with them), ``config`` (a LossConfig), ``with_ce``,
+``grad_ce`` / ``grad_ntl`` (M,): the upstream gradients of the backwards and the per-row scales
+``ce_scale`` / ``ntl_scale`` of the one-pass kernels, ``grad_output`` (a 0-d tensor, for
+"scale_gradient", which scales the logits' buffer in place), ``misaligned`` (every buffer starts
+one element off 16-byte alignment), ``saved_table`` (the table the saved rows come from, when
+``table`` is one the CPU forward refuses). The backwards get the row statistics from the CPU
+forward, so both sides differentiate from the same saved rows.
 """
 
 from __future__ import annotations
@@ -57,8 +60,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 KERNEL_SOURCE = Path("csrc/cuda/ntl_kernels.cu")
 BUILD_ROOT = ROOT / "build" / "cuda_emulation"
-KERNELS = ("forward", "backward", "backward_inplace")
-LOSSES = {"was": 0, "mse": 1, "mae": 2, "huber": 3, "was_cdf": 4}
+KERNELS = ("forward", "backward", "backward_inplace", "loss_and_grad", "loss_and_grad_inplace", "scale_gradient")
+# The table tensors the CUDA kernels read (CudaRows), by NumberTokenTable attribute name.
+KERNEL_TABLE = ("number_ids", "number_values", "number_index", "value_order", "sorted_gaps")
 
 
 class BuildUnavailable(RuntimeError):
@@ -218,20 +222,19 @@ class Case:
     kernel: str
     logits: Tensor
     labels: Tensor
-    table: Tuple[Tensor, ...]
-    options: tuple
+    table: "NumberTokenTable"  # noqa: F821  (ntl_fast.table)
+    config: "LossConfig"  # noqa: F821  (ntl_fast.config)
     with_ce: bool = True
     grad_ce: Optional[Tensor] = None
     grad_ntl: Optional[Tensor] = None
     misaligned: bool = False
-    saved_table: Optional[Tuple[Tensor, ...]] = None  # the table of the saved rows; default: ``table``
+    saved_table: Optional["NumberTokenTable"] = None  # noqa: F821  (the table of the saved rows; default: table)
+    grad_output: Optional[Tensor] = None
 
     @classmethod
     def from_table(cls, name: str, kernel: str, logits: Tensor, labels: Tensor, table, config, **kwargs) -> "Case":
-        """A case from a NumberTokenTable and a LossConfig, with the operators' arguments for them."""
-        from ntl_fast.cpp import _option_args, _table_args
-
-        return cls(name, kernel, logits, labels, _table_args(table), _option_args(table, config), **kwargs)
+        """A case from a NumberTokenTable and a LossConfig (the constructor itself)."""
+        return cls(name, kernel, logits, labels, table, config, **kwargs)
 
 
 @dataclass
@@ -252,33 +255,69 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _cpu_operators():
-    from ntl_fast import cpp  # noqa: F401  (importing it registers torch.ops.ntl_fast)
+def _backend():
+    from ntl_fast import cpp  # importing it registers torch.ops.ntl_fast
 
-    return torch.ops.ntl_fast
+    return cpp
+
+
+def _loss_code(loss: str) -> int:
+    from ntl_fast.config import LossKind
+
+    return int(LossKind.of(loss))
+
+
+def _reweigh_constant(table, config) -> float:
+    return table.reweigh_constant(config.loss, config.squash_factor) if config.reweigh else 0.0
+
+
+def _call_operator(name: str, table, config, **inputs) -> tuple:
+    """torch.ops.ntl_fast.<name> on CPU tensors, every argument given by its schema name: the
+    table as the one tensor list of NumberTokenTable.kernel_tensors() where the schema takes a
+    list, else tensor by tensor; the loss as its name or its LossKind code, as the schema types it."""
+    _backend()
+    op = getattr(torch.ops.ntl_fast, name).default
+    values = dict(inputs, squash_factor=config.squash_factor, min_distance=table.min_distance,
+                  max_distance=table.max_distance, reweigh=config.reweigh,
+                  reweigh_constant=_reweigh_constant(table, config), gaussian_sigma=config.gaussian_sigma,
+                  ignore_index=config.ignore_index)
+    kwargs = {}
+    for argument in op._schema.arguments:
+        kind = str(argument.type)
+        if argument.name == "loss":
+            kwargs["loss"] = config.loss if kind == "str" else _loss_code(config.loss)
+        elif kind == "List[Tensor]" or kind == "Tensor[]":
+            kwargs[argument.name] = list(table.kernel_tensors())
+        elif argument.name in values:
+            kwargs[argument.name] = values[argument.name]
+        elif hasattr(table, argument.name) and isinstance(getattr(table, argument.name), Tensor):
+            kwargs[argument.name] = getattr(table, argument.name)
+        elif argument.name.startswith("inplace"):
+            kwargs[argument.name] = False
+        elif not argument.has_default_value():
+            raise RuntimeError(f"ntl_fast::{name}: no value for the schema argument {argument.name} ({kind})")
+    return op(**kwargs)
 
 
 def _forward_rows(case: Case) -> Tensor:
     """The row statistics of the CPU forward (LSE_V, LSE_N, log(1 - m)): the backwards' saved rows,
     on both sides."""
-    ops = _cpu_operators()
     table = case.saved_table if case.saved_table is not None else case.table
-    if case.with_ce:
-        _, _, row_stats = ops.ce_ntl_forward(case.logits, case.labels, *table, *case.options, False)
-    else:
-        _, row_stats = ops.ntl_forward(case.logits, case.labels, *table, *case.options)
-    return row_stats
+    name = "ce_ntl_forward" if case.with_ce else "ntl_forward"
+    return _call_operator(name, table, case.config, logits=case.logits, labels=case.labels)[-1]
 
 
-def _kernel_options(options: tuple) -> Dict[str, object]:
+def _kernel_options(table, config) -> Dict[str, object]:
     """The Options struct the CUDA wrapper builds (ntl_checks.h make_options) from the op arguments."""
-    loss, squash_factor, min_distance, max_distance, reweigh, constant, sigma, ignore_index = options
-    span = max_distance - min_distance
+    squash_factor, span = config.squash_factor, table.max_distance - table.min_distance
+    sigma = config.gaussian_sigma
     return {
-        "loss": LOSSES[loss], "squash": int(squash_factor is not None), "squash_min": float(min_distance),
+        "loss": _loss_code(config.loss), "squash": int(squash_factor is not None),
+        "squash_min": float(table.min_distance),
         "squash_scale": (squash_factor - 1.0) / span if squash_factor is not None and span > 0 else 0.0,
-        "reweigh": int(reweigh), "reweigh_constant": float(constant), "gaussian": int(sigma is not None),
-        "sigma": float(sigma) if sigma is not None else 0.0, "ignore_index": int(ignore_index),
+        "reweigh": int(config.reweigh), "reweigh_constant": float(_reweigh_constant(table, config)),
+        "gaussian": int(sigma is not None), "sigma": float(sigma) if sigma is not None else 0.0,
+        "ignore_index": int(config.ignore_index),
     }
 
 
@@ -291,14 +330,16 @@ def _encode(case: Case) -> Dict[str, Tensor]:
         "M": torch.tensor([M]), "V": torch.tensor([V]), "logits": case.logits, "labels": case.labels,
         "with_ce": torch.tensor([int(case.with_ce)]), "misaligned": torch.tensor([int(case.misaligned)]),
     }
-    for name, tensor in zip(("number_ids", "number_values", "number_index", "value_order", "sorted_gaps"),
-                            case.table):
-        fields[name] = tensor
-    for name, value in _kernel_options(case.options).items():
+    for name in KERNEL_TABLE:
+        fields[name] = getattr(case.table, name)
+    for name, value in _kernel_options(case.table, case.config).items():
         fields[name] = torch.tensor([value], dtype=torch.float64 if isinstance(value, float) else torch.int64)
-    if case.kernel != "forward":
-        acc = _acc(case.logits.dtype)
-        fields["row_stats"] = _forward_rows(case)
+    acc = _acc(case.logits.dtype)
+    if case.kernel == "scale_gradient":
+        fields["grad_output"] = case.grad_output.to(acc).reshape(1)
+    elif case.kernel != "forward":
+        if case.kernel.startswith("backward"):
+            fields["row_stats"] = _forward_rows(case)
         fields["grad_ntl"] = case.grad_ntl.to(acc)
         if case.with_ce:
             fields["grad_ce"] = case.grad_ce.to(acc)
@@ -374,34 +415,37 @@ def run(cases: Sequence[Case], kind: str = "memcheck", skip_barrier: Optional[st
 
 # --------------------------------------------------------------------------------- reference
 def reference(case: Case) -> Dict[str, Tensor]:
-    """The outputs of ``case`` from the C++ CPU operators (torch.ops.ntl_fast)."""
-    ops = _cpu_operators()
-    args = (*case.table, *case.options)
+    """The outputs of ``case`` from the C++ CPU operators, through ntl_fast.cpp's functions."""
+    cpp = _backend()
+    acc = _acc(case.logits.dtype)
+    if case.kernel == "scale_gradient":
+        return {"grad": case.logits.clone().mul_(case.grad_output.to(acc))}
+    if case.kernel.startswith("loss_and_grad"):
+        ce, ntl, grad = cpp.ce_ntl_loss_and_grad(case.logits, case.labels, case.table, case.config,
+                                                 case.grad_ce.to(acc), case.grad_ntl.to(acc))
+        return {"ce": ce, "ntl": ntl, "grad": grad}
     if case.kernel == "forward":
         if case.with_ce:
-            ce, ntl, row_stats = ops.ce_ntl_forward(case.logits, case.labels, *args, False)
-            return {"ce": ce, "ntl": ntl, "row_stats": row_stats}
-        ntl, row_stats = ops.ntl_forward(case.logits, case.labels, *args)
-        return {"ntl": ntl, "row_stats": row_stats}
-    row_stats = _forward_rows(case)
-    acc = _acc(case.logits.dtype)
-    grad_ntl = case.grad_ntl.to(acc)
-    if case.kernel == "backward_inplace":
-        grad = case.logits.clone()
-        ops.ce_ntl_backward_(grad, case.grad_ce.to(acc), grad_ntl, case.labels, row_stats, *args)
-    elif case.with_ce:
-        grad = ops.ce_ntl_backward(case.grad_ce.to(acc), grad_ntl, case.logits, case.labels, row_stats,
-                                   *args)
+            ce, ntl = cpp.ce_ntl_rows(case.logits, case.labels, case.table, case.config)
+            return {"ce": ce, "ntl": ntl, "row_stats": _forward_rows(case)}
+        return {"ntl": cpp.ntl_rows(case.logits, case.labels, case.table, case.config),
+                "row_stats": _forward_rows(case)}
+    # The backwards (in place or not: the same values) through the operators' autograd, which
+    # differentiates from the CPU forward's own saved rows.
+    logits = case.logits.clone().requires_grad_(True)
+    if case.with_ce:
+        ce, ntl = cpp.ce_ntl_rows(logits, case.labels, case.table, case.config)
+        (grad,) = torch.autograd.grad((ce, ntl), logits, (case.grad_ce.to(acc), case.grad_ntl.to(acc)))
     else:
-        grad = ops.ntl_backward(grad_ntl, case.logits, case.labels, row_stats, *args)
+        ntl = cpp.ntl_rows(logits, case.labels, case.table, case.config)
+        (grad,) = torch.autograd.grad(ntl, logits, case.grad_ntl.to(acc))
     return {"grad": grad}
 
 
 def _exact(case: Case, name: str) -> bool:
     """Outputs that both backends compute with the same code of ntl_math.h from the same inputs:
     LSE_N, and NTL without reweighing (no LSE_V in it)."""
-    reweigh = case.options[4]
-    return name == "ntl" and not reweigh
+    return name == "ntl" and not case.config.reweigh
 
 
 def _tolerance(case: Case, name: str) -> Tuple[float, float]:
