@@ -271,7 +271,8 @@ def build_provider(name: str, op: str, V: int, device: str) -> Optional[Callable
         authors = build_provider("ntloss", "ntl", V, device)  # Liger's CE plus the authors' eager NTL
         if authors is None:
             return None
-        return lambda z, y: LigerCrossEntropyFunction.apply(z, y)[0] + NTL_WEIGHT * authors(z, y)
+        # the authors' NTL first: Liger's CE overwrites the logits with their gradient in place
+        return lambda z, y: NTL_WEIGHT * authors(z, y) + LigerCrossEntropyFunction.apply(z, y)[0]
     raise ValueError(f"unknown provider {name!r}")
 
 
