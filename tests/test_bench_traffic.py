@@ -109,8 +109,19 @@ def test_targets_report_met_and_missed():
         _row("ntl", "ntloss", "fwd", 5.0),
     ]
     lines = "\n".join(check_targets(rows))
-    assert "MET    CE + NTL fwd+bwd <= 1.25x the copy of the logits: 1.20x" in lines
+    assert "MET    CE + NTL fwd+bwd <= 1.25x the copy of the logits: 1.20x" in lines  # a GPU row
     assert "MISSED CE + NTL fwd+bwd >= 3x faster than ntloss + torch CE: 2.50x" in lines
     assert "MISSED CE + NTL fwd+bwd <= 1.05x Liger's CE alone: 1.20x" in lines
     assert "MISSED NTL forward >= 10x faster than ntloss: 5.00x" in lines
     assert "MET    one read + one write of the logits by design: 1.00x" in lines
+
+
+def test_targets_on_a_cpu_use_its_bar():
+    rows = [_row("copy", "torch", "full", 1.0, dtype="fp32"), _row("ce_ntl", "cpp", "full", 2.0, dtype="fp32"),
+            _row("ce_ntl", "ntloss", "full", 9.0, dtype="fp32"), _row("ce_ntl", "cpp", "full", 1.5)]
+    for row in rows:
+        row.device = "x86_64 x2 cores"
+    lines = "\n".join(check_targets(rows))
+    assert "info   CE + NTL fwd+bwd <= 1.25x the copy of the logits (a GPU target): 2.00x" in lines
+    assert "MET    CE + NTL fwd+bwd >= 4x faster than ntloss + torch CE: 4.50x" in lines
+    assert "MET    bfloat16 logits at least as fast as float32: 0.75x the float32 time" in lines
