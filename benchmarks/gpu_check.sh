@@ -3,14 +3,21 @@
 # step below has a timeout, and in the worst case they add up to at most BUDGET_S = 270 s.
 #   - installs the baselines' wheels carried in .whl/ (make wheels: benchmarks/baseline_wheels.txt),
 #   - builds the CUDA extension in the background (csrc/, torch-free .cu files + ninja),
-#   - runs the Triton CUDA tests and the benchmark subset (bf16, M=16384, V in {32128, 128256})
-#     against ntloss, torch CE and Liger CE,
+#   - runs the Triton CUDA tests and the benchmark subset (bf16, M=16384, V in {32128, 128256}):
+#     the bandwidth floor measured in the same run (a copy of the logits: one read, one write),
+#     fused CE + NTL forward + backward against it, against ntloss + torch CE and against Liger's CE
+#     alone (when its wheel is in .whl/), standalone NTL forward against ntloss; each with its DRAM
+#     bytes by design (the traffic columns of benchmarks/bench.py),
 #   - once the build is done, the CUDA-extension tests and the same benchmarks of its kernels,
 #   - the LM-head-fused path against the materialised one (M=16384, H=4096, V=128256, bf16),
 #   - compute-sanitizer's memcheck, racecheck and synccheck on one small case of each backend,
-# then prints a summary: each step's outcome, the test counts, and each benchmark as a multiple of
-# the bandwidth floor and of the baselines. A step that fails says why, and the next one runs.
-# Writes a log, junit XML and the benchmark CSV under $OUT (benchmarks/results/local-gpu if unset).
+# then prints a summary: each step's outcome, the test counts, each benchmark as a multiple of
+# the bandwidth floor and of the baselines, and the performance targets met or missed (bench.py
+# --targets: CE + NTL <= 1.25x the copy, >= 3x ntloss + torch CE, <= 1.05x Liger's CE alone; NTL
+# forward >= 10x ntloss; LM head: extra peak <= 1/4 of the materialised path at <= 1.3x its time).
+# A step that fails says why, and the next one runs.
+# Writes a log, junit XML, the benchmark CSV, summary.txt and targets.txt under $OUT
+# (benchmarks/results/local-gpu if unset).
 #
 # --dry-run (no GPU needed; run by the test suite): collects the GPU test selection, runs every
 # benchmark call's argument parsing and set-up once on tiny CPU tensors, prints the extension
@@ -46,7 +53,7 @@ worst_case=$(( T_WHEELS + (T_BUILD > T_TRITON_TESTS + T_BENCH ? T_BUILD : T_TRIT
 TRITON_TESTS=(tests/test_triton_cuda.py tests/test_table.py::test_to_cuda)
 CPP_TESTS=(tests/test_cpp_cuda.py)
 BENCH_MAIN=(benchmarks/bench.py --preset "$preset" --repeats 10)
-BENCH_CPP=(benchmarks/bench.py --preset "$preset" --providers cpp --ops ce_ntl ntl --repeats 10)
+BENCH_CPP=(benchmarks/bench.py --preset "$preset" --providers torch cpp --ops copy ce_ntl ntl --repeats 10)
 BENCH_LINEAR=(benchmarks/bench.py --preset gpu-linear --repeats 10)
 BUILD_LIB=/tmp/ntl_build_lib
 # sm_90 only (H100/H200) and one CPU build: the default architecture list would not fit T_BUILD.
@@ -132,6 +139,22 @@ if [ "$dry_run" = 1 ]; then
     done
     "$PYTHON" benchmarks/bench.py --summarize "$OUT/bench.csv" | sed -n 1,4p
   }
+  targets() {  # the targets' report reads the dry run's rows (their figures mean nothing)
+    "$PYTHON" benchmarks/bench.py --targets "$OUT/bench.csv" > "$OUT/targets.txt" || return 1
+    sed -n 1,3p "$OUT/targets.txt"
+    grep -q "CE + NTL fwd+bwd <= 1.25x the copy of the logits" "$OUT/targets.txt" \
+      && grep -q "NTL forward >= 10x faster than ntloss" "$OUT/targets.txt"
+  }
+  traffic() {  # every ntl_fast row of the dry run has its bytes by design, and a copy row the floor
+    "$PYTHON" - "$OUT/bench.csv" <<'EOF'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+ours = [r for r in rows if r["provider"] in ("triton", "cpp") and r["op"] in ("ce_ntl", "ntl")]
+missing = [f"{r['op']}/{r['provider']}/{r['mode']}" for r in ours if not r.get("traffic_x_floor")]
+print(f"  {len(ours)} ntl_fast rows, traffic missing in: {missing or 'none'}")
+sys.exit(1 if missing or not ours or not any(r["op"] == "copy" for r in rows) else 0)
+EOF
+  }
   wheels() {
     local pins missing=0 pin name version
     pins=$(grep -v '^\s*#' "$WHEEL_PINS" | grep -v '^\s*$')
@@ -159,6 +182,8 @@ if [ "$dry_run" = 1 ]; then
   check "step timeouts within the ${BUDGET_S}s budget" budget
   check "GPU test selection collects" collect
   check "benchmark calls set up on tiny CPU tensors" bench_setup
+  check "traffic by design in every ntl_fast row, a copy row for the floor" traffic
+  check "performance targets read the benchmark CSV" targets
   check "summary of test counts reads junit XML" test_counts "$OUT/junit_collect.xml"
   check "extension build script parses" bash -n scripts/build_cuda_extension.sh
   echo "  build command: ${BUILD[*]}"
@@ -258,8 +283,9 @@ printf '%s\n' "${summary[@]}"
 echo "tests:"
 test_counts "$OUT"/junit_triton.xml "$OUT"/junit_cpp.xml
 if [ -s "$OUT/bench.csv" ]; then
-  echo "benchmarks (multiples: time / floor, time / baseline; < 1 is faster):"
-  "$PYTHON" benchmarks/bench.py --summarize "$OUT/bench.csv"
+  echo "benchmarks (multiples: time / floor, bytes / floor's bytes, time / baseline; < 1 is faster):"
+  "$PYTHON" benchmarks/bench.py --summarize "$OUT/bench.csv" | tee "$OUT/summary.txt"
+  "$PYTHON" benchmarks/bench.py --targets "$OUT/bench.csv" | tee "$OUT/targets.txt"
 fi
 elapsed "done, status $status"
 exit $status

@@ -4,6 +4,7 @@ The dry run collects the GPU test selection, sets up every benchmark call on tin
 checks the step timeouts against the time budget and the baseline wheels (see the script).
 """
 
+import csv
 import os
 import subprocess
 import sys
@@ -21,12 +22,21 @@ def test_gpu_check_dry_run(tmp_path):
     assert "gpu_check --dry-run: ok" in result.stdout
     assert "DRY-RUN FAILED" not in result.stdout
     for check in ("step timeouts within", "GPU test selection collects", "benchmark calls set up",
+                  "traffic by design in every ntl_fast row", "performance targets read the benchmark CSV",
                   "baseline wheels", "steps report their outcome"):
         assert f"dry-run ok: {check}" in result.stdout
-    # every benchmark call of the GPU run wrote rows, the Triton provider among them
-    with open(tmp_path / "bench.csv") as handle:
-        rows = handle.read().splitlines()
-    assert len(rows) > 10 and any(",triton," in row for row in rows)
+    # every benchmark call of the GPU run wrote rows, the Triton provider among them, with the
+    # floor's copy and the traffic columns
+    with open(tmp_path / "bench.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) > 10 and any(row["provider"] == "triton" for row in rows)
+    assert any(row["op"] == "copy" and row["traffic_x_floor"] == "1.0" for row in rows)
+    fused = [row for row in rows if row["op"] == "ce_ntl" and row["provider"] == "triton" and row["mode"] == "full"]
+    assert fused and all(float(row["traffic_x_floor"]) >= 1.0 for row in fused)
+    # the targets' report lists the GPU targets (the dry run's figures mean nothing)
+    targets = (tmp_path / "targets.txt").read_text()
+    for target in ("<= 1.25x the copy of the logits", "faster than ntloss + torch CE", "NTL forward >= 10x"):
+        assert target in targets
 
 
 def test_gpu_check_rejects_unknown_arguments():

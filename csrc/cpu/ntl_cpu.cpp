@@ -276,15 +276,93 @@ CpuTable checked_table(const Tensor& logits, const Tensor& labels, const TableTe
   return t;
 }
 
-// One thread's scratch: a row's gathered number logits (viewed by `row`) and its fixes.
+// One thread's scratch: a row's gathered number logits (viewed by `row`) and its fixes; for
+// bfloat16/float16 rows also the float32 exp(z - max) of the last row whose vocabulary LSE the
+// forward took (`exps_row`, `exps_max`), which that row's backward then scales instead of
+// converting and exponentiating the row a second time. The forward keeps them only once the
+// scratch has served a backward (`keep_exps`): loss and gradient row by row, not a forward alone.
 template <typename acc_t>
 struct RowScratch {
   std::vector<acc_t> number_logits, fix;
   GatheredRow<acc_t> row;
+  std::vector<float> exps;
+  const void* exps_row = nullptr;
+  float exps_max = 0.0f;
+  bool keep_exps = false;
 
   explicit RowScratch(const CpuTable& t)
       : number_logits(t.K), fix(t.K), row{number_logits.data(), t.values, t.order, t.gaps, t.K} {}
 };
+
+template <typename scalar_t>
+constexpr bool kHalfWidth = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
+
+// LSE over a whole bfloat16/float16 row whose gradient comes next, in two steps over it (the
+// second from cache): its max, then exps[k] = exp(z_k - max), kept for the backward, and their
+// sum. One exp per element over forward and backward, against two for RowLogSumExp then
+// row_scaled_softmax. Same special values as RowLogSumExp: NaN anywhere gives NaN; -inf logits
+// add 0.
+template <typename scalar_t, typename acc_t>
+LogSumExp<float> cached_logsumexp(const scalar_t* z, int64_t V, RowScratch<acc_t>& scratch) {
+  scratch.exps_row = nullptr;
+  if (int64_t(scratch.exps.size()) < V) scratch.exps.resize(V);
+  float* e = scratch.exps.data();
+  fVec vmax0(-FLT_MAX), vmax1(-FLT_MAX);
+  int64_t i = 0;
+  for (; i + kStep <= V; i += kStep) {
+    fVec a, b;
+    load_step(z + i, a, b);
+    vmax0 = at::vec::maximum(vmax0, a);  // propagates NaN
+    vmax1 = at::vec::maximum(vmax1, b);
+  }
+  float lanes[fVec::size()];
+  at::vec::maximum(vmax0, vmax1).store(lanes);
+  float mx = -FLT_MAX;
+  bool nan = false;
+  for (int64_t l = 0; l < fVec::size(); ++l) {
+    nan |= std::isnan(lanes[l]);
+    mx = std::max(mx, lanes[l]);
+  }
+  for (int64_t j = i; j < V; ++j) {
+    const float x = float(z[j]);
+    nan |= std::isnan(x);
+    mx = std::max(mx, x);
+  }
+  if (nan) return lse_finish(mx, 0.0f, true);
+  const fVec vmx(mx);
+  fVec vsum0(0.0f), vsum1(0.0f);
+  for (i = 0; i + kStep <= V; i += kStep) {
+    fVec a, b;
+    load_step(z + i, a, b);
+    a = (a - vmx).exp_u20();
+    b = (b - vmx).exp_u20();
+    a.store(e + i);
+    b.store(e + i + fVec::size());
+    vsum0 = vsum0 + a;
+    vsum1 = vsum1 + b;
+  }
+  (vsum0 + vsum1).store(lanes);
+  float sum = 0.0f;
+  for (int64_t l = 0; l < fVec::size(); ++l) sum += lanes[l];
+  for (int64_t j = i; j < V; ++j) sum += (e[j] = std::exp(float(z[j]) - mx));
+  const LogSumExp<float> lse = lse_finish(mx, sum, false);
+  if (lse.max == mx) {  // finite: the exps are the backward's
+    scratch.exps_row = z;
+    scratch.exps_max = mx;
+  }
+  return lse;
+}
+
+// out_k = coef * exp(z_k - LSE_V) from the cached exps of row z (see RowScratch).
+template <typename scalar_t>
+void row_scaled_exps(const float* e, scalar_t* out, int64_t V, const LogSumExp<float>& lse, float coef) {
+  const float scale = coef * std::exp(-lse.log_sum);
+  const fVec vscale(scale);
+  int64_t i = 0;
+  for (; i + kStep <= V; i += kStep)
+    store_step(out + i, vscale * fVec::loadu(e + i), vscale * fVec::loadu(e + i + fVec::size()));
+  for (; i < V; ++i) out[i] = scalar_t(scale * e[i]);
+}
 
 // One row's losses and the statistics its backward needs.
 template <typename acc_t>
@@ -299,7 +377,14 @@ RowLosses<acc_t> forward_row(const scalar_t* z, int64_t V, const RowLabel& lab, 
                              RowScratch<acc_t>& scratch, bool with_ce, const Options& opt) {
   const int dense_kind = dense_lse_kind(lab, with_ce, opt);
   LogSumExp<acc_t> dense{0, 0};
-  if (dense_kind != kNoDense) dense = dense_logsumexp(z, V, dense_kind, table.sorted_ids);
+  scratch.exps_row = nullptr;
+  // 16-bit rows whose backward follows: the exps kept for it; otherwise the online pass (faster
+  // when nothing is kept)
+  const bool keep = kHalfWidth<scalar_t> && dense_kind == kDenseVocab && scratch.keep_exps;
+  if constexpr (kHalfWidth<scalar_t>) {
+    if (keep) dense = cached_logsumexp(z, V, scratch);
+  }
+  if (dense_kind != kNoDense && !keep) dense = dense_logsumexp(z, V, dense_kind, table.sorted_ids);
   if (!lab.bad && lab.number >= 0) gather_number_logits(z, table.ids, table.K, V, scratch.number_logits.data());
   RowLosses<acc_t> out{0, 0, row_stats(scratch.row, lab, dense_kind, dense)};
   const acc_t z_label = lab.in_range ? acc_t(z[lab.label]) : acc_t(0);
@@ -317,7 +402,15 @@ void backward_row(const scalar_t* z, scalar_t* o, int64_t V, const RowLabel& lab
   const acc_t z_label = lab.in_range ? acc_t(z[lab.label]) : acc_t(0);
   const RowGradient<acc_t> g =
       row_backward(scratch.row, lab, z_label, stats, grad_ce, grad_ntl, with_ce, opt, scratch.fix.data());
-  if (g.coef != acc_t(0)) {
+  bool cached = false;
+  if constexpr (kHalfWidth<scalar_t>) {
+    cached = g.coef != acc_t(0) && scratch.exps_row == static_cast<const void*>(z) &&
+             stats.vocab.max == scratch.exps_max;
+    if (cached) row_scaled_exps(scratch.exps.data(), o, V, stats.vocab, g.coef);
+  }
+  if (cached) {
+    // written from the forward's exps above
+  } else if (g.coef != acc_t(0)) {
     row_scaled_softmax(z, o, V, stats.vocab, g.coef);
   } else {
     std::fill(o, o + V, scalar_t(0));
@@ -325,6 +418,8 @@ void backward_row(const scalar_t* z, scalar_t* o, int64_t V, const RowLabel& lab
   if (g.number_fix)
     for (int64_t k = 0; k < table.K; ++k) o[table.ids[k]] = scalar_t(scratch.fix[k]);
   if (g.label_column >= 0) o[g.label_column] = scalar_t(g.label_fix);
+  scratch.exps_row = nullptr;  // o may be z: the cache is this row's only until its gradient is written
+  scratch.keep_exps = true;
 }
 
 inline Tensor new_row_stats(const Tensor& logits) {
