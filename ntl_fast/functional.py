@@ -256,7 +256,7 @@ def _fuses_loss_and_grad(backend, logits: Tensor, reduction: str, inplace: bool,
         and torch.is_grad_enabled()
         and logits.requires_grad
         and not any(isinstance(other, Tensor) and other.requires_grad for other in others)
-        and fuses(logits.device)
+        and fuses(logits)
     )
 
 
