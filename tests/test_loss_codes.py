@@ -53,7 +53,9 @@ def test_cpp_sources_map_no_loss_names():
 # --------------------------------------------------------------------------------- the operators
 @pytest.fixture(scope="module")
 def cpp():
-    return pytest.importorskip("ntl_fast.cpp", reason="ntl_fast._C is not built (pip install --no-build-isolation -e .)")
+    return pytest.importorskip(
+        "ntl_fast.cpp", reason="ntl_fast._C is not built (pip install --no-build-isolation -e .)"
+    )
 
 
 @pytest.mark.parametrize("kind", list(LossKind), ids=lambda kind: kind.name)
