@@ -324,11 +324,8 @@ void backward_row(const scalar_t* z, scalar_t* o, int64_t V, const RowLabel& lab
 }
 
 // The forward of every row: ce (when with_ce), ntl and the saved statistics.
-void forward_cpu(const RowsCall& call, bool with_ce, const Tensor& ce, const Tensor& ntl, const Tensor& row_stats) {
-  const CpuTable table = checked_table(call);
-  const Tensor& logits = call.logits;
-  const Tensor& labels = call.labels;
-  const Options& opt = call.options;
+void forward_cpu(const Tensor& logits, const Tensor& labels, const CpuTable& table, const Options& opt, bool with_ce,
+                 const Tensor& ce, const Tensor& ntl, const Tensor& row_stats) {
   const int64_t M = logits.size(0), V = logits.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "ntl_fast_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -352,12 +349,8 @@ void forward_cpu(const RowsCall& call, bool with_ce, const Tensor& ce, const Ten
 }
 
 // Writes d logits into `out` (which may be the logits themselves). grad_ce undefined: NTL only.
-void backward_cpu(const RowsCall& call, const Tensor& row_stats, const Tensor& grad_ce, const Tensor& grad_ntl,
-                  const Tensor& out) {
-  const CpuTable table = checked_table(call);
-  const Tensor& logits = call.logits;
-  const Tensor& labels = call.labels;
-  const Options& opt = call.options;
+void backward_cpu(const Tensor& logits, const Tensor& labels, const CpuTable& table, const Options& opt,
+                  const Tensor& row_stats, const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& out) {
   const bool with_ce = grad_ce.defined();
   const int64_t M = logits.size(0), V = logits.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "ntl_fast_backward_cpu", [&] {
@@ -398,12 +391,9 @@ void advise_huge_pages(const Tensor& buffer) {
 // CE and NTL per row and d(Σ ce_scale·CE + Σ ntl_scale·NTL)/d logits into `grad` (which may be the
 // logits themselves), each row's gradient written right after its forward while the row is still
 // in cache: one read of the logits from memory and one write of the gradient.
-void loss_and_grad_cpu(const RowsCall& call, const Tensor& ce_scale, const Tensor& ntl_scale, const Tensor& ce,
-                       const Tensor& ntl, const Tensor& grad) {
-  const CpuTable table = checked_table(call);
-  const Tensor& logits = call.logits;
-  const Tensor& labels = call.labels;
-  const Options& opt = call.options;
+void loss_and_grad_cpu(const Tensor& logits, const Tensor& labels, const CpuTable& table, const Options& opt,
+                       const Tensor& ce_scale, const Tensor& ntl_scale, const Tensor& ce, const Tensor& ntl,
+                       const Tensor& grad) {
   const int64_t M = logits.size(0), V = logits.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "ntl_fast_loss_and_grad_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -439,15 +429,16 @@ struct CpuKernels {
   }
   static void forward(const RowsCall& call, bool with_ce, const Tensor& ce, const Tensor& ntl,
                       const Tensor& row_stats) {
-    forward_cpu(call, with_ce, ce, ntl, row_stats);
+    forward_cpu(call.logits, call.labels, checked_table(call), call.options, with_ce, ce, ntl, row_stats);
   }
   static void backward(const RowsCall& call, const Tensor& row_stats, const Tensor& grad_ce, const Tensor& grad_ntl,
                        const Tensor& out) {
-    backward_cpu(call, row_stats, grad_ce, grad_ntl, out);
+    backward_cpu(call.logits, call.labels, checked_table(call), call.options, row_stats, grad_ce, grad_ntl, out);
   }
   static void loss_and_grad(const RowsCall& call, const Tensor& ce_scale, const Tensor& ntl_scale, const Tensor& ce,
                             const Tensor& ntl, const Tensor& grad) {
-    loss_and_grad_cpu(call, ce_scale, ntl_scale, ce, ntl, grad);
+    loss_and_grad_cpu(call.logits, call.labels, checked_table(call), call.options, ce_scale, ntl_scale, ce, ntl,
+                      grad);
   }
   static Tensor new_gradient(const Tensor& logits) {
     Tensor grad = at::empty_like(logits);
