@@ -223,9 +223,9 @@ def ce_ntl_loss_and_grad(
 
     ``inplace=True`` writes the gradient over the logits' buffer and returns that buffer: the
     logits then hold the gradient. Refused for a leaf that requires grad (its values are the
-    parameters autograd differentiates). Not differentiable itself: ``ntl_fast.cross_entropy_with_ntl``
-    wraps it for the reductions whose per-row upstream gradients are known before the backward
-    (``"mean"``, ``"sum"``) and scales the gradient by ``grad_output`` with :func:`scale_gradient_`.
+    parameters autograd differentiates). Not differentiable itself: the public API wraps it for the
+    reductions whose per-row upstream gradients are known before the backward (``"mean"``,
+    ``"sum"``); the backward then only scales the gradient by ``grad_output`` (:func:`scale_gradient_`).
     """
     args = (labels, ce_scale, ntl_scale, table.kernel_tensors(), *_option_args(table, config))
     if not inplace:
