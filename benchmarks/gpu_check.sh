@@ -51,7 +51,7 @@ worst_case=$(( T_WHEELS + (T_BUILD > T_TRITON_TESTS + T_BENCH ? T_BUILD : T_TRIT
 
 # What runs: one definition, used by the GPU run and by the dry run.
 TRITON_TESTS=(tests/test_triton_cuda.py tests/test_table.py::test_to_cuda)
-CPP_TESTS=(tests/test_cpp_cuda.py)
+CPP_TESTS=(tests/test_cpp.py -k cuda)  # the CUDA parametrisations of the extension tests
 BENCH_MAIN=(benchmarks/bench.py --preset "$preset" --repeats 10)
 BENCH_CPP=(benchmarks/bench.py --preset "$preset" --providers torch cpp --ops copy ce_ntl ntl --repeats 10)
 BENCH_LINEAR=(benchmarks/bench.py --preset gpu-linear --repeats 10)

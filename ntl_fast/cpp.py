@@ -1,10 +1,13 @@
 """The compiled C++/CUDA backend: the ``ntl_fast::*`` operators of ``csrc/``.
 
 The schemas live in ``csrc/ntl_fast.cpp`` and the kernels in ``csrc/cpu`` and ``csrc/cuda``; this
-module only registers what Python must (fake kernels for ``torch.compile``, autograd) and exposes
-the backend interface of :mod:`ntl_fast.backends`: ``ntl_rows``, ``ce_ntl_rows`` (the semantics
-of :mod:`ntl_fast.reference`) and ``unsupported_reason``, plus ``ce_ntl_loss_and_grad`` (losses and
-gradient in one pass, for reductions "mean" and "sum") where ``fuses_loss_and_grad`` says so.
+module registers what Python must (fake kernels for ``torch.compile``, the autograd of the forward
+ops) and implements the backend interface of :mod:`ntl_fast.backends`: ``unsupported_reason``,
+``ntl_rows`` and ``ce_ntl_rows`` (the semantics of :mod:`ntl_fast.reference`), and the one-pass
+``ce_ntl_loss_and_grad`` with ``fuses_loss_and_grad`` and ``scale_gradient_``.
+
+Every op receives the table as one list, ``NumberTokenTable.kernel_tensors()``, and the options
+as :func:`_option_args` gives them (the loss as its ``LossKind`` code).
 
 Importing it raises ImportError when the extension has not been built.
 """
@@ -16,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .config import LossConfig
+from .config import LossConfig, LossKind, accumulation_dtype
 from .table import NumberTokenTable
 
 try:
@@ -34,41 +37,46 @@ __all__ = ["ntl_rows", "ce_ntl_rows", "ce_ntl_loss_and_grad", "fuses_loss_and_gr
 _ops = torch.ops.ntl_fast
 
 
+def _has_cuda_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"ntl_fast::{op}", "CUDA")
+
+
+# Fixed once the library is loaded; read here so that dispatch under torch.compile reads constants.
+_CUDA_KERNELS = _has_cuda_kernel("ce_ntl_forward")
+_CUDA_LOSS_AND_GRAD = _has_cuda_kernel("ce_ntl_loss_and_grad")
+# float16 keeps the two-pass path on CUDA: a gradient stored in float16 before the loss scale is
+# applied underflows.
+_CUDA_LOSS_AND_GRAD_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def unsupported_reason(device) -> Optional[str]:
     """None when the compiled operators serve ``device``, else why they cannot."""
     device = torch.device(device)
     if device.type == "cpu":
         return None
     if device.type == "cuda":
-        if torch._C._dispatch_has_kernel_for_dispatch_key("ntl_fast::ce_ntl_forward", "CUDA"):
+        if _CUDA_KERNELS:
             return None
         return "ntl_fast._C was built without CUDA kernels (rebuild with a CUDA torch)"
     return f"the compiled operators do not serve {device.type} tensors"
 
 
 def fuses_loss_and_grad(logits: Tensor) -> bool:
-    """Whether :func:`ce_ntl_loss_and_grad` serves these logits: CPU only (the op has no CUDA kernel)."""
-    return logits.device.type == "cpu"
-
-
-def scale_gradient_(grad: Tensor, grad_output: Tensor) -> Tensor:
-    """``grad *= grad_output`` in place (``grad_output`` a 0-d tensor on grad's device); returns ``grad``."""
-    return grad.mul_(grad_output)
+    """Whether :func:`ce_ntl_loss_and_grad` serves these logits: on CPU every dtype; on CUDA
+    float32 and bfloat16, where the extension has the CUDA kernel."""
+    if logits.device.type == "cpu":
+        return True
+    return logits.device.type == "cuda" and _CUDA_LOSS_AND_GRAD and logits.dtype in _CUDA_LOSS_AND_GRAD_DTYPES
 
 
 # --------------------------------------------------------------------------------- op arguments
-def _table_args(table: NumberTokenTable) -> Tuple[Tensor, ...]:
-    return (table.number_ids, table.number_values, table.number_index, table.value_order,
-            table.sorted_gaps)
-
-
 def _option_args(table: NumberTokenTable, config: LossConfig) -> tuple:
+    """The options of every op (``NTL_OPTIONS_SCHEMA`` of ``csrc/ntl_checks.h``), in order."""
     constant = table.reweigh_constant(config.loss, config.squash_factor) if config.reweigh else 0.0
-    return (config.loss, config.squash_factor, table.min_distance, table.max_distance,
+    return (int(LossKind.of(config.loss)), config.squash_factor, table.min_distance, table.max_distance,
             config.reweigh, constant, config.gaussian_sigma, config.ignore_index)
 
 
-_NUM_TABLE = 5
 _NUM_OPTIONS = 8
 
 
@@ -77,8 +85,7 @@ _ROW_STATS = 5  # values per row that a forward saves for its backward (RowStats
 
 
 def _row_like(logits: Tensor, *width: int) -> Tensor:
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return logits.new_empty(logits.shape[:1] + tuple(width), dtype=dtype)
+    return logits.new_empty(logits.shape[:1] + tuple(width), dtype=accumulation_dtype(logits.dtype))
 
 
 @torch.library.register_fake("ntl_fast::ntl_forward")
@@ -111,15 +118,32 @@ def _ce_ntl_loss_and_grad_fake(logits, labels, *args):
     return _row_like(logits), _row_like(logits), torch.empty_like(logits)
 
 
+@torch.library.register_fake("ntl_fast::ce_ntl_loss_and_grad_")
+def _ce_ntl_loss_and_grad_inplace_fake(logits, labels, *args):
+    return _row_like(logits), _row_like(logits)
+
+
+@torch.library.register_fake("ntl_fast::scale_gradient_")
+def _scale_gradient_fake(grad, grad_output):
+    return None
+
+
 # --------------------------------------------------------------------------------- autograd
 def _row_grad(grad: Optional[Tensor], row_stats: Tensor) -> Tensor:
     return row_stats.new_zeros(row_stats.shape[:1]) if grad is None else grad
 
 
+def _input_grads(ctx, grad_logits: Optional[Tensor]) -> tuple:
+    """The backward's return, shaped as the inputs the op received (a list of Nones for the table;
+    no entry for a trailing default the dispatcher left out): the logits' gradient, else None."""
+    return (grad_logits,) + tuple(
+        [None] * len(needs) if isinstance(needs, (list, tuple)) else None for needs in ctx.needs_input_grad[1:]
+    )
+
+
 def _ntl_setup(ctx, inputs, output):
-    logits, labels = inputs[:2]
-    table = inputs[2:2 + _NUM_TABLE]
-    ctx.options = inputs[2 + _NUM_TABLE:]
+    logits, labels, table = inputs[:3]
+    ctx.options = inputs[3:]
     _, row_stats = output
     ctx.save_for_backward(logits, labels, row_stats, *table)
 
@@ -128,16 +152,14 @@ def _ntl_backward(ctx, grad_ntl, grad_row_stats):
     logits, labels, row_stats, *table = ctx.saved_tensors
     grad_logits = None
     if ctx.needs_input_grad[0]:
-        grad_logits = _ops.ntl_backward(
-            _row_grad(grad_ntl, row_stats), logits, labels, row_stats, *table, *ctx.options
-        )
-    return (grad_logits,) + (None,) * (1 + _NUM_TABLE + _NUM_OPTIONS)
+        grad_logits = _ops.ntl_backward(_row_grad(grad_ntl, row_stats), logits, labels, row_stats, table,
+                                        *ctx.options)
+    return _input_grads(ctx, grad_logits)
 
 
 def _ce_ntl_setup(ctx, inputs, output):
-    logits, labels = inputs[:2]
-    table = inputs[2:2 + _NUM_TABLE]
-    ctx.options = inputs[2 + _NUM_TABLE:2 + _NUM_TABLE + _NUM_OPTIONS]
+    logits, labels, table = inputs[:3]
+    ctx.options = inputs[3:3 + _NUM_OPTIONS]
     ctx.inplace = inputs[-1]
     _, _, row_stats = output
     # Saved through autograd: a later in-place gradient write bumps the logits' version, so any
@@ -152,15 +174,13 @@ def _ce_ntl_backward(ctx, grad_ce, grad_ntl, grad_row_stats):
         grad_ce = _row_grad(grad_ce, row_stats)
         grad_ntl = _row_grad(grad_ntl, row_stats)
         if ctx.inplace:
-            _ops.ce_ntl_backward_(logits, grad_ce, grad_ntl, labels, row_stats, *table, *ctx.options)
+            _ops.ce_ntl_backward_(logits, grad_ce, grad_ntl, labels, row_stats, table, *ctx.options)
             # The dispatcher does not bump the version of a custom op's mutated argument here.
             torch.autograd.graph.increment_version(logits)
             grad_logits = logits
         else:
-            grad_logits = _ops.ce_ntl_backward(
-                grad_ce, grad_ntl, logits, labels, row_stats, *table, *ctx.options
-            )
-    return (grad_logits,) + (None,) * (1 + _NUM_TABLE + _NUM_OPTIONS + 1)
+            grad_logits = _ops.ce_ntl_backward(grad_ce, grad_ntl, logits, labels, row_stats, table, *ctx.options)
+    return _input_grads(ctx, grad_logits)
 
 
 torch.library.register_autograd("ntl_fast::ntl_forward", _ntl_backward, setup_context=_ntl_setup)
@@ -174,9 +194,7 @@ def _contiguous(logits: Tensor) -> Tensor:
 
 def ntl_rows(logits: Tensor, labels: Tensor, table: NumberTokenTable, config: LossConfig) -> Tensor:
     """Per-position NTL ``(M,)``: 0 off the NTL-valid positions, NaN at bad labels."""
-    loss, _ = _ops.ntl_forward(
-        _contiguous(logits), labels, *_table_args(table), *_option_args(table, config)
-    )
+    loss, _ = _ops.ntl_forward(_contiguous(logits), labels, table.kernel_tensors(), *_option_args(table, config))
     return loss
 
 
@@ -190,7 +208,7 @@ def ce_ntl_rows(
     """
     inplace = bool(inplace) and not torch.compiler.is_compiling()
     ce, ntl, _ = _ops.ce_ntl_forward(
-        _contiguous(logits), labels, *_table_args(table), *_option_args(table, config), inplace
+        _contiguous(logits), labels, table.kernel_tensors(), *_option_args(table, config), inplace
     )
     return ce, ntl
 
@@ -199,16 +217,38 @@ def ce_ntl_loss_and_grad(
     logits: Tensor, labels: Tensor, table: NumberTokenTable, config: LossConfig, ce_scale: Tensor,
     ntl_scale: Tensor, inplace: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-position CE and NTL ``(M,)`` and ``d(Σ ce_scale·ce + Σ ntl_scale·ntl)/d logits``, from one
-    read of the logits (each row's gradient is written while the row is still in cache).
+    """Per-position CE and NTL ``(M,)`` and ``d(Σ ce_scale·ce + Σ ntl_scale·ntl)/d logits`` in the
+    logits' dtype, from one read of the logits (each row's gradient is written while the row is
+    still in cache). Serves what :func:`fuses_loss_and_grad` accepts.
 
-    Not differentiable itself: :func:`ntl_fast.cross_entropy_with_ntl` wraps it for the reductions
-    whose per-row upstream gradients are known before the backward (``"mean"``, ``"sum"``).
+    ``inplace=True`` writes the gradient over the logits' buffer and returns that buffer: the
+    logits then hold the gradient. Refused for a leaf that requires grad (its values are the
+    parameters autograd differentiates). Not differentiable itself: the public API wraps it for the
+    reductions whose per-row upstream gradients are known before the backward (``"mean"``,
+    ``"sum"``); the backward then only scales the gradient by ``grad_output`` (:func:`scale_gradient_`).
     """
-    ce, ntl, grad = _ops.ce_ntl_loss_and_grad(
-        _contiguous(logits), labels, ce_scale, ntl_scale, *_table_args(table), *_option_args(table, config)
-    )
-    if inplace:  # the gradient ends in the logits' buffer (the op itself writes a new tensor)
-        with torch.no_grad():
-            grad = logits.copy_(grad)
-    return ce, ntl, grad
+    args = (labels, ce_scale, ntl_scale, table.kernel_tensors(), *_option_args(table, config))
+    if not inplace:
+        return _ops.ce_ntl_loss_and_grad(_contiguous(logits), *args)
+    if logits.is_leaf and logits.requires_grad:
+        raise RuntimeError(
+            "ntl_fast: inplace=True writes the gradient over the logits, which a leaf that requires grad "
+            "cannot take; pass the output of an operation (e.g. the LM head's) or use inplace=False"
+        )
+    if logits.is_contiguous():
+        ce, ntl = _ops.ce_ntl_loss_and_grad_(logits, *args)
+        if not torch.compiler.is_compiling():
+            # The dispatcher does not bump the version of a custom op's mutated argument: without
+            # this, a saved user of the logits would read the gradient instead of failing.
+            torch.autograd.graph.increment_version(logits)
+    else:  # the kernels write rows densely: compute aside, then copy into the strided buffer
+        ce, ntl, grad = _ops.ce_ntl_loss_and_grad(logits.contiguous(), *args)
+        logits.copy_(grad)
+    return ce, ntl, logits
+
+
+def scale_gradient_(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """``grad *= grad_output`` in place and return ``grad``; ``grad_output`` is a 0-d tensor on
+    ``grad``'s device, read there (no host sync on CUDA). Free when it is 1: no pass over ``grad``."""
+    _ops.scale_gradient_(grad, grad_output)
+    return grad

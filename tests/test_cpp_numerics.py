@@ -13,27 +13,11 @@ cpp = pytest.importorskip(
     "ntl_fast.cpp", reason="ntl_fast._C is not built (pip install --no-build-isolation -e .)"
 )
 
-from ntl_fast import reference  # noqa: E402
-from ntl_fast.config import LossConfig  # noqa: E402
-
 from helpers import assert_spec_close, digit_table, irregular_table, random_labels  # noqa: E402
+from ntl_fast.config import LossConfig  # noqa: E402
+from test_cpp import CONFIGS, assert_matches, cpp_rows, reference_rows, text_columns  # noqa: E402
 
 ops = torch.ops.ntl_fast
-
-CONFIGS = {
-    "was": LossConfig("was"),
-    "was-squash": LossConfig("was", squash_factor=4.0),
-    "mse": LossConfig("mse"),
-    "mae": LossConfig("mae"),
-    "huber": LossConfig("huber"),
-    "was_cdf": LossConfig("was_cdf"),
-    "was_cdf-gauss": LossConfig("was_cdf", gaussian_sigma=0.8),
-    "was-gce": LossConfig("was", gaussian_sigma=1.0),
-    "was-reweigh": LossConfig("was", reweigh=True),
-    "mse-reweigh": LossConfig("mse", reweigh=True),
-    "was_cdf-reweigh": LossConfig("was_cdf", reweigh=True),
-    "huber-reweigh-gce": LossConfig("huber", reweigh=True, gaussian_sigma=1.5),
-}
 
 GRID = 2.0 ** -10  # logits on this grid with |z + c| < 2**14 stay exact in float32 when shifted by c
 
@@ -43,30 +27,9 @@ def grid_logits(rows, vocab_size, seed=0, scale=3.0):
     return torch.round(torch.randn(rows, vocab_size, generator=generator, dtype=torch.float64) * scale / GRID) * GRID
 
 
-def run_cpp(logits, labels, table, config, upstream):
-    """CE and NTL rows of the C++ backend and d(Σ upstream·rows)/d logits."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    x = logits.clone().requires_grad_()
-    ce, ntl = cpp.ce_ntl_rows(x, labels, table, config)
-    (ce * upstream[0].to(acc) + ntl * upstream[1].to(acc)).sum().backward()
-    return ce.detach(), ntl.detach(), x.grad
-
-
-def run_reference(logits, labels, table, config, upstream):
-    x = logits.detach().double().clone().requires_grad_()
-    ce, ntl = reference.ce_ntl_rows(x, labels, table, config)
-    (ce * upstream[0].double() + ntl * upstream[1].double()).sum().backward()
-    return ce.detach(), ntl.detach(), x.grad
-
-
-def assert_matches(got, expected, dtype, what):
-    for name, a, b, gradient in zip(("ce", "ntl", "grad"), got, expected, (False, False, True)):
-        assert_spec_close(a, b, dtype, gradient=gradient, what=f"{what} {name}")
-
-
 # --------------------------------------------------------------------------------- shift invariance
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("config_name", CONFIGS)
+@pytest.mark.parametrize("config_name", [name for name, config in CONFIGS.items() if config.ignore_index == -100])
 def test_shifted_rows_give_the_reference_losses_and_gradients(config_name, dtype):
     """Adding c to a row changes nothing: z - LSE is never formed with a rounded LSE of size |c|."""
     table, config = digit_table(40), CONFIGS[config_name]
@@ -74,12 +37,12 @@ def test_shifted_rows_give_the_reference_losses_and_gradients(config_name, dtype
     base = grid_logits(rows, table.vocab_size)
     labels = random_labels((rows,), table, ignore_fraction=0.1, generator=torch.Generator().manual_seed(1))
     upstream = torch.rand(2, rows, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    expected = run_reference(base, labels, table, config, upstream)
+    expected = reference_rows(base, labels, table, config, upstream)
     shifts = torch.tensor([0.0, 1e4, -1e4, 16000.0, -16000.0, 4096.0 + 0.5, -1234.0, 8191.0],
                           dtype=torch.float64).repeat(rows // 8)
     shifted = base + shifts[:, None]
     assert (shifted.to(dtype).double() == shifted).all(), "the shifted logits must be exact"
-    assert_matches(run_cpp(shifted.to(dtype), labels, table, config, upstream), expected, dtype, config_name)
+    assert_matches(cpp_rows(shifted.to(dtype), labels, table, config, upstream), expected, dtype, config_name)
 
 
 @pytest.mark.parametrize("shift", [1e4, -1e4])
@@ -92,15 +55,14 @@ def test_shifted_rows_in_the_one_pass_path(shift):
     scales = torch.rand(2, rows, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     ce, ntl, grad = cpp.ce_ntl_loss_and_grad((base + shift).float(), labels, table, config,
                                              scales[0].float(), scales[1].float())
-    assert_matches((ce, ntl, grad), run_reference(base, labels, table, config, scales), torch.float32, "fused")
+    assert_matches((ce, ntl, grad), reference_rows(base, labels, table, config, scales), torch.float32, "fused")
 
 
 # --------------------------------------------------------------------------------- masks
 def _masked(base, labels, table, pattern, value):
     z = base.clone()
     ids = table.number_ids
-    text = torch.ones(table.vocab_size, dtype=torch.bool)
-    text[ids] = False
+    text = text_columns(table)
     if pattern.startswith("leading-"):
         z[:, : int(pattern.split("-")[1])] = value
     elif pattern == "every-text-token":
@@ -144,13 +106,22 @@ def test_masked_logits_give_the_reference_result(config_name, pattern, mask):
             labels[::3] = torch.randint(85, 100, (4,), generator=generator)
     value = {"-inf": float("-inf"), "-1e6": -1e6, "-finfo.max": torch.finfo(torch.float32).max * -1}[mask]
     upstream = torch.rand(2, rows, dtype=torch.float64, generator=generator)
-    expected = run_reference(_masked(base, labels, table, pattern, -1e6), labels, table, config, upstream)
+    expected = reference_rows(_masked(base, labels, table, pattern, -1e6), labels, table, config, upstream)
     assert all(torch.isfinite(t).all() for t in expected)
-    got = run_cpp(_masked(base, labels, table, pattern, value).float(), labels, table, config, upstream)
+    got = cpp_rows(_masked(base, labels, table, pattern, value).float(), labels, table, config, upstream)
     assert_matches(got, expected, torch.float32, f"{pattern} at {mask}")
 
 
 # --------------------------------------------------------------------------------- number mass 1
+def _number_rows_with_text_at(table, rows, seed, text_logit):
+    """Labels drawn from the digits and float64 logits whose every text column is ``text_logit``."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = table.number_ids[torch.randint(0, 10, (rows,), generator=generator)]
+    logits = torch.randn(rows, table.vocab_size, generator=generator, dtype=torch.float64)
+    logits[:, text_columns(table)] = text_logit
+    return labels, logits
+
+
 @pytest.mark.parametrize("mask", [float("-inf"), -1e6], ids=["-inf", "-1e6"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("loss", ["mse", "was", "mae", "huber", "was_cdf"])
@@ -159,16 +130,11 @@ def test_reweigh_when_every_text_logit_is_masked(loss, dtype, mask):
     which dwarfs a confident prediction's small loss (the tolerance scales with the largest loss)."""
     table, config = digit_table(40), LossConfig(loss, reweigh=True)
     rows = 64
-    generator = torch.Generator().manual_seed(8)
-    labels = table.number_ids[torch.randint(0, 10, (rows,), generator=generator)]
-    logits = torch.randn(rows, table.vocab_size, generator=generator, dtype=torch.float64)
-    text = torch.ones(table.vocab_size, dtype=torch.bool)
-    text[table.number_ids] = False
-    logits[:, text] = mask
+    labels, logits = _number_rows_with_text_at(table, rows, 8, mask)
     logits.scatter_(1, labels[:, None], 9.0)  # confident and right: small losses
     upstream = torch.full((2, rows), 1.0 / rows, dtype=torch.float64)
-    expected = run_reference(logits, labels, table, config, upstream)
-    assert_matches(run_cpp(logits.to(dtype), labels, table, config, upstream), expected, dtype, loss)
+    expected = reference_rows(logits, labels, table, config, upstream)
+    assert_matches(cpp_rows(logits.to(dtype), labels, table, config, upstream), expected, dtype, loss)
 
 
 @pytest.mark.parametrize("config_name", ["was", "mse", "mae", "huber", "was_cdf", "was_cdf-gauss"])
@@ -183,8 +149,8 @@ def test_confident_predictions_keep_their_small_losses_precise(config_name):
     logits = torch.randn(rows, table.vocab_size, generator=generator, dtype=torch.float64)
     logits.scatter_(1, labels[:, None], 11.0)
     upstream = torch.full((2, rows), 1.0 / rows, dtype=torch.float64)
-    _, ntl, grad = run_cpp(logits.float(), labels, table, config, upstream)
-    _, ntl_ref, grad_ref = run_reference(logits, labels, table, config, upstream)
+    _, ntl, grad = cpp_rows(logits.float(), labels, table, config, upstream)
+    _, ntl_ref, grad_ref = reference_rows(logits, labels, table, config, upstream)
     assert_spec_close(ntl, ntl_ref, torch.float32, what="ntl")
     assert_spec_close(grad, grad_ref, torch.float32, gradient=True, what="grad")
 
@@ -204,8 +170,8 @@ def test_confident_wrong_predictions_keep_their_gradient_precise(config_name):
     logits = torch.randn(rows, table.vocab_size, generator=generator, dtype=torch.float64) * 3
     logits.scatter_(1, wrong[:, None], 12.0)
     upstream = torch.ones(2, rows, dtype=torch.float64)
-    _, ntl, grad = run_cpp(logits.float(), labels, table, config, upstream)
-    _, ntl_ref, grad_ref = run_reference(logits, labels, table, config, upstream)
+    _, ntl, grad = cpp_rows(logits.float(), labels, table, config, upstream)
+    _, ntl_ref, grad_ref = reference_rows(logits, labels, table, config, upstream)
     assert_spec_close(ntl, ntl_ref, torch.float32, what="ntl")
     assert_spec_close(grad, grad_ref, torch.float32, gradient=True, what="grad")
 
@@ -224,8 +190,8 @@ def test_multi_digit_table_with_the_expectation_near_the_label(config_name):
     logits = torch.randn(rows, table.vocab_size, generator=generator, dtype=torch.float64) * 0.5
     labels = 10 + torch.randint(490, 510, (rows,), generator=generator)
     upstream = torch.full((2, rows), 1.0 / rows, dtype=torch.float64)
-    _, ntl, grad = run_cpp(logits.float(), labels, table, config, upstream)
-    _, ntl_ref, grad_ref = run_reference(logits, labels, table, config, upstream)
+    _, ntl, grad = cpp_rows(logits.float(), labels, table, config, upstream)
+    _, ntl_ref, grad_ref = reference_rows(logits, labels, table, config, upstream)
     assert_spec_close(ntl, ntl_ref, torch.float32, what="ntl")
     assert_spec_close(grad, grad_ref, torch.float32, gradient=True, what="grad")
 
@@ -235,15 +201,11 @@ def test_reweigh_when_the_text_mass_is_tiny(text_logit):
     """1 - m of 1e-13..1e-26 is formed from the text tokens' own sum, with full relative precision."""
     table, config = digit_table(40), LossConfig("mse", reweigh=True)
     rows = 8
-    generator = torch.Generator().manual_seed(9)
-    labels = table.number_ids[torch.randint(0, 10, (rows,), generator=generator)]
-    logits = torch.randn(rows, table.vocab_size, generator=generator, dtype=torch.float64)
-    text = torch.ones(table.vocab_size, dtype=torch.bool)
-    text[table.number_ids] = False
-    logits[:, text] = text_logit
+    labels, logits = _number_rows_with_text_at(table, rows, 9, text_logit)
+    text = text_columns(table)
     upstream = torch.full((2, rows), 1.0 / rows, dtype=torch.float64)
-    _, ntl, grad = run_cpp(logits.float(), labels, table, config, upstream)
-    _, ntl_ref, grad_ref = run_reference(logits, labels, table, config, upstream)
+    _, ntl, grad = cpp_rows(logits.float(), labels, table, config, upstream)
+    _, ntl_ref, grad_ref = reference_rows(logits, labels, table, config, upstream)
     assert_spec_close(ntl, ntl_ref, torch.float32, what="ntl")
     assert_spec_close(grad, grad_ref, torch.float32, gradient=True, what="grad")
     # The text columns' gradient (L - c) p_k (-m) is tiny; it must have the right relative size.
@@ -270,8 +232,8 @@ def test_reweigh_with_scattered_number_ids(dtype):
     logits = logits.to(dtype)
     upstream = torch.rand(2, rows, dtype=torch.float64, generator=generator)
     for config in (LossConfig("mse", reweigh=True), LossConfig("was_cdf", reweigh=True, gaussian_sigma=2.0)):
-        got = run_cpp(logits, labels, table, config, upstream)
-        assert_matches(got, run_reference(logits, labels, table, config, upstream), dtype, config.loss)
+        got = cpp_rows(logits, labels, table, config, upstream)
+        assert_matches(got, reference_rows(logits, labels, table, config, upstream), dtype, config.loss)
 
 
 # --------------------------------------------------------------------------------- non-finite rows
@@ -291,10 +253,10 @@ def test_non_finite_logits_stay_in_their_row(config_name):
     for row, (column, value) in bad.items():
         dirty[row, column] = value
     upstream = torch.ones(2, rows, dtype=torch.float64)
-    ce, ntl, grad = run_cpp(dirty, labels, table, config, upstream)
-    ce_ref, ntl_ref, _ = run_reference(dirty, labels, table, config, upstream)
+    ce, ntl, grad = cpp_rows(dirty, labels, table, config, upstream)
+    ce_ref, ntl_ref, _ = reference_rows(dirty, labels, table, config, upstream)
     clean = [r for r in range(rows) if r not in bad]
-    ce_clean, ntl_clean, grad_clean = run_cpp(logits[clean], labels[clean], table, config, upstream[:, clean])
+    ce_clean, ntl_clean, grad_clean = cpp_rows(logits[clean], labels[clean], table, config, upstream[:, clean])
     assert torch.equal(ce[clean], ce_clean) and torch.equal(ntl[clean], ntl_clean)
     assert torch.equal(grad[clean], grad_clean)
     for row in bad:
@@ -318,7 +280,7 @@ def test_zero_upstream_rows_get_an_exactly_zero_gradient(config_name):
     upstream = torch.ones(2, rows, dtype=torch.float64)
     upstream[:, :4] = 0
     upstream[:, 6] = 0
-    _, _, grad = run_cpp(logits, labels, table, config, upstream)
+    _, _, grad = cpp_rows(logits, labels, table, config, upstream)
     scales = upstream.float()
     ce, ntl, fused_grad = cpp.ce_ntl_loss_and_grad(logits, labels, table, config, scales[0], scales[1])
     for g in (grad, fused_grad):
@@ -331,7 +293,7 @@ def test_out_of_range_labels_give_nan_rows_int32():
     table = digit_table(40)
     logits = grid_logits(5, table.vocab_size, seed=12).float()
     labels = torch.tensor([40, -1, 2**31 - 1, -(2**31), 9], dtype=torch.int32)
-    ce, ntl, grad = run_cpp(logits, labels, table, LossConfig("was", reweigh=True), torch.ones(2, 5))
+    ce, ntl, grad = cpp_rows(logits, labels, table, LossConfig("was", reweigh=True), torch.ones(2, 5))
     assert torch.isnan(ce[:4]).all() and torch.isnan(ntl[:4]).all()
     assert torch.isfinite(ce[4]) and torch.isfinite(ntl[4]) and torch.isfinite(grad).all()
     assert torch.equal(grad[:4], torch.zeros(4, table.vocab_size))
@@ -339,7 +301,7 @@ def test_out_of_range_labels_give_nan_rows_int32():
 
 # --------------------------------------------------------------------------------- raw operators
 def _raw_args(table, config=LossConfig("was_cdf", reweigh=True)):
-    return list(cpp._table_args(table)), list(cpp._option_args(table, config))
+    return list(table.kernel_tensors()), list(cpp._option_args(table, config))
 
 
 def _strided(t):
@@ -352,13 +314,13 @@ def test_raw_backward_rejects_non_contiguous_saved_statistics():
     logits = grid_logits(6, table.vocab_size, seed=13).float()
     labels = table.number_ids[:6]
     table_args, option_args = _raw_args(table)
-    saved = ops.ce_ntl_forward(logits, labels, *table_args, *option_args)[2:]
+    saved = ops.ce_ntl_forward(logits, labels, table_args, *option_args)[2:]
     grad = torch.ones(6)
     strided = [_strided(t) for t in saved]
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        ops.ce_ntl_backward(grad, grad, logits, labels, *strided, *table_args, *option_args)
+        ops.ce_ntl_backward(grad, grad, logits, labels, *strided, table_args, *option_args)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        ops.ntl_backward(grad, logits, labels, *strided, *table_args, *option_args)
+        ops.ntl_backward(grad, logits, labels, *strided, table_args, *option_args)
 
 
 def test_raw_operators_accept_strided_row_gradients_and_labels():
@@ -367,16 +329,16 @@ def test_raw_operators_accept_strided_row_gradients_and_labels():
     logits = grid_logits(6, table.vocab_size, seed=14).float()
     labels = table.number_ids[:6].clone()
     table_args, option_args = _raw_args(table)
-    saved = ops.ce_ntl_forward(logits, labels, *table_args, *option_args)[2:]
+    saved = ops.ce_ntl_forward(logits, labels, table_args, *option_args)[2:]
     grad = torch.linspace(0.5, 1.5, 6)
-    want = ops.ce_ntl_backward(grad, grad, logits, labels, *saved, *table_args, *option_args)
+    want = ops.ce_ntl_backward(grad, grad, logits, labels, *saved, table_args, *option_args)
     got = ops.ce_ntl_backward(_strided(grad), _strided(grad), logits, _strided(labels), *saved,
-                              *table_args, *option_args)
+                              table_args, *option_args)
     assert torch.equal(got, want)
 
 
 def _corrupt(table, case):
-    ids, values, index, order, gaps = (t.clone() for t in cpp._table_args(table))
+    ids, values, index, order, rank, gaps, is_number = (t.clone() for t in table.kernel_tensors())
     if case == "duplicate id":
         ids[1] = ids[0]
     elif case == "id out of range":
@@ -399,7 +361,7 @@ def _corrupt(table, case):
         values[2] = float("inf")
     elif case == "NaN gap":
         gaps[0] = float("nan")
-    return [ids, values, index, order, gaps]
+    return [ids, values, index, order, rank, gaps, is_number]
 
 
 @pytest.mark.parametrize("case, match", [
@@ -422,14 +384,14 @@ def test_cpu_operators_reject_corrupt_tables(case, match):
     table_args, option_args = _raw_args(table)
     corrupt = _corrupt(table, case)
     grad = torch.ones(4)
-    saved = ops.ce_ntl_forward(logits, labels, *table_args, *option_args)[2:]
+    saved = ops.ce_ntl_forward(logits, labels, table_args, *option_args)[2:]
     calls = [
-        lambda: ops.ce_ntl_forward(logits, labels, *corrupt, *option_args),
-        lambda: ops.ntl_forward(logits, labels, *corrupt, *option_args),
-        lambda: ops.ce_ntl_backward(grad, grad, logits, labels, *saved, *corrupt, *option_args),
-        lambda: ops.ntl_backward(grad, logits, labels, *saved, *corrupt, *option_args),
-        lambda: ops.ce_ntl_backward_(logits.clone(), grad, grad, labels, *saved, *corrupt, *option_args),
-        lambda: ops.ce_ntl_loss_and_grad(logits, labels, grad, grad, *corrupt, *option_args),
+        lambda: ops.ce_ntl_forward(logits, labels, corrupt, *option_args),
+        lambda: ops.ntl_forward(logits, labels, corrupt, *option_args),
+        lambda: ops.ce_ntl_backward(grad, grad, logits, labels, *saved, corrupt, *option_args),
+        lambda: ops.ntl_backward(grad, logits, labels, *saved, corrupt, *option_args),
+        lambda: ops.ce_ntl_backward_(logits.clone(), grad, grad, labels, *saved, corrupt, *option_args),
+        lambda: ops.ce_ntl_loss_and_grad(logits, labels, grad, grad, corrupt, *option_args),
     ]
     for call in calls:
         with pytest.raises(RuntimeError, match=match):
@@ -465,8 +427,8 @@ def test_any_logits_layout_gives_bitwise_the_contiguous_result(config_name, layo
     view = _layout(logits, layout)
     assert not view.is_contiguous()
     upstream = torch.rand(2, rows, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
-    want = run_cpp(view.contiguous(), labels.contiguous(), table, config, upstream)
-    got = run_cpp(view, labels, table, config, upstream)
+    want = cpp_rows(view.contiguous(), labels.contiguous(), table, config, upstream)
+    got = cpp_rows(view, labels, table, config, upstream)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     fused = cpp.ce_ntl_loss_and_grad(view, labels, table, config, upstream[0].float(), upstream[1].float())
@@ -484,10 +446,10 @@ def test_identical_calls_are_bitwise_identical(dtype):
     logits = grid_logits(rows, table.vocab_size, seed=19).to(dtype)
     labels = random_labels((rows,), table, generator=torch.Generator().manual_seed(20))
     upstream = torch.rand(2, rows, dtype=torch.float64, generator=torch.Generator().manual_seed(21))
-    first = run_cpp(logits, labels, table, config, upstream)
+    first = cpp_rows(logits, labels, table, config, upstream)
     for _ in range(2):
-        for a, b in zip(run_cpp(logits, labels, table, config, upstream), first):
+        for a, b in zip(cpp_rows(logits, labels, table, config, upstream), first):
             assert torch.equal(a, b)
     # The same rows in another batch (another split across threads) give the same numbers.
-    for a, b in zip(run_cpp(logits[7:50], labels[7:50], table, config, upstream[:, 7:50]), first):
+    for a, b in zip(cpp_rows(logits[7:50], labels[7:50], table, config, upstream[:, 7:50]), first):
         assert torch.equal(a, b[7:50])

@@ -27,17 +27,14 @@
 #include <type_traits>
 #include <vector>
 
-#include "../ntl_checks.h"
 #include "../ntl_math.h"
+#include "../ntl_ops.h"
 
 namespace ntl {
 namespace {
 
 using at::Tensor;
 using fVec = at::vec::Vectorized<float>;
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // Two float vectors' worth of elements: the width of one Vectorized<BFloat16/Half>.
 constexpr int64_t kStep = 2 * fVec::size();
@@ -236,10 +233,9 @@ struct CpuTable {
   std::vector<int64_t> sorted_ids;  // the text tokens are the ranges between them
 };
 
-CpuTable checked_table(const Tensor& logits, const Tensor& labels, const TableTensors& table) {
-  const int64_t K = check_inputs(logits, labels, table);
-  TORCH_CHECK(logits.device().is_cpu(), "ntl_fast: CPU kernel called with ", logits.device(), " tensors");
-  const int64_t V = logits.size(1);
+CpuTable checked_table(const RowsCall& call) {
+  const TableTensors& table = call.table;
+  const int64_t K = call.K, V = call.logits.size(1);
   CpuTable t{table.number_ids.const_data_ptr<int64_t>(), table.number_index.const_data_ptr<int64_t>(),
              table.number_values.const_data_ptr<float>(), table.value_order.const_data_ptr<int64_t>(),
              table.sorted_gaps.const_data_ptr<float>(), K, {}};
@@ -422,20 +418,10 @@ void backward_row(const scalar_t* z, scalar_t* o, int64_t V, const RowLabel& lab
   scratch.keep_exps = true;
 }
 
-inline Tensor new_row_stats(const Tensor& logits) {
-  return at::zeros({logits.size(0), RowStats<float>::kSize}, logits.options().dtype(accumulation_type(logits)));
-}
-
-// Returns (ce, ntl, row_stats); ce is empty when !with_ce.
-std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& logits, const Tensor& labels_in,
-                                               const TableTensors& table_in, const Options& opt, bool with_ce) {
-  const CpuTable table = checked_table(logits, labels_in, table_in);
-  const Tensor labels = labels_in.contiguous();
+// The forward of every row: ce (when with_ce), ntl and the saved statistics.
+void forward_cpu(const Tensor& logits, const Tensor& labels, const CpuTable& table, const Options& opt, bool with_ce,
+                 const Tensor& ce, const Tensor& ntl, const Tensor& row_stats) {
   const int64_t M = logits.size(0), V = logits.size(1);
-  auto options = logits.options().dtype(accumulation_type(logits));
-  Tensor ce = at::zeros({with_ce ? M : 0}, options);
-  Tensor ntl = at::zeros({M}, options);
-  Tensor row_stats = new_row_stats(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "ntl_fast_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* z_all = logits.const_data_ptr<scalar_t>();
@@ -455,28 +441,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& logits, const Tenso
       }
     });
   });
-  return {ce, ntl, row_stats};
 }
 
-Tensor as_row_gradient(const Tensor& grad, const char* name, const Tensor& logits) {
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == logits.size(0), "ntl_fast: ", name, " must have shape (",
-              logits.size(0), ",), got ", grad.sizes());
-  TORCH_CHECK(grad.is_floating_point(), "ntl_fast: ", name, " must be floating point, got ", grad.scalar_type());
-  TORCH_CHECK(grad.device() == logits.device(), "ntl_fast: ", name, " is on ", grad.device(), " but logits on ",
-              logits.device());
-  return grad.to(accumulation_type(logits)).contiguous();
-}
-
-// Writes d logits into `out` (which may be `logits` itself). grad_ce undefined: NTL only.
-void backward_cpu(const Tensor& out, const Tensor& grad_ce_in, const Tensor& grad_ntl_in, const Tensor& logits,
-                  const Tensor& labels_in, const Tensor& row_stats, const TableTensors& table_in,
-                  const Options& opt) {
-  const CpuTable table = checked_table(logits, labels_in, table_in);
-  check_row_stats(row_stats, logits);
-  const bool with_ce = grad_ce_in.defined();
-  const Tensor grad_ce = with_ce ? as_row_gradient(grad_ce_in, "grad_ce", logits) : Tensor();
-  const Tensor grad_ntl = as_row_gradient(grad_ntl_in, "grad_ntl", logits);
-  const Tensor labels = labels_in.contiguous();
+// Writes d logits into `out` (which may be the logits themselves). grad_ce undefined: NTL only.
+void backward_cpu(const Tensor& logits, const Tensor& labels, const CpuTable& table, const Options& opt,
+                  const Tensor& row_stats, const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& out) {
+  const bool with_ce = grad_ce.defined();
   const int64_t M = logits.size(0), V = logits.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "ntl_fast_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -513,22 +483,13 @@ void advise_huge_pages(const Tensor& buffer) {
 #endif
 }
 
-// CE and NTL per row and d(Σ ce_scale·CE + Σ ntl_scale·NTL)/d logits, each row's gradient
-// written right after its forward while the row is still in cache: one read of the logits from
-// memory and one write of the gradient.
-std::tuple<Tensor, Tensor, Tensor> loss_and_grad_cpu(const Tensor& logits, const Tensor& labels_in,
-                                                     const Tensor& ce_scale_in, const Tensor& ntl_scale_in,
-                                                     const TableTensors& table_in, const Options& opt) {
-  const CpuTable table = checked_table(logits, labels_in, table_in);
-  const Tensor ce_scale = as_row_gradient(ce_scale_in, "ce_scale", logits);
-  const Tensor ntl_scale = as_row_gradient(ntl_scale_in, "ntl_scale", logits);
-  const Tensor labels = labels_in.contiguous();
+// CE and NTL per row and d(Σ ce_scale·CE + Σ ntl_scale·NTL)/d logits into `grad` (which may be the
+// logits themselves), each row's gradient written right after its forward while the row is still
+// in cache: one read of the logits from memory and one write of the gradient.
+void loss_and_grad_cpu(const Tensor& logits, const Tensor& labels, const CpuTable& table, const Options& opt,
+                       const Tensor& ce_scale, const Tensor& ntl_scale, const Tensor& ce, const Tensor& ntl,
+                       const Tensor& grad) {
   const int64_t M = logits.size(0), V = logits.size(1);
-  auto options = logits.options().dtype(accumulation_type(logits));
-  Tensor ce = at::empty({M}, options);
-  Tensor ntl = at::empty({M}, options);
-  Tensor grad = at::empty_like(logits);
-  advise_huge_pages(grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "ntl_fast_loss_and_grad_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* z_all = logits.const_data_ptr<scalar_t>();
@@ -551,100 +512,41 @@ std::tuple<Tensor, Tensor, Tensor> loss_and_grad_cpu(const Tensor& logits, const
       }
     });
   });
-  return {ce, ntl, grad};
 }
 
-// The out-of-place backward of either operation (grad_ce undefined: NTL alone) into a new tensor.
-Tensor fresh_gradient(const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& logits, const Tensor& labels,
-                      const Tensor& row_stats, const TableTensors& table, const Options& opt) {
-  check_inputs(logits, labels, table);
-  Tensor out = at::empty_like(logits);
-  advise_huge_pages(out);
-  backward_cpu(out, grad_ce, grad_ntl, logits, labels, row_stats, table, opt);
-  return out;
-}
+// The CPU kernels behind the operators of csrc/ntl_ops.h.
+struct CpuKernels {
+  using Guard = NoDeviceGuard;
 
-std::tuple<Tensor, Tensor> ntl_forward(const Tensor& logits, const Tensor& labels, const Tensor& number_ids,
-                                       const Tensor& number_values, const Tensor& number_index,
-                                       const Tensor& value_order, const Tensor& sorted_gaps, c10::string_view loss,
-                                       std::optional<double> squash_factor, double min_distance,
-                                       double max_distance, bool reweigh, double reweigh_constant,
-                                       std::optional<double> gaussian_sigma, int64_t ignore_index) {
-  const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
-                                   gaussian_sigma, ignore_index);
-  auto [ce, ntl, row_stats] = forward_cpu(
-      logits, labels, {number_ids, number_values, number_index, value_order, sorted_gaps}, opt, false);
-  return {ntl, row_stats};
-}
-
-std::tuple<Tensor, Tensor, Tensor> ce_ntl_forward(
-    const Tensor& logits, const Tensor& labels, const Tensor& number_ids, const Tensor& number_values,
-    const Tensor& number_index, const Tensor& value_order, const Tensor& sorted_gaps, c10::string_view loss,
-    std::optional<double> squash_factor, double min_distance, double max_distance, bool reweigh,
-    double reweigh_constant, std::optional<double> gaussian_sigma, int64_t ignore_index, bool /*inplace_backward*/) {
-  const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
-                                   gaussian_sigma, ignore_index);
-  return forward_cpu(logits, labels, {number_ids, number_values, number_index, value_order, sorted_gaps}, opt,
-                     true);
-}
-
-Tensor ntl_backward(const Tensor& grad_ntl, const Tensor& logits, const Tensor& labels, const Tensor& row_stats,
-                    const Tensor& number_ids, const Tensor& number_values, const Tensor& number_index,
-                    const Tensor& value_order, const Tensor& sorted_gaps, c10::string_view loss,
-                    std::optional<double> squash_factor, double min_distance, double max_distance, bool reweigh,
-                    double reweigh_constant, std::optional<double> gaussian_sigma, int64_t ignore_index) {
-  const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
-                                   gaussian_sigma, ignore_index);
-  return fresh_gradient(Tensor(), grad_ntl, logits, labels, row_stats,
-                        {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
-}
-
-Tensor ce_ntl_backward(const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& logits, const Tensor& labels,
-                       const Tensor& row_stats, const Tensor& number_ids, const Tensor& number_values,
-                       const Tensor& number_index, const Tensor& value_order, const Tensor& sorted_gaps,
-                       c10::string_view loss, std::optional<double> squash_factor, double min_distance,
-                       double max_distance, bool reweigh, double reweigh_constant,
-                       std::optional<double> gaussian_sigma, int64_t ignore_index) {
-  TORCH_CHECK(grad_ce.defined(), "ntl_fast: grad_ce is undefined");
-  const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
-                                   gaussian_sigma, ignore_index);
-  return fresh_gradient(grad_ce, grad_ntl, logits, labels, row_stats,
-                        {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
-}
-
-void ce_ntl_backward_(const Tensor& logits, const Tensor& grad_ce, const Tensor& grad_ntl, const Tensor& labels,
-                      const Tensor& row_stats, const Tensor& number_ids, const Tensor& number_values,
-                      const Tensor& number_index, const Tensor& value_order, const Tensor& sorted_gaps,
-                      c10::string_view loss, std::optional<double> squash_factor, double min_distance,
-                      double max_distance, bool reweigh, double reweigh_constant,
-                      std::optional<double> gaussian_sigma, int64_t ignore_index) {
-  TORCH_CHECK(grad_ce.defined(), "ntl_fast: grad_ce is undefined");
-  const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
-                                   gaussian_sigma, ignore_index);
-  backward_cpu(logits, grad_ce, grad_ntl, logits, labels, row_stats,
-               {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
-}
-
-std::tuple<Tensor, Tensor, Tensor> ce_ntl_loss_and_grad(
-    const Tensor& logits, const Tensor& labels, const Tensor& ce_scale, const Tensor& ntl_scale,
-    const Tensor& number_ids, const Tensor& number_values, const Tensor& number_index, const Tensor& value_order,
-    const Tensor& sorted_gaps, c10::string_view loss, std::optional<double> squash_factor, double min_distance,
-    double max_distance, bool reweigh, double reweigh_constant, std::optional<double> gaussian_sigma,
-    int64_t ignore_index) {
-  const Options opt = make_options(loss, squash_factor, min_distance, max_distance, reweigh, reweigh_constant,
-                                   gaussian_sigma, ignore_index);
-  return loss_and_grad_cpu(logits, labels, ce_scale, ntl_scale,
-                           {number_ids, number_values, number_index, value_order, sorted_gaps}, opt);
-}
+  static void check(const RowsCall& call) {
+    TORCH_CHECK(call.logits.device().is_cpu(), "ntl_fast: CPU kernel called with ", call.logits.device(),
+                " tensors");
+  }
+  static void forward(const RowsCall& call, bool with_ce, const Tensor& ce, const Tensor& ntl,
+                      const Tensor& row_stats) {
+    forward_cpu(call.logits, call.labels, checked_table(call), call.options, with_ce, ce, ntl, row_stats);
+  }
+  static void backward(const RowsCall& call, const Tensor& row_stats, const Tensor& grad_ce, const Tensor& grad_ntl,
+                       const Tensor& out) {
+    backward_cpu(call.logits, call.labels, checked_table(call), call.options, row_stats, grad_ce, grad_ntl, out);
+  }
+  static void loss_and_grad(const RowsCall& call, const Tensor& ce_scale, const Tensor& ntl_scale, const Tensor& ce,
+                            const Tensor& ntl, const Tensor& grad) {
+    loss_and_grad_cpu(call.logits, call.labels, checked_table(call), call.options, ce_scale, ntl_scale, ce, ntl,
+                      grad);
+  }
+  static Tensor new_gradient(const Tensor& logits) {
+    Tensor grad = at::empty_like(logits);
+    advise_huge_pages(grad);
+    return grad;
+  }
+  // The usual grad_output of 1 costs nothing; reading it on the host is free for CPU tensors.
+  static void scale_gradient(const Tensor& grad, const Tensor& grad_output) {
+    if (grad_output.item<double>() != 1.0) grad.mul_(grad_output);
+  }
+};
 
 }  // namespace
 }  // namespace ntl
 
-TORCH_LIBRARY_IMPL(ntl_fast, CPU, m) {
-  m.impl("ntl_forward", &ntl::ntl_forward);
-  m.impl("ce_ntl_forward", &ntl::ce_ntl_forward);
-  m.impl("ntl_backward", &ntl::ntl_backward);
-  m.impl("ce_ntl_backward", &ntl::ce_ntl_backward);
-  m.impl("ce_ntl_backward_", &ntl::ce_ntl_backward_);
-  m.impl("ce_ntl_loss_and_grad", &ntl::ce_ntl_loss_and_grad);
-}
+TORCH_LIBRARY_IMPL(ntl_fast, CPU, m) { ntl::Operators<ntl::CpuKernels>::register_all(m); }
