@@ -128,6 +128,7 @@ def _loss_and_grad(backend, logits: Tensor, labels: Tensor, table: NumberTokenTa
     return ce_rows.detach(), ntl_rows.detach(), grad
 
 
+@torch.no_grad()  # also under a backward with create_graph=True: the sweep differentiates by itself
 def _sweep(
     hidden: Tensor,
     weight: Tensor,

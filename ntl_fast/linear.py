@@ -21,10 +21,7 @@ from torch import Tensor
 from .backends import explain_backend, get_backend
 from .chunked import LinearCrossEntropyWithNTLFunction, chunk_rows, device_chunk_plan
 from .config import LossConfig, accumulation_dtype, check_reduction
-from .functional import (
-    _FLOAT_DTYPES, NTLOutput, Normalizer, _check_inputs, _check_values, _float_weights, _ignore_zero_weight,
-    _row_scale,
-)
+from .functional import _FLOAT_DTYPES, NTLOutput, Normalizer, _prepare, _row_scale
 from .reference import label_positions
 from .table import NumberTokenTable
 
@@ -143,25 +140,16 @@ def linear_cross_entropy_with_ntl(
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     _check_linear(hidden, weight, bias)
+    if shift_labels and (hidden.dim() < 2 or hidden.shape[-2] < 2):
+        raise ValueError(f"shift_labels=True needs hidden of shape (..., T, H) with T >= 2, got {tuple(hidden.shape)}")
     vocab_size = weight.shape[0]
-    # a zero-stride stand-in for the logits lets the shared checks run without allocating them
-    logits_shape = hidden.new_empty(()).expand(*hidden.shape[:-1], vocab_size)
-    _check_inputs(logits_shape, labels, table, weights)
-    weights = _float_weights(weights)
-    if shift_labels:
-        if hidden.dim() < 2 or hidden.shape[-2] < 2:
-            raise ValueError(
-                f"shift_labels=True needs hidden of shape (..., T, H) with T >= 2, got {tuple(hidden.shape)}"
-            )
-        hidden, labels = hidden[..., :-1, :], labels[..., 1:]
-        weights = None if weights is None else weights[..., 1:]
-    if validate and not torch.compiler.is_compiling():
-        _check_values(labels, vocab_size, ignore_index, weights)
-    shape = labels.shape
+    # the shared checks and label handling, on a stand-in for the logits that allocates one row
+    logits_stand_in = hidden.new_empty(vocab_size).expand(*hidden.shape[:-1], vocab_size)
+    _, labels1d, weights1d = _prepare(logits_stand_in, labels, table, weights, shift_labels, validate, ignore_index)
+    if shift_labels:  # position t predicts token t + 1, as the labels _prepare shifted
+        hidden = hidden[..., :-1, :]
+    shape = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    labels1d = labels.reshape(-1)
-    weights1d = None if weights is None else weights.reshape(-1)
-    labels1d = _ignore_zero_weight(labels1d, weights1d, ignore_index)
     row_table = table.resized(vocab_size)
     acc = accumulation_dtype(hidden.dtype)
     in_range, _, number_index = label_positions(labels1d, row_table, ignore_index)
