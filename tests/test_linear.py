@@ -298,3 +298,19 @@ def test_second_backward_is_refused_not_wrong():
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         out.loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extra_memory_a_quarter_of_the_materialised_path(dtype):
+    """Allocator accounting (benchmarks/lm_head_memory.py) on a small head in 8 chunks: beyond the
+    inputs and their gradients, the chunked path keeps at most 1/4 of what the materialised path does."""
+    from benchmarks.lm_head_memory import extra_peak_bytes, make_inputs, make_runner
+
+    hidden, weight, labels, table = make_inputs(512, 64, 3000, dtype, "cpu")
+    extra = {}
+    for path in ("chunked", "materialised"):
+        run = make_runner(path, hidden, weight, labels, table, "auto", chunk_size=64)
+        extra[path] = extra_peak_bytes(run, (hidden, weight), "cpu")
+    logits_bytes = 512 * 3000 * hidden.element_size()
+    assert extra["materialised"] >= 2 * logits_bytes  # the logits and their gradient
+    assert extra["chunked"] <= extra["materialised"] / 4, extra
