@@ -1,9 +1,10 @@
 """The one dispatch point: which backend computes the per-position losses, and why.
 
-A backend is a module exposing two functions with the signatures of
-:func:`ntl_fast.reference.ntl_rows` and :func:`ntl_fast.reference.ce_ntl_rows` (per-position
-losses, differentiable with respect to the logits). Reductions, weights, normalisers and input
-checks are shared and live in :mod:`ntl_fast.functional`.
+A backend is a module implementing :class:`Backend` (per-position losses, differentiable with
+respect to the logits, and the one-pass loss and gradient). :mod:`ntl_fast.reference` is the
+plain-PyTorch oracle; :mod:`ntl_fast.cpp` and :mod:`ntl_fast.triton` are the kernel backends.
+Reductions, weights, normalisers and input checks are shared and live in
+:mod:`ntl_fast.functional`; the autograd Function of the one-pass path in :mod:`ntl_fast.fused`.
 
 ``backend="auto"`` picks, in order: Triton for CUDA tensors when Triton imports; the compiled
 C++/CUDA operators when the extension is built; the PyTorch reference otherwise.
@@ -16,13 +17,60 @@ import importlib
 import os
 import warnings
 from types import ModuleType
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
+from torch import Tensor
 
-__all__ = ["BACKENDS", "BackendChoice", "explain_backend", "get_backend"]
+if TYPE_CHECKING:
+    from .config import LossConfig
+    from .table import NumberTokenTable
+
+__all__ = ["BACKENDS", "Backend", "BackendChoice", "explain_backend", "get_backend"]
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend module implements, as module-level functions.
+
+    Shapes: ``logits2d (M, V)`` in float32, bfloat16, float16 or float64 whose last dimension is
+    dense; ``labels1d (M,)`` int64 or int32; ``table`` resized to V and on the logits' device.
+    Per-position results are float32 (float64 for float64 logits): 0 where a position does not
+    count (docs/math.md §3), NaN at a label that is neither in ``[0, V)`` nor ``ignore_index``.
+    """
+
+    def unsupported_reason(self, device: torch.device) -> Optional[str]:
+        """None when the backend can run on ``device``, else why not, in words."""
+
+    def ntl_rows(self, logits2d: Tensor, labels1d: Tensor, table: "NumberTokenTable", config: "LossConfig"
+                 ) -> Tensor:
+        """Per-position NTL ``(M,)``, differentiable with respect to the logits."""
+
+    def ce_ntl_rows(self, logits2d: Tensor, labels1d: Tensor, table: "NumberTokenTable", config: "LossConfig",
+                    inplace: bool = False) -> Tuple[Tensor, Tensor]:
+        """Per-position CE (or Gaussian-CE) and NTL ``(M,)`` each, from one read of the logits,
+        differentiable; ``inplace=True`` lets a kernel backend's backward write the gradient into
+        the logits' buffer."""
+
+    def fuses_loss_and_grad(self, logits2d: Tensor) -> bool:
+        """Whether :meth:`ce_ntl_loss_and_grad` serves these logits (their device and dtype). On CUDA
+        only float32 and bfloat16 qualify: a float16 gradient stored before the loss scale is applied
+        underflows, so float16 keeps the two-pass path."""
+
+    def ce_ntl_loss_and_grad(self, logits2d: Tensor, labels1d: Tensor, table: "NumberTokenTable",
+                             config: "LossConfig", ce_scale: Tensor, ntl_scale: Tensor, inplace: bool = False
+                             ) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(ce (M,), ntl (M,), grad (M, V))`` with ``grad = d(Σ ce_scale·ce + Σ ntl_scale·ntl)/d logits``
+        in the logits' dtype, from one read of the logits; ``ce_scale``, ``ntl_scale`` are ``(M,)``
+        in the result dtype. ``inplace=True`` writes the gradient into the logits' buffer and
+        returns that buffer. Not differentiable itself (:mod:`ntl_fast.fused` wraps it)."""
+
+    def scale_gradient_(self, grad: Tensor, grad_output: Tensor) -> Tensor:
+        """``grad *= grad_output`` in place and return ``grad``; ``grad_output`` is a 0-d tensor on
+        grad's device, read on the device (never ``.item()`` on CUDA); free (no pass over ``grad``)
+        when it is 1 on the CUDA kernel backends; works under ``torch.compile``."""
 
 
 class BackendChoice(NamedTuple):
@@ -143,9 +191,9 @@ def explain_backend(device, backend: str = "auto") -> BackendChoice:
     return BackendChoice("reference", f"no kernel backend for {device.type}: {cpp_reason}")
 
 
-def get_backend(name: str) -> ModuleType:
-    """The module implementing backend ``name`` (``ntl_rows`` / ``ce_ntl_rows``); ``name`` is one
-    of ``"triton"``, ``"cpp"``, ``"reference"`` (``KeyError`` otherwise)."""
+def get_backend(name: str) -> Backend:
+    """The module implementing backend ``name`` (see :class:`Backend`); ``name`` is one of
+    ``"triton"``, ``"cpp"``, ``"reference"`` (``KeyError`` otherwise)."""
     module_name = _CHECKS[name][0]
     if module_name not in _MODULES:
         _import_error(module_name)

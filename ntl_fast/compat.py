@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .functional import _check_inputs, _check_values, _prepare, _reduce, number_level_loss, number_token_loss
+from .functional import _check_inputs, _check_values, _reduce, _rows, number_level_loss, number_token_loss
 from .number_level import number_runs
 from .predict import predict_numbers
 from .table import NumberTokenTable
@@ -231,8 +231,8 @@ class NTLossDotProduct(_CompatLoss):
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
         shape = labels.shape if isinstance(labels, Tensor) else None
-        logits2d, labels1d, weights1d = _prepare(logits, labels, table, weights, False, self.validate,
-                                                 ignore_index)
+        prepared = _rows(logits, labels, table, weights, False, self.validate, ignore_index, "reference")
+        logits2d, labels1d, weights1d = prepared.logits, prepared.labels, prepared.weights
         z = logits2d.to(reference.accumulation_dtype(logits2d.dtype))
         _, bad, number_index = reference.label_positions(labels1d, table, ignore_index)
         is_number = number_index >= 0

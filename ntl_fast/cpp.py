@@ -28,7 +28,8 @@ except ImportError as error:  # pragma: no cover - depends on the build
         f"needed; CUDA kernels are added when torch has CUDA): {error}"
     ) from error
 
-__all__ = ["ntl_rows", "ce_ntl_rows", "ce_ntl_loss_and_grad", "fuses_loss_and_grad", "unsupported_reason"]
+__all__ = ["ntl_rows", "ce_ntl_rows", "ce_ntl_loss_and_grad", "fuses_loss_and_grad", "scale_gradient_",
+           "unsupported_reason"]
 
 _ops = torch.ops.ntl_fast
 
@@ -45,10 +46,14 @@ def unsupported_reason(device) -> Optional[str]:
     return f"the compiled operators do not serve {device.type} tensors"
 
 
-def fuses_loss_and_grad(device) -> bool:
-    """Whether :func:`ce_ntl_loss_and_grad` serves ``device``: CPU only (the op has no CUDA kernel,
-    and its backward reads ``grad_output`` on the host)."""
-    return torch.device(device).type == "cpu"
+def fuses_loss_and_grad(logits: Tensor) -> bool:
+    """Whether :func:`ce_ntl_loss_and_grad` serves these logits: CPU only (the op has no CUDA kernel)."""
+    return logits.device.type == "cpu"
+
+
+def scale_gradient_(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """``grad *= grad_output`` in place (``grad_output`` a 0-d tensor on grad's device); returns ``grad``."""
+    return grad.mul_(grad_output)
 
 
 # --------------------------------------------------------------------------------- op arguments
@@ -192,7 +197,7 @@ def ce_ntl_rows(
 
 def ce_ntl_loss_and_grad(
     logits: Tensor, labels: Tensor, table: NumberTokenTable, config: LossConfig, ce_scale: Tensor,
-    ntl_scale: Tensor,
+    ntl_scale: Tensor, inplace: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-position CE and NTL ``(M,)`` and ``d(Σ ce_scale·ce + Σ ntl_scale·ntl)/d logits``, from one
     read of the logits (each row's gradient is written while the row is still in cache).
@@ -200,6 +205,10 @@ def ce_ntl_loss_and_grad(
     Not differentiable itself: :func:`ntl_fast.cross_entropy_with_ntl` wraps it for the reductions
     whose per-row upstream gradients are known before the backward (``"mean"``, ``"sum"``).
     """
-    return _ops.ce_ntl_loss_and_grad(
+    ce, ntl, grad = _ops.ce_ntl_loss_and_grad(
         _contiguous(logits), labels, ce_scale, ntl_scale, *_table_args(table), *_option_args(table, config)
     )
+    if inplace:  # the gradient ends in the logits' buffer (the op itself writes a new tensor)
+        with torch.no_grad():
+            grad = logits.copy_(grad)
+    return ce, ntl, grad

@@ -17,23 +17,16 @@ The counts stay on the device: no host synchronisation (the all-reduce is a coll
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .labels import Labels, count_positions
 from .table import NumberTokenTable
 
 __all__ = ["token_counts", "global_counts"]
-
-Labels = Union[Tensor, Sequence[Tensor]]
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return [value] if isinstance(value, Tensor) else list(value)
 
 
 def token_counts(
@@ -48,7 +41,10 @@ def token_counts(
 
     ``labels`` is one tensor or a sequence of micro-batches; with ``weights`` (same structure)
     the counts are weight sums, as the weighted means of :func:`ntl_fast.cross_entropy_with_ntl`
-    use. ``shift_labels=True`` drops each row's first label, as the loss functions do.
+    use. ``shift_labels=True`` counts what the causal shift scores, as the loss functions do. A
+    position counts for CE iff its label is not ``ignore_index`` and lies in ``[0, V)``
+    (``V = table.vocab_size``), for NTL iff it also is a number token
+    (:func:`ntl_fast.labels.count_positions`).
 
     Args:
         labels (Tensor or sequence of Tensors): token ids, ``ignore_index`` for ignored positions.
@@ -65,32 +61,8 @@ def token_counts(
     Raises:
         ValueError: no label tensor, or a different number of weight tensors.
     """
-    label_list = _as_list(labels)
-    weight_list = _as_list(weights)
-    if not label_list:
-        raise ValueError("labels: expected a tensor or a non-empty sequence of tensors")
-    if weight_list and len(weight_list) != len(label_list):
-        raise ValueError(f"weights: {len(weight_list)} tensors for {len(label_list)} label tensors")
-    device = label_list[0].device
-    table = table.to(device)
-    totals = torch.zeros(2, dtype=torch.float32, device=device)
-    for index, part in enumerate(label_list):
-        part_weights = weight_list[index] if weight_list else None
-        if shift_labels:
-            part = part[..., 1:]
-            part_weights = None if part_weights is None else part_weights[..., 1:]
-        flat = part.reshape(-1).long()
-        # every label other than ignore_index counts for CE (the loss rejects out-of-range ones);
-        # ids past the table (a padded LM head) are text tokens
-        counts_for_ce = (flat != ignore_index) & (flat >= 0)
-        known = counts_for_ce & (flat < table.vocab_size)
-        safe = torch.where(known, flat, torch.zeros_like(flat))
-        is_number = known & (table.number_index[safe] >= 0)
-        counted = torch.stack([counts_for_ce, is_number]).to(torch.float32)
-        if part_weights is not None:
-            counted = counted * part_weights.reshape(-1).to(torch.float32)
-        totals = totals + counted.sum(-1)
-    return totals[0], totals[1]
+    counts = count_positions(labels, table, ignore_index, weights, shift_labels=shift_labels)
+    return counts[0].to(torch.float32), counts[1].to(torch.float32)
 
 
 def global_counts(

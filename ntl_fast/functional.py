@@ -14,9 +14,10 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import reference
-from .backends import explain_backend, get_backend
-from .config import LossConfig, check_reduction
+from .backends import Backend, explain_backend, get_backend
+from .config import LossConfig, accumulation_dtype, check_reduction
+from .fused import cross_entropy_with_ntl_and_gradient
+from .labels import causal_shift, label_positions
 from .number_level import number_level_rows  # vectorised; reference.number_level_rows is the oracle
 from .table import NumberTokenTable
 
@@ -47,18 +48,34 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _check_inputs(
-    logits: Tensor, labels: Tensor, table: NumberTokenTable, weights: Optional[Tensor]
-) -> None:
-    """Shape, dtype and device checks (docs/math.md §4); none of them reads device memory."""
+def _check_logits(logits: Tensor, table: NumberTokenTable) -> None:
+    """The logits' and the table's types, dtype, shape and device (docs/math.md §4)."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a Tensor, got {type(labels).__name__}")
     if not isinstance(table, NumberTokenTable):
         raise TypeError(f"table must be a NumberTokenTable, got {type(table).__name__}")
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+    if logits.dim() < 1 or logits.numel() == 0:
+        raise ValueError(f"logits must be a non-empty (..., V) tensor, got shape {tuple(logits.shape)}")
+    if table.device != logits.device:
+        raise ValueError(
+            f"the table is on {table.device} but logits on {logits.device}: use table.to(logits.device)"
+        )
+    if logits.shape[-1] < table.vocab_size:
+        raise ValueError(
+            f"logits have {logits.shape[-1]} columns but the table covers {table.vocab_size} "
+            f"token ids: the logits need a column for every token"
+        )
+
+
+def _check_inputs(
+    logits: Tensor, labels: Tensor, table: NumberTokenTable, weights: Optional[Tensor]
+) -> None:
+    """Shape, dtype and device checks (docs/math.md §4); none of them reads device memory."""
+    _check_logits(logits, table)
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a Tensor, got {type(labels).__name__}")
     if labels.dtype not in _LABEL_DTYPES:
         raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
     if logits.dim() < 1 or logits.numel() == 0:
@@ -70,15 +87,6 @@ def _check_inputs(
         )
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
-    if table.device != logits.device:
-        raise ValueError(
-            f"the table is on {table.device} but logits on {logits.device}: use table.to(logits.device)"
-        )
-    if logits.shape[-1] < table.vocab_size:
-        raise ValueError(
-            f"logits have {logits.shape[-1]} columns but the table covers {table.vocab_size} "
-            f"token ids: the logits need a column for every token"
-        )
     if weights is not None:
         if not isinstance(weights, Tensor):
             raise TypeError(f"weights must be a Tensor or None, got {type(weights).__name__}")
@@ -122,16 +130,10 @@ def _check_values(labels: Tensor, vocab_size: int, ignore_index: int, weights: O
         raise ValueError("weights must be >= 0 (and not NaN)")
 
 
-def _prepare(
-    logits: Tensor,
-    labels: Tensor,
-    table: NumberTokenTable,
-    weights: Optional[Tensor],
-    shift_labels: bool,
-    validate: bool,
-    ignore_index: int,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Check, shift for causal models, and return ``(logits (M, V), labels (M,), weights (M,))``."""
+def _shifted(logits: Tensor, labels: Tensor, table: NumberTokenTable, weights: Optional[Tensor], shift_labels: bool,
+             validate: bool, ignore_index: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """Check, and for causal models shift the labels (never the logits): ``(labels, weights)``
+    aligned with the logits' positions, float weights."""
     _check_inputs(logits, labels, table, weights)
     weights = _float_weights(weights)
     if shift_labels:
@@ -139,20 +141,36 @@ def _prepare(
             raise ValueError(
                 f"shift_labels=True needs logits of shape (..., T, V) with T >= 2, got {tuple(logits.shape)}"
             )
-        # position t predicts token t + 1
-        logits = logits[..., :-1, :]
-        labels = labels[..., 1:]
-        weights = None if weights is None else weights[..., 1:]
+        labels, weights = causal_shift(labels, ignore_index, weights)
     if validate and not _is_compiling():
         _check_values(labels, logits.shape[-1], ignore_index, weights)
+    return labels, weights
+
+
+class _Rows(NamedTuple):
+    """One call's inputs as a backend takes them."""
+
+    logits: Tensor  # (M, V): a view of the caller's logits whenever their last dimension is dense
+    labels: Tensor  # (M,), shifted; zero-weight positions set to ignore_index
+    weights: Optional[Tensor]  # (M,) float
+    table: NumberTokenTable  # resized to V
+    backend: Backend
+    shape: torch.Size  # the labels' shape: what reduction "none" returns (before dropping a shifted end)
+
+
+def _rows(logits: Tensor, labels: Tensor, table: NumberTokenTable, weights: Optional[Tensor], shift_labels: bool,
+          validate: bool, ignore_index: int, backend: str) -> _Rows:
+    """Check, shift, flatten to rows and pick the backend."""
+    labels, weights = _shifted(logits, labels, table, weights, shift_labels, validate, ignore_index)
     vocab_size = logits.shape[-1]
-    logits = logits.reshape(-1, vocab_size)
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    labels = labels.reshape(-1)
-    if weights is not None:
-        weights = weights.reshape(-1)
-    return logits, _ignore_zero_weight(labels, weights, ignore_index), weights
+    logits2d = logits.reshape(-1, vocab_size)
+    if logits2d.stride(-1) != 1:
+        logits2d = logits2d.contiguous()
+    labels1d = labels.reshape(-1)
+    weights1d = None if weights is None else weights.reshape(-1)
+    choice = explain_backend(logits2d.device, backend)
+    return _Rows(logits2d, _ignore_zero_weight(labels1d, weights1d, ignore_index), weights1d,
+                 table.resized(vocab_size), get_backend(choice.name), labels.shape)
 
 
 # --------------------------------------------------------------------------------- reductions
@@ -197,6 +215,12 @@ def _reduce(
     return _safe_divide(total, _mean_count(counted, weights, normalizer, rows.dtype))
 
 
+def _scored(values: Tensor, reduction: str, shift_labels: bool) -> Tensor:
+    """Reduction "none" after the causal shift: a view without the last position, which predicts
+    nothing (its label is the padding)."""
+    return values[..., :-1] if shift_labels and reduction == "none" else values
+
+
 def _row_scale(
     counted: Tensor, weights: Optional[Tensor], reduction: str, normalizer: Normalizer, dtype: torch.dtype
 ) -> Tensor:
@@ -208,55 +232,16 @@ def _row_scale(
     return _safe_divide(scale, _mean_count(counted, weights, normalizer, dtype))
 
 
-def _output_shape(labels_shape: torch.Size, shift_labels: bool) -> torch.Size:
-    if not shift_labels:
-        return labels_shape
-    return labels_shape[:-1] + (labels_shape[-1] - 1,)
-
-
-# --------------------------------------------------------------------------------- loss and gradient in one pass
-class _CrossEntropyWithNTLAndGradient(torch.autograd.Function):
-    """``Σ ce_scale·ce + Σ ntl_scale·ntl``, whose logits gradient the backend writes in the forward.
-
-    Under reduction "mean" or "sum", row r's upstream gradients are ``ce_scale[r]·g`` and
-    ``ntl_scale[r]·g`` with one scalar ``g = grad_output``; so the backend computes the losses and
-    ``d total / d logits`` in one read of the logits, and the backward only multiplies by ``g``
-    (nothing to do for the usual ``g = 1``). Outputs ``(total, ce_rows, ntl_rows)``; only ``total``
-    is differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, ce_scale, ntl_scale, table, config, backend):
-        ce_rows, ntl_rows, grad = backend.ce_ntl_loss_and_grad(logits, labels, table, config, ce_scale, ntl_scale)
-        # saved, not kept on ctx: released right after the backward, the returned gradient can then
-        # become logits.grad without a copy
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(ce_rows, ntl_rows)
-        total = (ce_scale * ce_rows).sum() + (ntl_scale * ntl_rows).sum()
-        return total, ce_rows, ntl_rows
-
-    @staticmethod
-    def backward(ctx, grad_total, _grad_ce_rows, _grad_ntl_rows):
-        (grad,) = ctx.saved_tensors
-        # .item() syncs with the device: this path serves CPU tensors only (fuses_loss_and_grad)
-        if _is_compiling() or grad_total.item() != 1:
-            grad = (grad * grad_total).to(grad.dtype)
-        return grad, None, None, None, None, None, None
-
-
-def _fuses_loss_and_grad(backend, logits: Tensor, reduction: str, inplace: bool, *others) -> bool:
-    """Whether the loss and its gradient come from one pass (``_CrossEntropyWithNTLAndGradient``):
-    the backend offers it for this device, the reduction fixes every row's upstream gradient up to
-    one scalar, a backward will follow, and no other input needs a gradient."""
-    fuses = getattr(backend, "fuses_loss_and_grad", None)
+def _one_pass(rows: _Rows, reduction: str, *others) -> bool:
+    """Whether the loss and its gradient come from one pass (:mod:`ntl_fast.fused`): the backend
+    serves these logits so, the reduction fixes every row's upstream gradient up to one scalar, a
+    backward will follow, and no other input needs a gradient."""
     return (
-        fuses is not None
-        and reduction != "none"
-        and not inplace
+        reduction != "none"
         and torch.is_grad_enabled()
-        and logits.requires_grad
+        and rows.logits.requires_grad
         and not any(isinstance(other, Tensor) and other.requires_grad for other in others)
-        and fuses(logits.device)
+        and rows.backend.fuses_loss_and_grad(rows.logits)
     )
 
 
@@ -309,7 +294,8 @@ def number_token_loss(
         normalizer (int, float or 0-d Tensor, optional): replaces the mean's denominator (e.g.
             the global number-position count from :func:`ntl_fast.global_counts`).
         shift_labels (bool): score position t against label t + 1 (causal LMs; the output then
-            has one position less). Default False.
+            has one position less). The labels are shifted (the last position gets
+            ``ignore_index``), never the logits: no copy of them is made. Default False.
         validate (bool): check label values (and weight signs) eagerly: one device-to-host read
             per call, which on a GPU waits for the queued work. Pass False in production, or run
             under ``torch.compile`` (skipped while tracing); a bad label then yields NaN, never an
@@ -331,15 +317,10 @@ def number_token_loss(
     """
     config = LossConfig(loss, squash_factor, reweigh, None, ignore_index)
     check_reduction(reduction)
-    shape = _output_shape(labels.shape, shift_labels) if isinstance(labels, Tensor) else None
-    logits2d, labels1d, weights1d = _prepare(
-        logits, labels, table, weights, shift_labels, validate, ignore_index
-    )
-    row_table = table.resized(logits2d.shape[-1])
-    choice = explain_backend(logits2d.device, backend)
-    rows = get_backend(choice.name).ntl_rows(logits2d, labels1d, row_table, config)
-    counted = reference.label_positions(labels1d, row_table, ignore_index)[2] >= 0
-    return _reduce(rows, counted, weights1d, reduction, normalizer, shape)
+    rows = _rows(logits, labels, table, weights, shift_labels, validate, ignore_index, backend)
+    losses = rows.backend.ntl_rows(rows.logits, rows.labels, rows.table, config)
+    counted = label_positions(rows.labels, rows.table, ignore_index)[2] >= 0
+    return _scored(_reduce(losses, counted, rows.weights, reduction, normalizer, rows.shape), reduction, shift_labels)
 
 
 def cross_entropy_with_ntl(
@@ -373,10 +354,11 @@ def cross_entropy_with_ntl(
     Gaussian targets put mass on every number token, so a number position whose label is finite
     but some number token's logit is ``-inf`` (masked) has CE ``+inf``, as the math says.
 
-    With the C++ backend on CPU tensors and reduction ``"mean"``/``"sum"``, the gradient is
-    computed in the same pass as the loss (every row's share of the loss is known up to the one
-    scalar ``grad_output``), so a forward that requires grad holds one logits-sized gradient until
-    the backward, which then has almost nothing left to do.
+    Where the backend offers it (``fuses_loss_and_grad``: the C++ backend on CPU tensors) and with
+    reduction ``"mean"``/``"sum"``, the gradient is computed in the same pass as the loss (every
+    row's share of the loss is known up to the one scalar ``grad_output``), so a forward that
+    requires grad holds one logits-sized gradient until the backward, which then only scales it
+    by ``grad_output`` on the device (nothing to do when it is 1).
 
     Args:
         logits, labels, table: as :func:`number_token_loss`.
@@ -389,12 +371,15 @@ def cross_entropy_with_ntl(
         squash_factor, reweigh, reduction, weights, ignore_index, shift_labels, validate, backend:
             as :func:`number_token_loss` (defaults None, False, ``"mean"``, None, -100, False,
             True, ``"auto"``); ``weights`` weigh CE and NTL alike.
-        inplace (bool): let a kernel backend write the gradient into the logits' own buffer
-            during the backward, saving one logits-sized allocation. Only safe when nothing else
-            reads those logits after this loss (no second loss on them, no logging of them after
-            backward); the reference backend ignores it, and so does every backend when the
-            logits are not one dense block (e.g. expanded: rows sharing memory cannot each hold
-            their own gradient). Default False.
+        inplace (bool): write the gradient into the logits' own buffer, saving one logits-sized
+            allocation: in the forward on the one-pass path, else in the backward of a kernel
+            backend (the reference's two-pass path ignores it). Afterwards the logits hold the
+            gradient, not the logits: anything reading them later (metrics, a second loss, logging)
+            sees gradients, and another autograd user that saved them fails in its backward. The
+            logits must not be a leaf that requires grad (pass the output of the layer that
+            computes them). Ignored where the logits are not one dense block (e.g. expanded: rows
+            sharing memory cannot each hold their own gradient) and while ``torch.compile``
+            traces the one-pass path. Default False.
 
     Returns:
         NTLOutput: ``(loss, ce, ntl)``, 0-d tensors (the labels' shape for ``"none"``), float32
@@ -402,40 +387,40 @@ def cross_entropy_with_ntl(
 
     Raises:
         TypeError: as :func:`number_token_loss`, and a non-numeric ``ntl_weight``.
-        ValueError: as :func:`number_token_loss`, and ``gaussian_sigma <= 0``.
+        ValueError: as :func:`number_token_loss`, ``gaussian_sigma <= 0``, and ``inplace=True``
+            with logits that are a leaf requiring grad.
         RuntimeError: an explicit ``backend`` that cannot serve the logits' device.
     """
     if isinstance(ntl_weight, bool) or not isinstance(ntl_weight, (int, float, Tensor)):
         raise TypeError(f"ntl_weight must be a number, got {ntl_weight!r}")
     config = LossConfig(loss, squash_factor, reweigh, gaussian_sigma, ignore_index)
     check_reduction(reduction)
-    shape = _output_shape(labels.shape, shift_labels) if isinstance(labels, Tensor) else None
-    logits2d, labels1d, weights1d = _prepare(
-        logits, labels, table, weights, shift_labels, validate, ignore_index
-    )
-    row_table = table.resized(logits2d.shape[-1])
-    choice = explain_backend(logits2d.device, backend)
-    kernels = get_backend(choice.name)
+    if inplace and isinstance(logits, Tensor) and logits.is_leaf and logits.requires_grad:
+        raise ValueError(
+            "inplace=True overwrites logits with their gradient, but logits is a leaf tensor that requires "
+            "grad (its .grad would be its own buffer): pass inplace=False, or the output of the layer that "
+            "computes the logits"
+        )
+    rows = _rows(logits, labels, table, weights, shift_labels, validate, ignore_index, backend)
     # rows that share memory (expanded logits) cannot each receive their own gradient in place
-    inplace = inplace and logits2d.is_contiguous()
-    in_range, _, number_index = reference.label_positions(labels1d, row_table, ignore_index)
+    inplace = inplace and rows.logits.is_contiguous()
+    in_range, _, number_index = label_positions(rows.labels, rows.table, ignore_index)
     is_number = number_index >= 0
-    fused = _fuses_loss_and_grad(kernels, logits2d, reduction, inplace, weights1d, ntl_weight, ce_normalizer,
-                                 ntl_normalizer)
-    if fused:
-        acc = reference.accumulation_dtype(logits2d.dtype)
-        ce_scale = _row_scale(in_range, weights1d, reduction, ce_normalizer, acc)
-        ntl_scale = ntl_weight * _row_scale(is_number, weights1d, reduction, ntl_normalizer, acc)
-        total, ce_rows, ntl_rows = _CrossEntropyWithNTLAndGradient.apply(
-            logits2d, labels1d, ce_scale, ntl_scale, row_table, config, kernels
+    total = None
+    if _one_pass(rows, reduction, rows.weights, ntl_weight, ce_normalizer, ntl_normalizer):
+        acc = accumulation_dtype(rows.logits.dtype)
+        ce_scale = _row_scale(in_range, rows.weights, reduction, ce_normalizer, acc)
+        ntl_scale = ntl_weight * _row_scale(is_number, rows.weights, reduction, ntl_normalizer, acc)
+        total, ce_rows, ntl_rows = cross_entropy_with_ntl_and_gradient(
+            rows.logits, rows.labels, rows.table, config, ce_scale, ntl_scale, rows.backend, inplace
         )
     else:
-        ce_rows, ntl_rows = kernels.ce_ntl_rows(logits2d, labels1d, row_table, config, inplace=inplace)
-    ce = _reduce(ce_rows, in_range, weights1d, reduction, ce_normalizer, shape)
-    ntl = _reduce(ntl_rows, is_number, weights1d, reduction, ntl_normalizer, shape)
-    if not fused:
+        ce_rows, ntl_rows = rows.backend.ce_ntl_rows(rows.logits, rows.labels, rows.table, config, inplace=inplace)
+    ce = _reduce(ce_rows, in_range, rows.weights, reduction, ce_normalizer, rows.shape)
+    ntl = _reduce(ntl_rows, is_number, rows.weights, reduction, ntl_normalizer, rows.shape)
+    if total is None:
         total = ce + ntl_weight * ntl
-    return NTLOutput(total, ce.detach(), ntl.detach())
+    return NTLOutput(*(_scored(value, reduction, shift_labels) for value in (total, ce.detach(), ntl.detach())))
 
 
 def number_level_loss(
@@ -487,8 +472,7 @@ def number_level_loss(
         raise ValueError(f"max_number_length must be an int >= 1, got {max_number_length!r}")
     if isinstance(labels, Tensor) and labels.dim() < 1:
         raise ValueError("labels of the number-level loss need a sequence axis (..., T)")
-    _check_inputs(logits, labels, table, weights)
-    weights = _float_weights(weights)
+    labels, weights = _shifted(logits, labels, table, weights, shift_labels, validate, ignore_index)
     non_digit = (table.number_values != table.number_values.round()) | (table.number_values < 0) | (
         table.number_values > 9
     )
@@ -497,24 +481,16 @@ def number_level_loss(
     dot_id = dot_token_id if dot_token_id is not None else table.dot_id
     if float_level and dot_id is None:
         raise ValueError("float_level=True needs the '.' token id: pass dot_token_id or build the table with one")
-    if shift_labels:
-        if logits.dim() < 2 or logits.shape[-2] < 2:
-            raise ValueError(f"shift_labels=True needs logits (..., T, V) with T >= 2, got {tuple(logits.shape)}")
-        logits, labels = logits[..., :-1, :], labels[..., 1:]
-        weights = None if weights is None else weights[..., 1:]
-    if validate and not _is_compiling():
-        _check_values(labels, logits.shape[-1], ignore_index, weights)
-    shape = labels.shape
-    length = shape[-1]
-    row_table = table.resized(logits.shape[-1])
+    length, vocab_size = labels.shape[-1], logits.shape[-1]
     rows, first_digit = number_level_rows(
-        logits.reshape(-1, length, logits.shape[-1]),
+        logits.reshape(-1, length, vocab_size),
         labels.reshape(-1, length),
-        row_table,
+        table.resized(vocab_size),
         float_level=float_level,
         dot_id=dot_id,
         max_number_length=max_number_length,
         ignore_index=ignore_index,
     )
     weights1d = None if weights is None else weights.reshape(-1)
-    return _reduce(rows.reshape(-1), first_digit.reshape(-1), weights1d, reduction, normalizer, shape)
+    losses = _reduce(rows.reshape(-1), first_digit.reshape(-1), weights1d, reduction, normalizer, labels.shape)
+    return _scored(losses, reduction, shift_labels)

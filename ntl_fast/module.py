@@ -33,14 +33,13 @@ def _table(tokenizer: Any, table: Optional[NumberTokenTable], vocab_size: Option
     )
 
 
-def _ce_ntl_options(ntl_weight, loss, gaussian_sigma, squash_factor, reweigh, reduction, ignore_index,
-                    shift_labels, validate, backend) -> dict:
-    """The CE + NTL modules' call options, checked once at construction."""
-    LossConfig(loss, squash_factor, reweigh, gaussian_sigma, ignore_index)
-    check_reduction(reduction)
-    return dict(ntl_weight=ntl_weight, loss=loss, gaussian_sigma=gaussian_sigma, squash_factor=squash_factor,
-                reweigh=reweigh, reduction=reduction, ignore_index=ignore_index, shift_labels=shift_labels,
-                validate=validate, backend=backend)
+def _checked_options(**options: Any) -> dict:
+    """The loss functions' keyword ``options``, checked now as a call would check them: a module or
+    a Trainer fails at construction, not at its first step."""
+    LossConfig(options.get("loss", "was"), options.get("squash_factor"), options.get("reweigh", False),
+               options.get("gaussian_sigma"), options.get("ignore_index", -100))
+    check_reduction(options.get("reduction", "mean"))
+    return options
 
 
 class _TableModule(torch.nn.Module):
@@ -99,9 +98,7 @@ class NumberTokenLoss(_TableModule):
         backend: str = "auto",
     ) -> None:
         super().__init__(_table(tokenizer, table, vocab_size, digit_level, include_marked))
-        LossConfig(loss, squash_factor, reweigh, None, ignore_index)  # fail at construction
-        check_reduction(reduction)
-        self.options = dict(
+        self.options = _checked_options(
             loss=loss, squash_factor=squash_factor, reweigh=reweigh, reduction=reduction,
             ignore_index=ignore_index, shift_labels=shift_labels, validate=validate, backend=backend,
         )
@@ -116,20 +113,9 @@ class NumberTokenLoss(_TableModule):
         )
 
 
-class CrossEntropyWithNTL(_TableModule):
-    """Cross-entropy + ``ntl_weight`` x NTL as a module (see :func:`ntl_fast.cross_entropy_with_ntl`).
-
-    Returns an :class:`~ntl_fast.NTLOutput` ``(loss, ce, ntl)``.
-
-    Args:
-        tokenizer, table, vocab_size, digit_level, include_marked: as :class:`NumberTokenLoss`.
-        ntl_weight, loss, gaussian_sigma, squash_factor, reweigh, reduction, ignore_index,
-        shift_labels, validate, backend: as :func:`ntl_fast.cross_entropy_with_ntl`; defaults 0.3,
-            ``"was"``, None, None, False, ``"mean"``, -100, False, True, ``"auto"``.
-
-    Raises:
-        ValueError, TypeError: as :class:`NumberTokenLoss`, at construction.
-    """
+class _CrossEntropyModule(_TableModule):
+    """The table and the CE + NTL options that :class:`CrossEntropyWithNTL` and
+    :class:`LinearCrossEntropyWithNTL` share."""
 
     def __init__(
         self,
@@ -151,8 +137,27 @@ class CrossEntropyWithNTL(_TableModule):
         backend: str = "auto",
     ) -> None:
         super().__init__(_table(tokenizer, table, vocab_size, digit_level, include_marked))
-        self.options = _ce_ntl_options(ntl_weight, loss, gaussian_sigma, squash_factor, reweigh, reduction,
-                                       ignore_index, shift_labels, validate, backend)
+        self.options = _checked_options(
+            ntl_weight=ntl_weight, loss=loss, gaussian_sigma=gaussian_sigma, squash_factor=squash_factor,
+            reweigh=reweigh, reduction=reduction, ignore_index=ignore_index, shift_labels=shift_labels,
+            validate=validate, backend=backend,
+        )
+
+
+class CrossEntropyWithNTL(_CrossEntropyModule):
+    """Cross-entropy + ``ntl_weight`` x NTL as a module (see :func:`ntl_fast.cross_entropy_with_ntl`).
+
+    Returns an :class:`~ntl_fast.NTLOutput` ``(loss, ce, ntl)``.
+
+    Args:
+        tokenizer, table, vocab_size, digit_level, include_marked: as :class:`NumberTokenLoss`.
+        ntl_weight, loss, gaussian_sigma, squash_factor, reweigh, reduction, ignore_index,
+        shift_labels, validate, backend: as :func:`ntl_fast.cross_entropy_with_ntl`; defaults 0.3,
+            ``"was"``, None, None, False, ``"mean"``, -100, False, True, ``"auto"``.
+
+    Raises:
+        ValueError, TypeError: as :class:`NumberTokenLoss`, at construction.
+    """
 
     def forward(self, logits: Tensor, labels: Tensor, weights: Optional[Tensor] = None,
                 ce_normalizer: Normalizer = None, ntl_normalizer: Normalizer = None) -> NTLOutput:
@@ -165,7 +170,7 @@ class CrossEntropyWithNTL(_TableModule):
         )
 
 
-class LinearCrossEntropyWithNTL(_TableModule):
+class LinearCrossEntropyWithNTL(_CrossEntropyModule):
     """CE + ``ntl_weight`` x NTL from the LM head's input, as a module (see
     :func:`ntl_fast.linear_cross_entropy_with_ntl`): the ``tokens x V`` logits never exist whole.
 
@@ -196,32 +201,11 @@ class LinearCrossEntropyWithNTL(_TableModule):
             digit tokens; at the call as :func:`ntl_fast.linear_cross_entropy_with_ntl`.
     """
 
-    def __init__(
-        self,
-        tokenizer: Any = None,
-        *,
-        table: Optional[NumberTokenTable] = None,
-        vocab_size: Optional[int] = None,
-        digit_level: bool = True,
-        include_marked: bool = False,
-        ntl_weight: float = 0.3,
-        loss: str = "was",
-        gaussian_sigma: Optional[float] = None,
-        squash_factor: Optional[float] = None,
-        reweigh: bool = False,
-        reduction: str = "mean",
-        ignore_index: int = -100,
-        shift_labels: bool = False,
-        validate: bool = True,
-        backend: str = "auto",
-        chunk_size: Optional[int] = None,
-    ) -> None:
-        super().__init__(_table(tokenizer, table, vocab_size, digit_level, include_marked))
+    def __init__(self, tokenizer: Any = None, *, chunk_size: Optional[int] = None, **options: Any) -> None:
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
-        self.options = _ce_ntl_options(ntl_weight, loss, gaussian_sigma, squash_factor, reweigh, reduction,
-                                       ignore_index, shift_labels, validate, backend)
+        super().__init__(tokenizer, **options)
         self.options["chunk_size"] = chunk_size
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,

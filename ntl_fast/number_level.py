@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .reference import accumulation_dtype, expected_value, label_positions, number_softmax
+from .labels import label_positions
+from .reference import accumulation_dtype, expected_value, number_softmax
 from .table import NumberTokenTable
 
 __all__ = ["number_level_rows", "number_runs"]

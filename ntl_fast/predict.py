@@ -15,12 +15,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .functional import _check_logits
 from .reference import accumulation_dtype, expected_value, number_softmax
 from .table import NumberTokenTable
 
 __all__ = ["NumberPrediction", "predict_numbers"]
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class NumberPrediction(NamedTuple):
@@ -60,22 +59,7 @@ def predict_numbers(logits: Tensor, table: NumberTokenTable) -> NumberPrediction
         ValueError: ``logits`` is empty, has fewer than ``table.vocab_size`` columns, or lives on
             another device than ``table``.
     """
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
-    if not isinstance(table, NumberTokenTable):
-        raise TypeError(f"table must be a NumberTokenTable, got {type(table).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
-    if logits.dim() < 1 or logits.numel() == 0:
-        raise ValueError(f"logits must be a non-empty (..., V) tensor, got shape {tuple(logits.shape)}")
-    if logits.shape[-1] < table.vocab_size:
-        raise ValueError(
-            f"logits have {logits.shape[-1]} columns but the table covers {table.vocab_size} token ids"
-        )
-    if table.device != logits.device:
-        raise ValueError(
-            f"the table is on {table.device} but logits on {logits.device}: use table.to(logits.device)"
-        )
+    _check_logits(logits, table)
     z = logits.to(accumulation_dtype(logits.dtype))
     number_logits = z.index_select(-1, table.number_ids)
     values = expected_value(number_softmax(number_logits), table.number_values.to(z.dtype))

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .config import LossConfig, accumulation_dtype
+from .labels import label_positions
 from .table import NumberTokenTable
 
 __all__ = [
@@ -41,24 +42,11 @@ __all__ = [
     "ntl_rows",
     "ce_ntl_rows",
     "number_level_rows",
+    "unsupported_reason",
+    "fuses_loss_and_grad",
+    "ce_ntl_loss_and_grad",
+    "scale_gradient_",
 ]
-
-
-def label_positions(labels: Tensor, table: NumberTokenTable, ignore_index: int):
-    """Classify each label.
-
-    Returns ``(in_range, bad, number_index)``: labels in ``[0, V)`` other than ``ignore_index``
-    (which may itself lie in that range); labels that are neither in range nor ``ignore_index``;
-    and each label's position in N (-1 where it is not a number token).
-    A position is NTL-valid iff ``number_index >= 0``; it counts for CE iff ``in_range``.
-    """
-    vocab_size = table.vocab_size
-    ignored = labels == ignore_index
-    in_range = (labels >= 0) & (labels < vocab_size) & ~ignored
-    bad = ~in_range & ~ignored
-    safe = torch.where(in_range, labels, torch.zeros_like(labels)).long()
-    number_index = torch.where(in_range, table.number_index[safe], torch.full_like(safe, -1))
-    return in_range, bad, number_index
 
 
 def number_softmax(number_logits: Tensor) -> Tensor:
@@ -182,7 +170,7 @@ def ce_ntl_rows(
 ) -> Tuple[Tensor, Tensor]:
     """Per-position cross-entropy (§2.6, or Gaussian-CE §2.5) and NTL, each ``(M,)``.
 
-    ``inplace`` is accepted for interface parity with the kernel backends and has no effect.
+    ``inplace`` (the kernel backends' in-place backward) has no effect: autograd owns this backward.
 
     CE is 0 at ignored positions; NTL is 0 off the NTL-valid positions; both NaN at bad labels.
     """
@@ -206,6 +194,42 @@ def ce_ntl_rows(
     nan = torch.full_like(ce, float("nan"))
     dtype = accumulation_dtype(logits.dtype)
     return torch.where(bad, nan, ce).to(dtype), torch.where(bad, nan, ntl).to(dtype)
+
+
+# --------------------------------------------------------------------------------- backend interface
+# The rest of the ntl_fast.backends.Backend contract; ce_ntl_loss_and_grad is the oracle of the
+# kernel backends' one-pass loss and gradient.
+def unsupported_reason(device) -> Optional[str]:
+    """None: plain PyTorch serves every device."""
+    return None
+
+
+def fuses_loss_and_grad(logits: Tensor) -> bool:
+    """False: the public API takes the two-pass autograd path with the reference."""
+    return False
+
+
+def ce_ntl_loss_and_grad(
+    logits: Tensor, labels: Tensor, table: NumberTokenTable, config: LossConfig, ce_scale: Tensor,
+    ntl_scale: Tensor, inplace: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`ce_ntl_rows` and ``d(Σ ce_scale·ce + Σ ntl_scale·ntl)/d logits`` by autograd, detached.
+
+    The gradient has the logits' dtype; ``inplace=True`` writes it over the logits and returns them.
+    """
+    with torch.enable_grad():
+        z = logits.detach().requires_grad_()
+        ce, ntl = ce_ntl_rows(z, labels, table, config)
+        (grad,) = torch.autograd.grad((ce_scale * ce).sum() + (ntl_scale * ntl).sum(), z)
+    if inplace:
+        with torch.no_grad():
+            grad = logits.copy_(grad)
+    return ce.detach(), ntl.detach(), grad
+
+
+def scale_gradient_(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """``grad *= grad_output`` in place (``grad_output`` a 0-d tensor on grad's device); returns ``grad``."""
+    return grad.mul_(grad_output)
 
 
 def _number_runs(number_index: Tensor, labels: Tensor, float_level: bool, dot_id: Optional[int]):

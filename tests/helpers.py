@@ -36,7 +36,17 @@ def tolerances(dtype: torch.dtype, gradient: bool = False):
     """(rtol, atol) of docs/math.md §6 for inputs of ``dtype``."""
     if dtype in (torch.float32, torch.float64):
         return 1e-5, 1e-6
-    return (2e-2, 0.0) if gradient else (1e-4, 1e-6)
+    if not gradient:
+        return 1e-4, 1e-6
+    # one rounding to the gradient's dtype: relative near 1, but half the smallest subnormal
+    # step at the bottom of its range (2^-25 for float16, 2^-134 for bfloat16)
+    return 2e-2, half_subnormal(dtype)
+
+
+def half_subnormal(dtype: torch.dtype) -> float:
+    """Half the distance between 0 and the smallest positive subnormal of ``dtype``: the largest
+    error of one correct rounding of a value at the bottom of its range."""
+    return torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps / 2
 
 
 def assert_spec_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,

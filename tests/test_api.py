@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import ntl_fast
 from ntl_fast import backends, reference
@@ -129,6 +131,73 @@ def test_shift_labels_equals_manual_shift(table):
     assert rows.shape == (2, 8)
     with pytest.raises(ValueError, match="shift_labels"):
         ntl_fast.number_token_loss(logits[:, :1], labels[:, :1], table, shift_labels=True)
+
+
+@pytest.mark.parametrize("function", ["ntl", "ce", "number_level"])
+def test_shift_labels_gives_the_manual_shift_and_its_gradient_as_views(table, function):
+    logits, labels = make_batch(table, shape=(2, 9))
+    weights = torch.rand(2, 9)
+    call = {"ntl": ntl_fast.number_token_loss, "number_level": ntl_fast.number_level_loss,
+            "ce": lambda *args, **kwargs: ntl_fast.cross_entropy_with_ntl(*args, **kwargs).loss}[function]
+    for reduction in ("none", "mean"):
+        shifted = call(logits, labels, table, shift_labels=True, weights=weights, reduction=reduction)
+        (shifted_grad,) = torch.autograd.grad(shifted.sum(), logits)
+        manual = call(logits[:, :-1], labels[:, 1:], table, weights=weights[:, 1:], reduction=reduction)
+        (manual_grad,) = torch.autograd.grad(manual.sum(), logits)
+        torch.testing.assert_close(shifted, manual)
+        torch.testing.assert_close(shifted_grad, manual_grad)
+        assert (shifted_grad[:, -1] == 0).all()
+    assert shifted.shape == () and manual.shape == ()
+    rows = call(logits, labels, table, shift_labels=True, reduction="none")
+    assert rows.shape == (2, 8) and rows._base is not None  # a view of the (2, 9) result
+
+
+class _Allocations(TorchDispatchMode):
+    """Sums the bytes of every new storage an op returns (views and in-place results are no new memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in seen:
+                seen.add(tensor.untyped_storage().data_ptr())
+                self.bytes += tensor.untyped_storage().nbytes()
+        return out
+
+
+def _allocated_bytes(step) -> int:
+    with _Allocations() as allocations:
+        step()
+    return allocations.bytes
+
+
+def test_shift_labels_makes_no_copy_of_the_logits():
+    """Causal shift in a training step (forward and backward): the labels move, the logits do not.
+    Everything the step allocates, gradient included, stays within 1.1x the logits on a kernel backend
+    (one-pass: the gradient is the only logits-sized buffer), and costs nothing over labels shifted by
+    hand on any backend; slicing the logits instead costs a copy and a zero-filled gradient."""
+    table = digit_table(1000)
+    logits = torch.randn(2, 64, 1000, requires_grad=True)
+    labels = random_labels((2, 64), table)
+    pre_shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+    backend = ntl_fast.explain_backend(logits).name
+
+    def step(logits, labels, **options):
+        logits.grad = None
+        return lambda: ntl_fast.cross_entropy_with_ntl(logits, labels, table, **options).loss.backward()
+
+    logits_bytes = logits.numel() * logits.element_size()
+    shifted = _allocated_bytes(step(logits, labels, shift_labels=True))
+    by_hand = _allocated_bytes(step(logits, pre_shifted))
+    sliced = _allocated_bytes(step(logits[:, :-1], labels[:, 1:]))
+    assert shifted <= by_hand + 0.02 * logits_bytes
+    assert sliced >= shifted + 1.5 * logits_bytes  # the recorder sees a copy where there is one
+    if backend == "cpp":
+        assert shifted <= 1.1 * logits_bytes, shifted / logits_bytes
 
 
 def test_custom_ignore_index_and_padded_logits(table):
@@ -348,3 +417,53 @@ def test_gaussian_targets_on_a_masked_number_token_give_inf(table, backend):
     assert out.ce[0] == float("inf") and torch.isfinite(out.ce[1:]).all() and torch.isfinite(out.ntl).all()
     plain = ntl_fast.cross_entropy_with_ntl(logits, labels, table, reduction="none", backend=backend)
     assert torch.isfinite(plain.ce).all()
+
+
+# ----------------------------------------------------------------------------- loss and gradient in one pass
+@pytest.fixture
+def one_pass_reference(monkeypatch):
+    """The reference as a one-pass backend: its ce_ntl_loss_and_grad behind ntl_fast.fused."""
+    monkeypatch.setattr(reference, "fuses_loss_and_grad", lambda logits: True)
+
+
+@pytest.mark.parametrize("shift_labels", [False, True])
+def test_one_pass_equals_two_passes_under_any_grad_output(table, monkeypatch, shift_labels):
+    logits, labels = make_batch(table, shape=(2, 9))
+    weights = torch.rand(2, 9)
+    grads = []
+    for fused in (True, False):
+        monkeypatch.setattr(reference, "fuses_loss_and_grad", lambda logits, fused=fused: fused)
+        z = logits.detach().clone().requires_grad_()
+        out = ntl_fast.cross_entropy_with_ntl(z, labels, table, weights=weights, shift_labels=shift_labels,
+                                              backend="reference")
+        assert (type(out.loss.grad_fn).__name__ == "_CrossEntropyWithNTLAndGradientBackward") == fused
+        (3.0 * out.loss).backward()
+        grads.append((out.loss.detach(), z.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_inplace_one_pass_writes_the_gradient_over_the_logits_in_the_forward(table, one_pass_reference):
+    logits, labels = make_batch(table)
+    x = logits.detach().clone().requires_grad_()
+    z = x * 1.0  # a non-leaf, as an LM head's output is
+    out = ntl_fast.cross_entropy_with_ntl(z, labels, table, backend="reference", inplace=True)
+    written = z.detach().clone()  # the logits hold the gradient from the forward on
+    out.loss.backward()
+    reference_logits = logits.detach().clone().requires_grad_()
+    ntl_fast.cross_entropy_with_ntl(reference_logits, labels, table, backend="reference").loss.backward()
+    torch.testing.assert_close(written, reference_logits.grad)
+    torch.testing.assert_close(x.grad, reference_logits.grad)
+    # another user of the same logits fails loudly instead of reading the gradient
+    x = logits.detach().clone().requires_grad_()
+    z = x * 1.0
+    other = z.square().sum()  # square saves z for its backward
+    out = ntl_fast.cross_entropy_with_ntl(z, labels, table, backend="reference", inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out.loss + other).backward()
+
+
+def test_inplace_refuses_a_leaf_that_requires_grad(table, no_backend):
+    logits, labels = make_batch(table)
+    with pytest.raises(ValueError, match="inplace=True.*logits is a leaf tensor that requires grad"):
+        ntl_fast.cross_entropy_with_ntl(logits, labels, table, inplace=True)

@@ -121,10 +121,12 @@ def test_four_micro_batches_equal_one_batch(fused):
 
 
 def test_token_counts():
-    table = _table()
+    table = _table().resized(VOCAB)  # the head's width: V = 45
     labels = torch.tensor([[7, 8, -100, 30, 42], [16, -100, -100, 1, 9]])  # 42: a padded-head id
     ce_count, ntl_count = token_counts(labels, table)
     assert (ce_count.item(), ntl_count.item()) == (7.0, 4.0)
+    # against the 40-id table alone, 42 lies outside [0, V) and counts for nothing
+    assert token_counts(labels, _table())[0].item() == 6.0
     ce_count, ntl_count = token_counts([labels[:1], labels[1:]], table, shift_labels=True)
     assert (ce_count.item(), ntl_count.item()) == (5.0, 2.0)
     weights = torch.full((2, 5), 0.5)

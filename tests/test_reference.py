@@ -348,6 +348,16 @@ def _rows_and_gradient(fn, logits):
     return rows, z.grad
 
 
+def _assert_float32_rows_match_float64(logits, labels, table, config):
+    """Both row functions, values and gradients, on ``logits`` rounded to float32 against float64."""
+    for fn in (reference.ce_ntl_rows, reference.ntl_rows):
+        got, grad = _rows_and_gradient(lambda z: fn(z, labels, table, config), logits.float())
+        want, grad_ref = _rows_and_gradient(lambda z: fn(z, labels, table, config), logits)
+        for a, b in zip(got, want):
+            assert_spec_close(a, b, torch.float32, what=fn.__name__)
+        assert_spec_close(grad, grad_ref, torch.float32, gradient=True, what=f"{fn.__name__} gradient")
+
+
 @pytest.mark.parametrize("shift", [1e4, -1e4])
 def test_reference_is_shift_invariant_in_float32(shift):
     """Logits on a 2^-10 grid plus ±1e4 are exact in float32; the float32 reference must then
@@ -379,12 +389,7 @@ def test_reweigh_text_mass_has_no_cancellation(loss):
     logits[torch.arange(8), labels] += 17.5
     logits[1, 0] = -25.0  # a tiny but non-zero text mass
     config = LossConfig(loss, reweigh=True)
-    for fn in (reference.ce_ntl_rows, reference.ntl_rows):
-        got, grad = _rows_and_gradient(lambda z: fn(z, labels, table, config), logits.float())
-        want, grad_ref = _rows_and_gradient(lambda z: fn(z, labels, table, config), logits)
-        for a, b in zip(got, want):
-            assert_spec_close(a, b, torch.float32, what=fn.__name__)
-        assert_spec_close(grad, grad_ref, torch.float32, gradient=True, what=f"{fn.__name__} gradient")
+    _assert_float32_rows_match_float64(logits, labels, table, config)
 
 
 @pytest.mark.parametrize("loss", ["mse", "mae", "huber"])
@@ -397,9 +402,4 @@ def test_regression_losses_keep_precision_near_the_label(loss):
     labels = torch.tensor([3, 9, 12, 3, 9, 12])
     logits[torch.arange(6), labels] += torch.tensor([9.0, 8.0, 7.5, 10.0, 6.0, 9.5], dtype=torch.float64)
     config = LossConfig(loss)
-    for fn in (reference.ce_ntl_rows, reference.ntl_rows):
-        got, grad = _rows_and_gradient(lambda z: fn(z, labels, table, config), logits.float())
-        want, grad_ref = _rows_and_gradient(lambda z: fn(z, labels, table, config), logits)
-        for a, b in zip(got, want):
-            assert_spec_close(a, b, torch.float32, what=fn.__name__)
-        assert_spec_close(grad, grad_ref, torch.float32, gradient=True, what=f"{fn.__name__} gradient")
+    _assert_float32_rows_match_float64(logits, labels, table, config)

@@ -97,6 +97,22 @@ def test_counts_follow_the_shift():
     assert [int(c) for c in count_loss_items([labels], TABLE, shift_labels=True)] == [4, 3]
 
 
+def test_counts_agree_with_token_counts_on_labels_outside_the_vocabulary():
+    """Both counters follow one rule (ntl_fast.labels): a negative label other than ignore_index and
+    a label >= V count for nothing; an ignore_index inside [0, V) is ignored."""
+    from ntl_fast.distributed import token_counts
+
+    labels = torch.tensor([[7, -3, 8, VOCAB, 16, 5], [-100, 9, 40, 0, -1, 10]])
+    for ignore_index in (-100, 9):
+        for shift_labels in (False, True):
+            mine = count_loss_items([labels[:1], labels[1:]], TABLE, shift_labels=shift_labels,
+                                    ignore_index=ignore_index)
+            theirs = token_counts(labels, TABLE, ignore_index, shift_labels=shift_labels)
+            assert mine[0].dtype == torch.int64
+            assert [int(c) for c in mine] == [int(c) for c in theirs]
+    assert [int(c) for c in count_loss_items([labels], TABLE, shift_labels=False)] == [7, 5]
+
+
 def test_ce_and_ntl_are_logged(tmp_path):
     model = tiny_model("seq2seq")
     trainer = make_trainer("seq2seq", model, tmp_path, ntl_weight=0.3, train_dataset=samples(16),

@@ -27,6 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..distributed import token_counts
 from ..functional import _safe_divide
+from ..labels import causal_shift
 from ..linear import linear_cross_entropy_with_ntl
 from ..table import NumberTokenTable
 
@@ -139,22 +140,23 @@ def enable_ntl(
                        if base_accepts is None or key in base_accepts}
         outputs = base(**base_inputs)
         hidden = outputs[0]
-        # Hugging Face's `shift_labels` are labels already aligned with the positions
-        target = loss_inputs["shift_labels"] if shifted is not None else loss_inputs["labels"]
-        target = target.to(hidden.device)
-        do_shift = shifted is None
+        # Hugging Face's `shift_labels` are labels already aligned with the positions; `labels` are
+        # shifted here, the hidden states never (no copy of them)
+        if shifted is None:
+            target, _ = causal_shift(loss_inputs["labels"].to(hidden.device), ignore_index)
+        else:
+            target = loss_inputs["shift_labels"].to(hidden.device)
         ce_count = loss_inputs["num_items_in_batch"]
         ntl_count = loss_inputs["ntl_num_items_in_batch"]
         if ce_count is not None and ntl_count is None:
             # no global NTL count given: scale the local one like the CE count was scaled
-            local_ce, local_ntl = token_counts(target, table, ignore_index=ignore_index,
-                                               shift_labels=do_shift)
+            local_ce, local_ntl = token_counts(target, table, ignore_index=ignore_index)
             ce_count = torch.as_tensor(ce_count, dtype=torch.float32, device=hidden.device)
             ntl_count = _safe_divide(ce_count * local_ntl, local_ce)
         result = linear_cross_entropy_with_ntl(
             hidden, head.weight, target, table.to(hidden.device), bias=head.bias,
             ntl_weight=ntl_weight, loss=loss, ce_normalizer=ce_count, ntl_normalizer=ntl_count,
-            shift_labels=do_shift, chunk_size=chunk_size, backend=backend, **loss_options,
+            chunk_size=chunk_size, backend=backend, **loss_options,
         )
         extras = {name: getattr(outputs, name, None) for name in ("cache", "past_key_values",
                                                                   "hidden_states", "attentions")

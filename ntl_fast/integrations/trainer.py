@@ -41,6 +41,8 @@ from torch import Tensor
 from transformers import Seq2SeqTrainer, Trainer
 
 from ..functional import cross_entropy_with_ntl
+from ..labels import count_positions
+from ..module import _checked_options
 from ..table import NumberTokenTable
 
 __all__ = ["NTLTrainerMixin", "NTLTrainer", "NTLSeq2SeqTrainer", "count_loss_items"]
@@ -53,31 +55,23 @@ def count_loss_items(
     shift_labels: bool,
     ignore_index: int = -100,
 ) -> Tuple[Tensor, Tensor]:
-    """``(ce_count, ntl_count)`` over several label tensors: the non-ignored labels, and those
-    that are number tokens (the positions CE and NTL average over), after the causal shift.
+    """``(ce_count, ntl_count)`` over several label tensors: the positions CE and NTL average over
+    (:func:`ntl_fast.labels.count_positions`), after the causal shift.
 
     Args:
         labels_list (iterable of Tensors): the label tensors of one optimizer step.
         table (NumberTokenTable): the number tokens.
-        shift_labels (bool): keyword only; drop each row's first label (causal models).
+        shift_labels (bool): keyword only; count what the causal shift scores (causal models).
         ignore_index (int): default -100.
 
     Returns:
-        tuple[Tensor, Tensor]: int64 0-d tensors on the labels' device (no host synchronisation).
+        tuple[Tensor, Tensor]: int64 0-d tensors on the labels' device (no host synchronisation);
+        zeros on the CPU for no label tensor.
     """
-    ce_count = torch.zeros((), dtype=torch.int64)
-    ntl_count = torch.zeros((), dtype=torch.int64)
-    for labels in labels_list:
-        if shift_labels:
-            labels = labels[..., 1:]
-        labels = labels.detach().long()
-        is_number = table.to(labels.device).is_number  # counted where the labels are: no copy
-        kept = labels != ignore_index
-        in_vocab = kept & (labels >= 0) & (labels < table.vocab_size)
-        ids = torch.where(in_vocab, labels, torch.zeros_like(labels))
-        ce_count = ce_count.to(labels.device) + kept.sum()
-        ntl_count = ntl_count.to(labels.device) + (is_number[ids] & in_vocab).sum()
-    return ce_count, ntl_count
+    labels_list = list(labels_list)
+    if not labels_list:
+        return torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+    return count_positions(labels_list, table, ignore_index, shift_labels=shift_labels)
 
 
 class NTLTrainerMixin:
@@ -117,13 +111,9 @@ class NTLTrainerMixin:
                 f"number_token_table must be a NumberTokenTable, got {type(number_token_table).__name__}"
             )
         self.number_token_table = number_token_table
-        self.ntl_options: Dict[str, Any] = dict(
-            ntl_weight=ntl_weight,
-            loss=ntl_loss,
-            gaussian_sigma=gaussian_sigma,
-            squash_factor=squash_factor,
-            reweigh=reweigh,
-            backend=backend,
+        self.ntl_options: Dict[str, Any] = _checked_options(
+            ntl_weight=ntl_weight, loss=ntl_loss, gaussian_sigma=gaussian_sigma, squash_factor=squash_factor,
+            reweigh=reweigh, backend=backend,
         )
         super().__init__(*args, **kwargs)
         if self.label_smoother is not None:

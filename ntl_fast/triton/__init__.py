@@ -30,6 +30,7 @@ __all__ = [
     "ce_ntl_forward",
     "ce_ntl_backward",
     "ce_ntl_backward_",
+    "fuses_loss_and_grad",
 ]
 
 
@@ -59,3 +60,8 @@ def ce_ntl_rows(
         logits, labels, list(table_tensors(table)), *loss_options(config, table), inplace
     )
     return ce, ntl
+
+
+def fuses_loss_and_grad(logits: Tensor) -> bool:
+    """False: the loss and its gradient take two passes here (forward, then backward)."""
+    return False
