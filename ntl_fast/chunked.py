@@ -7,8 +7,9 @@ its forward/backward pairing.
 **One sweep.** The rows are taken ``chunk_size`` at a time. A chunk's logits come from one
 ``F.linear`` and live only while that chunk is processed. With reduction ``"mean"``/``"sum"``
 the loss is a fixed linear combination of per-row losses whose coefficients are known before
-any logit exists, so each chunk's logits gradient is computed right away (the kernel backends
-write it over the chunk's logits) and folded into ``grad_hidden``, ``grad_weight`` and
+any logit exists, so each chunk's logits gradient is computed right away (in the same pass as
+its losses where the backend fuses the two, ``fuses_loss_and_grad``; over the chunk's logits
+buffer where the backend writes in place) and folded into ``grad_hidden``, ``grad_weight`` and
 ``grad_bias`` before the next chunk; the backward only scales them by the incoming scalar. With
 ``"none"`` the upstream gradient is per row, so the backward sweeps again.
 
@@ -118,8 +119,13 @@ def _loss_and_grad(backend, logits: Tensor, labels: Tensor, table: NumberTokenTa
                    ce_scale: Tensor, ntl_scale: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row CE and NTL of a chunk and ``d(Σ ce_scale·ce + Σ ntl_scale·ntl)/d logits``.
 
-    The chunk's logits are private to the sweep, so the backend may write the gradient over them.
+    The chunk's logits are private to the sweep, so the gradient may be written over them. Where
+    the backend fuses the loss and its gradient for these logits (``fuses_loss_and_grad``), one
+    call reads each logit once; otherwise its differentiable ``ce_ntl_rows`` and autograd take two
+    passes (forward, then backward).
     """
+    if backend.fuses_loss_and_grad(logits):
+        return backend.ce_ntl_loss_and_grad(logits, labels, table, config, ce_scale, ntl_scale, inplace=True)
     with torch.enable_grad():
         logits.requires_grad_()
         ce_rows, ntl_rows = backend.ce_ntl_rows(logits, labels, table, config, inplace=True)

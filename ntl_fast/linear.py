@@ -7,8 +7,11 @@ chunk of rows at a time, and each chunk's gradient is folded into the gradients 
 bound and where it rounds. This module checks the inputs, works out each row's share of the
 reduction, picks the chunk size and the backend, and shapes the result.
 
-Any backend serves the chunks through its ``ce_ntl_rows``, so the results equal
-``cross_entropy_with_ntl(hidden @ weight.T + bias, labels, ...)``.
+Any backend serves the chunks (through ``ce_ntl_loss_and_grad`` where it fuses the loss and its
+gradient, else ``ce_ntl_rows`` and autograd), so the results equal
+``cross_entropy_with_ntl(hidden @ weight.T + bias, labels, ...)``. With ``shift_labels`` the
+labels are shifted (:func:`ntl_fast.labels.causal_shift`), never the hidden states: every row
+goes through the head, the last position of each sequence as an ignored one.
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .backends import explain_backend, get_backend
 from .chunked import LinearCrossEntropyWithNTLFunction, chunk_rows, device_chunk_plan
 from .config import LossConfig, accumulation_dtype, check_reduction
-from .functional import _FLOAT_DTYPES, NTLOutput, Normalizer, _prepare, _row_scale
-from .reference import label_positions
+from .functional import _FLOAT_DTYPES, NTLOutput, Normalizer, _row_scale, _rows, _scored
+from .labels import label_positions
 from .table import NumberTokenTable
 
 __all__ = ["linear_cross_entropy_with_ntl", "default_chunk_size", "check_chunk_size"]
@@ -143,26 +145,23 @@ def linear_cross_entropy_with_ntl(
     if shift_labels and (hidden.dim() < 2 or hidden.shape[-2] < 2):
         raise ValueError(f"shift_labels=True needs hidden of shape (..., T, H) with T >= 2, got {tuple(hidden.shape)}")
     vocab_size = weight.shape[0]
-    # the shared checks and label handling, on a stand-in for the logits that allocates one row
+    # the shared checks, the causal label shift (labels move, the hidden states stay: the last
+    # position of each sequence gets ignore_index, hence a zero row of the logits gradient) and
+    # the backend choice, on a stand-in for the logits that allocates one row
     logits_stand_in = hidden.new_empty(vocab_size).expand(*hidden.shape[:-1], vocab_size)
-    _, labels1d, weights1d = _prepare(logits_stand_in, labels, table, weights, shift_labels, validate, ignore_index)
-    if shift_labels:  # position t predicts token t + 1, as the labels _prepare shifted
-        hidden = hidden[..., :-1, :]
-    shape = hidden.shape[:-1]
+    rows = _rows(logits_stand_in, labels, table, weights, shift_labels, validate, ignore_index, backend)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    row_table = table.resized(vocab_size)
     acc = accumulation_dtype(hidden.dtype)
-    in_range, _, number_index = label_positions(labels1d, row_table, ignore_index)
+    in_range, _, number_index = label_positions(rows.labels, rows.table, ignore_index)
     # each row's share of the loss: weights over the means' counts ("none": the weights alone)
     scale_reduction = "sum" if reduction == "none" else reduction
-    ce_factor = _row_scale(in_range, weights1d, scale_reduction, ce_normalizer, acc)
-    ntl_factor = _row_scale(number_index >= 0, weights1d, scale_reduction, ntl_normalizer, acc)
+    ce_factor = _row_scale(in_range, rows.weights, scale_reduction, ce_normalizer, acc)
+    ntl_factor = _row_scale(number_index >= 0, rows.weights, scale_reduction, ntl_normalizer, acc)
     chunk = chunk_size or default_chunk_size(hidden2d.shape[0], vocab_size, hidden2d.dtype, hidden2d.device)
-    choice = explain_backend(hidden2d.device, backend)
     total, ce, ntl = LinearCrossEntropyWithNTLFunction.apply(
-        hidden2d, weight, bias, labels1d, ce_factor, ntl_factor, ntl_weight, row_table, config,
-        get_backend(choice.name), chunk, reduction == "none",
+        hidden2d, weight, bias, rows.labels, ce_factor, ntl_factor, ntl_weight, rows.table, config,
+        rows.backend, chunk, reduction == "none",
     )
-    if reduction == "none":
-        total, ce, ntl = total.view(shape), ce.view(shape), ntl.view(shape)
+    if reduction == "none":  # the labels' shape; after a shift, a view without the last position
+        total, ce, ntl = (_scored(value.view(rows.shape), reduction, shift_labels) for value in (total, ce, ntl))
     return NTLOutput(total, ce, ntl)

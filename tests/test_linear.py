@@ -291,6 +291,59 @@ def test_kernel_backends_serve_the_chunks(name, case):
         assert_spec_close(actual, reference_grad, torch.float32, gradient=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fusing_backend_reads_each_chunk_once(monkeypatch, dtype):
+    """Where the backend fuses the loss and its gradient, each chunk is one ce_ntl_loss_and_grad
+    call over the freshly computed logits, written in place, and never a ce_ntl_rows + autograd pass."""
+    from ntl_fast import cpp
+
+    backend = _kernel_backend("cpp")
+    calls = {"fused": 0, "rows": 0}
+    fused_op, rows_op = cpp.ce_ntl_loss_and_grad, cpp.ce_ntl_rows
+
+    def fused_spy(logits, *args, inplace=False, **kwargs):
+        calls["fused"] += 1
+        assert inplace and not logits.requires_grad
+        ce, ntl, grad = fused_op(logits, *args, inplace=inplace, **kwargs)
+        assert grad.data_ptr() == logits.data_ptr()
+        return ce, ntl, grad
+
+    def rows_spy(*args, **kwargs):
+        calls["rows"] += 1
+        return rows_op(*args, **kwargs)
+
+    monkeypatch.setattr(cpp, "ce_ntl_loss_and_grad", fused_spy)
+    monkeypatch.setattr(cpp, "ce_ntl_rows", rows_spy)
+    table = digit_table(vocab_size=40)
+    hidden, weight, bias, labels, weights = _inputs(dtype, table)  # 63 rows: 4 chunks of 16
+    fused = linear_cross_entropy_with_ntl(hidden, weight, labels, table, bias=bias, weights=weights,
+                                          chunk_size=16, backend=backend, shift_labels=True)
+    grads = torch.autograd.grad(fused.loss, [hidden, weight, bias])
+    assert calls == {"fused": 4, "rows": 0}
+    expected = cross_entropy_with_ntl(torch.nn.functional.linear(hidden, weight, bias), labels, table,
+                                      weights=weights, backend="reference", shift_labels=True)
+    assert_spec_close(fused.loss, expected.loss, torch.float32)
+    wanted = torch.autograd.grad(expected.loss, [hidden, weight, bias])
+    for actual, reference_grad in zip(grads, wanted):
+        assert_spec_close(actual, reference_grad, dtype, gradient=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_shift_moves_the_labels_not_the_hidden_states(backend):
+    """Under shift_labels every row goes through the head; the last position of each sequence is an
+    ignored one (zero gradient), and reduction 'none' is a view of shape (..., T - 1)."""
+    backend = _kernel_backend(backend)
+    table = digit_table(vocab_size=40)
+    hidden, weight, bias, labels, _ = _inputs(torch.float32, table)
+    out = linear_cross_entropy_with_ntl(hidden, weight, labels, table, bias=bias, chunk_size=10,
+                                        backend=backend, shift_labels=True, reduction="none")
+    assert out.loss.shape == out.ce.shape == out.ntl.shape == labels[..., 1:].shape
+    assert out.loss._base is not None and out.loss._base.numel() == labels.numel()  # a view, no copy
+    (grad_hidden,) = torch.autograd.grad(out.loss.sum(), hidden)
+    assert torch.equal(grad_hidden[:, -1], torch.zeros_like(grad_hidden[:, -1]))
+    assert grad_hidden[:, :-1].abs().sum() > 0
+
+
 def test_second_backward_is_refused_not_wrong():
     table = digit_table(vocab_size=40)
     hidden, weight, _, labels, _ = _inputs(torch.float32, table, bias=False)
