@@ -14,7 +14,9 @@ buffer where the backend writes in place) and folded into ``grad_hidden``, ``gra
 ``"none"`` the upstream gradient is per row, so the backward sweeps again.
 
 **Memory.** Above the inputs and their gradients (in their own dtypes) one chunk of logits is
-alive, plus the backend's per-row statistics and a float32 ``(V,)`` bias accumulator. No
+alive, plus the backend's per-row statistics and a float32 ``(V,)`` bias accumulator; a
+backend whose one-pass op cannot write the gradient over the logits (the C++ operator on the
+CPU returns a new tensor, copied over them) holds a second chunk-sized buffer while it runs. No
 ``V x H`` buffer besides ``grad_weight`` itself exists: each chunk's
 ``grad_logits.T @ hidden_chunk`` is accumulated by a matmul into ``grad_weight``
 (``addmm_``), never materialised on its own. The chunk size comes from a memory budget and the
