@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .config import LossConfig, check_reduction
 from .functional import NTLOutput, Normalizer, cross_entropy_with_ntl, number_token_loss
-from .linear import linear_cross_entropy_with_ntl
+from .linear import check_chunk_size, linear_cross_entropy_with_ntl
 from .table import NumberTokenTable
 
 __all__ = ["NumberTokenLoss", "CrossEntropyWithNTL", "LinearCrossEntropyWithNTL"]
@@ -191,7 +191,9 @@ class LinearCrossEntropyWithNTL(_CrossEntropyModule):
         digit_level (bool): number tokens are the digits 0-9 (default True), see
             :meth:`NumberTokenTable.from_tokenizer`.
         include_marked (bool): also accept ``▁5``-style marked digits (default False).
-        chunk_size (int, optional): rows per chunk (default: about 64 MiB of float32 logits).
+        chunk_size (int, optional): rows per chunk (default: from a memory budget and the device,
+            :func:`ntl_fast.linear.default_chunk_size`: 32 MiB of logits on the CPU; on CUDA
+            ``min(device memory / 64, 512 MiB)``, at least 4 waves of rows over the SMs).
         ntl_weight, loss, gaussian_sigma, squash_factor, reweigh, reduction, ignore_index,
         shift_labels, validate, backend: as :func:`ntl_fast.cross_entropy_with_ntl`; defaults
             0.3, ``"was"``, None, None, False, ``"mean"``, -100, False, True, ``"auto"``.
@@ -202,9 +204,7 @@ class LinearCrossEntropyWithNTL(_CrossEntropyModule):
     """
 
     def __init__(self, tokenizer: Any = None, *, chunk_size: Optional[int] = None, **options: Any) -> None:
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+        check_chunk_size(chunk_size)
         super().__init__(tokenizer, **options)
         self.options["chunk_size"] = chunk_size
 

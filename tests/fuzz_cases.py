@@ -487,14 +487,10 @@ def _linear_logits(case: Case) -> torch.Tensor:
     """The LM head's logits rounded in the input dtype exactly as the function forms them (the same
     row chunks: a matmul's rounding may depend on its shape), then float64."""
     hidden, (weight, bias) = case.logits, case.linear
-    shift = 1 if case.spec.shift_labels else 0
-    rows = hidden[..., : hidden.shape[-2] - shift, :].reshape(-1, hidden.shape[-1])
+    rows = hidden.reshape(-1, hidden.shape[-1])  # every row, also under shift_labels (labels shift)
     chunks = [torch.nn.functional.linear(rows[start:start + LINEAR_CHUNK], weight, bias)
               for start in range(0, rows.shape[0], LINEAR_CHUNK)]
-    logits = torch.cat(chunks).to(torch.float64).view(*hidden.shape[:-2], -1, weight.shape[0])
-    if shift:  # the last position predicts nothing: pad it back so the shapes match the labels
-        logits = torch.cat([logits, torch.zeros_like(logits[..., :1, :])], dim=-2)
-    return logits
+    return torch.cat(chunks).to(torch.float64).view(*hidden.shape[:-1], weight.shape[0])
 
 
 def _linear_oracle(case: Case, hidden, linear, logits):

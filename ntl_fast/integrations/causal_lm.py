@@ -86,7 +86,9 @@ def enable_ntl(
             (only read; the table covers every row of the LM head, padded ones included).
         ntl_weight, loss: the paper's λ (0.3) and NTL variant (``"was"``, ``"mse"``, ...).
         digit_level, include_marked: how to build the table from a tokenizer.
-        chunk_size: rows per chunk of the fused LM head (default: ~64 MiB of logits).
+        chunk_size: rows per chunk of the fused LM head (default: from a memory budget and the
+            device, :func:`ntl_fast.linear.default_chunk_size`: 32 MiB of logits on the CPU, on
+            CUDA ``min(device memory / 64, 512 MiB)``).
         return_logits: also compute (materialise) the logits when labels are given.
         loss_options: ``squash_factor``, ``reweigh``, ``gaussian_sigma``, ``ignore_index``,
             ``validate`` of :func:`ntl_fast.cross_entropy_with_ntl`.
