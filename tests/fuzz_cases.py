@@ -107,7 +107,7 @@ BACKENDS: Dict[str, Backend] = {
 # ----------------------------------------------------------------------------- the case
 
 FUNCTIONS = ("ce", "ntl", "module_ce", "module_ntl", "linear", "trainer", "number_level")
-LOSSES = ("was", "mse", "mae", "huber", "was_cdf")
+LOSSES = ntl_fast.LOSSES  # every variant LossKind defines
 REDUCTIONS = ("mean", "sum", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -540,6 +540,9 @@ def _number_level_oracle(case: Case, logits):
 # ----------------------------------------------------------------------------- comparisons
 
 
+OVERFLOW_MARGIN = 2.0**8  # docs/math.md §6
+
+
 class Mismatch(AssertionError):
     pass
 
@@ -558,6 +561,11 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, gra
         if torch.isfinite(actual[required]).any():
             raise Mismatch(f"{what}: finite where the reference is not (poisoned input): "
                            f"{actual[required].tolist()[:8]}")
+    if dtype != torch.float64:
+        # docs/math.md §6: an exact result within OVERFLOW_MARGIN of float32's largest value may
+        # overflow (to the infinity of its sign) in a float32 sum; either answer is right there
+        edge = finite & (expected.abs() > torch.finfo(torch.float32).max / OVERFLOW_MARGIN)
+        finite = finite & ~(edge & torch.isinf(actual) & (torch.sign(actual) == torch.sign(expected)))
     if not finite.any():
         return
     a, b = actual[finite], expected[finite]
