@@ -49,8 +49,11 @@ CudaRows make_rows(const RowsCall& call, bool with_ce) {
 
 // The number-token workspace of the backward and one-pass kernels, on the logits' device (the
 // caching allocator's blocks are aligned far beyond the 8 bytes the kernels need).
-Tensor new_workspace(const Tensor& logits, const CudaRows& a) {
-  return at::empty({static_cast<int64_t>(workspace_bytes(a.dtype, a.M, a.K))}, logits.options().dtype(at::kByte));
+Tensor new_workspace(const Tensor& logits, CudaRows& a) {
+  a.workspace_size = workspace_bytes(a.dtype, a.M, a.K);
+  Tensor workspace = at::empty({static_cast<int64_t>(a.workspace_size)}, logits.options().dtype(at::kByte));
+  a.workspace = workspace.data_ptr();
+  return workspace;
 }
 
 void check_launch(cudaError_t status, const char* what) {
@@ -87,7 +90,6 @@ struct CudaKernels {
     a.grad_ce = with_ce ? grad_ce.const_data_ptr() : nullptr;
     a.grad_ntl = grad_ntl.const_data_ptr();
     const Tensor workspace = new_workspace(call.logits, a);
-    a.workspace = workspace.data_ptr();
     check_launch(launch_backward(a, current_stream()), "backward");
   }
 
@@ -100,7 +102,6 @@ struct CudaKernels {
     a.ce_scale = ce_scale.const_data_ptr();
     a.ntl_scale = ntl_scale.const_data_ptr();
     const Tensor workspace = new_workspace(call.logits, a);
-    a.workspace = workspace.data_ptr();
     check_launch(launch_loss_and_grad(a, current_stream()), "loss and gradient");
   }
 

@@ -629,9 +629,11 @@ cudaError_t launch(const CudaRows& a, cudaStream_t stream, Pass pass) {
     forward_kernel<scalar_t, acc_t><<<dim3(static_cast<unsigned int>(a.M)), threads_for(a.V), 0, stream>>>(a);
     return cudaGetLastError();
   }
-  if (a.workspace == nullptr || (pass == Pass::kLossAndGrad && !a.with_ce)) return cudaErrorInvalidValue;
+  // As many rows per chunk as the workspace holds.
+  const int64_t chunk = int64_t(a.workspace_size / ((a.K + kTerms) * sizeof(acc_t)));
+  if (a.workspace == nullptr || chunk < 1 || (pass == Pass::kLossAndGrad && !a.with_ce))
+    return cudaErrorInvalidValue;
   const size_t fixes = size_t(a.K) * sizeof(acc_t);
-  const int64_t chunk = chunk_rows(a.M, a.K, sizeof(acc_t));
   for (int64_t first = 0; first < a.M; first += chunk) {  // the number terms of a chunk, then its dense pass
     const int64_t rows = a.M - first < chunk ? a.M - first : chunk;
     const dim3 terms_grid(static_cast<unsigned int>((rows + kTermsThreads - 1) / kTermsThreads));
