@@ -592,4 +592,116 @@ NTL_HD RowGradient<acc_t> row_backward(const Row& row, const RowLabel& lab, acc_
   return r;
 }
 
+// row_backward in two stages, for kernels that keep the number-token math apart from their dense
+// pass. The first needs only the number logits and LSE_N (no LSE_V): ∂L/∂z_k before reweighing for
+// every number token, into dloss[0..K), and the scalars below. The second forms the RowGradient and
+// the fixes from them and the row statistics. Together they compute what row_backward computes,
+// operation for operation, for a valid table (value_order a permutation: every k emitted once).
+template <typename acc_t>
+struct NumberGradientTerms {
+  acc_t loss;      // L before reweighing
+  acc_t y;         // the label's value
+  acc_t log_norm;  // the Gaussian target's normaliser (CE with Gaussian targets), else 0
+  LogSumExp<acc_t> number;  // LSE_N
+};
+
+template <typename acc_t>
+struct StoreNumberGradient {
+  acc_t* dloss;
+  NTL_HD void operator()(int64_t k, acc_t d) { dloss[k] = d; }
+};
+
+template <typename acc_t, typename Row>
+NTL_HD NumberGradientTerms<acc_t> number_gradient_terms(const Row& row, int64_t label_number,
+                                                        const LogSumExp<acc_t>& lse_number, bool with_ce,
+                                                        const Options& opt, acc_t* dloss) {
+  for (int64_t k = 0; k < row.K; ++k) dloss[k] = acc_t(0);  // positions a corrupt value_order misses
+  const NumberStats<acc_t> s = number_stats(row, label_number, lse_number, opt, true);
+  const acc_t log_norm = (with_ce && opt.gaussian) ? gaussian_log_norm(row, s.y, opt) : acc_t(0);
+  StoreNumberGradient<acc_t> store{dloss};
+  number_gradients(row, label_number, lse_number, opt, s, store);
+  return {s.loss, s.y, log_norm, lse_number};
+}
+
+// row_stats with LSE_N given (from number_gradient_terms): the same operations.
+template <typename acc_t>
+NTL_HD RowStats<acc_t> row_stats_with_number(const RowLabel& lab, int dense_kind, const LogSumExp<acc_t>& dense,
+                                             const LogSumExp<acc_t>& number) {
+  RowStats<acc_t> st{{0, 0}, {0, 0}, 0};
+  if (lab.bad) return st;
+  if (lab.number >= 0) st.number = number;
+  if (dense_kind == kDenseText) {
+    st.vocab = lse_union(dense, st.number);
+    st.text_log_mass = lse_log_share(dense, st.vocab);
+  } else if (dense_kind == kDenseVocab) {
+    st.vocab = dense;
+  }
+  return st;
+}
+
+// row_forward (with CE) for a row whose loss before reweighing and Gaussian normaliser come from
+// number_gradient_terms (computed with CE): the same operations as row_forward.
+template <typename acc_t, typename Row>
+NTL_HD void row_forward_finish(const Row& row, const RowLabel& lab, acc_t z_label, const RowStats<acc_t>& st,
+                               const NumberGradientTerms<acc_t>& terms, const Options& opt, acc_t* ce, acc_t* ntl) {
+  *ce = 0;
+  *ntl = 0;
+  if (lab.bad) {
+    *ce = ntl_nan<acc_t>();
+    *ntl = ntl_nan<acc_t>();
+    return;
+  }
+  if (lab.number >= 0) {
+    acc_t loss = terms.loss;
+    if (opt.reweigh) {
+      const acc_t mass = ntl_exp(st.number_log_mass());
+      loss = mass * loss + acc_t(opt.reweigh_constant) * ntl_exp(st.text_log_mass);
+    }
+    *ntl = loss;
+  }
+  if (lab.in_range) {
+    if (opt.gaussian && lab.number >= 0) {
+      acc_t ce_sum = 0;
+      for (int64_t k = 0; k < row.K; ++k) {
+        const acc_t t = number_target(row, k, lab.number, terms.y, terms.log_norm, true, opt);
+        ce_sum += t * lse_minus(st.vocab, acc_t(row.logit(k)));
+      }
+      *ce = ce_sum;
+    } else {
+      *ce = lse_minus(st.vocab, z_label);
+    }
+  }
+}
+
+// The second stage: `terms` and `dloss` from number_gradient_terms (read only for NTL-valid rows).
+template <typename acc_t, typename Row>
+NTL_HD RowGradient<acc_t> row_backward_finish(const Row& row, const RowLabel& lab, acc_t z_label,
+                                              const RowStats<acc_t>& st, acc_t grad_ce, acc_t grad_ntl,
+                                              bool with_ce, const Options& opt,
+                                              const NumberGradientTerms<acc_t>& terms, const acc_t* dloss,
+                                              acc_t* fix) {
+  RowGradient<acc_t> r{0, 0, -1, false};
+  if (lab.bad) return r;
+  grad_ce = (with_ce && lab.in_range) ? grad_ce : acc_t(0);
+  r.coef = grad_ce;
+  if (lab.number >= 0) {
+    acc_t mass = 1, text_mass = 0;
+    if (opt.reweigh) {
+      mass = ntl_exp(st.number_log_mass());
+      text_mass = ntl_exp(st.text_log_mass);
+      r.coef -= scaled(grad_ntl, (terms.loss - acc_t(opt.reweigh_constant)) * mass);
+    }
+    NumberColumnGradient<acc_t, Row> emit{row, fix, grad_ce, grad_ntl, mass, text_mass,
+                                          terms.loss - acc_t(opt.reweigh_constant), terms.y, terms.log_norm,
+                                          st.vocab, lab.number, with_ce || opt.reweigh, opt.reweigh,
+                                          with_ce && opt.gaussian, opt};
+    for (int64_t k = 0; k < row.K; ++k) emit(k, dloss[k]);
+    r.number_fix = true;
+  } else if (with_ce && lab.in_range) {
+    r.label_column = lab.label;
+    r.label_fix = scaled(grad_ce, lse_prob(z_label, st.vocab) - acc_t(1));
+  }
+  return r;
+}
+
 }  // namespace ntl

@@ -86,6 +86,9 @@ def test_one_pass_cases_cover_the_edges():
     for special in ("neg_inf_mask", "pos_inf_row", "nan_row", "numbers_masked"):
         assert f"-{special}-" in names
     assert "misaligned" in names
+    for kernel in emulation_cases.ONE_PASS_KERNELS:  # workspaces of 1 and 2 rows: several chunks
+        for rows in (1, 2):
+            assert any(f"-{kernel}-" in case.name and case.name.endswith(f"-chunks{rows}") for case in ONE_PASS)
     assert min(case.logits.shape[0] for case in ONE_PASS) == 1
     assert {case.logits.shape[1] for case in ONE_PASS} >= {2, 53, 517, 1023, 4099, 8203}
     assert {case.table.num_numbers for case in ONE_PASS} >= {1, 7, 10, 1110}
@@ -128,6 +131,9 @@ def test_case_set_covers_the_kernel_edges(ci_cases):
     for special in emulation_cases.SPECIALS:
         assert f"-{special}-" in names
     assert "misaligned" in names and "-int32" in names
+    for kernel in ("backward", "backward_inplace"):  # workspaces of 1 and 2 rows: several chunks
+        for rows in (1, 2):
+            assert any(f"-{kernel}-" in case.name and case.name.endswith(f"-chunks{rows}") for case in ci_cases)
     sizes = {case.logits.shape[1] for case in ci_cases}
     assert {2, 131, 1023, 1024, 8191, 8203} <= sizes
     assert max(case.table.num_numbers for case in ci_cases) >= 1110

@@ -2,6 +2,7 @@
 // shared ones of csrc/ntl_ops.h; this file fills the launch arguments and uses the current stream.
 // The kernels themselves are in ntl_kernels.cu (torch-free). Built only when torch has CUDA.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -46,6 +47,15 @@ CudaRows make_rows(const RowsCall& call, bool with_ce) {
   return a;
 }
 
+// The number-token workspace of the backward and one-pass kernels, on the logits' device (the
+// caching allocator's blocks are aligned far beyond the 8 bytes the kernels need).
+Tensor new_workspace(const Tensor& logits, CudaRows& a) {
+  a.workspace_size = workspace_bytes(a.dtype, a.M, a.K);
+  Tensor workspace = at::empty({static_cast<int64_t>(a.workspace_size)}, logits.options().dtype(at::kByte));
+  a.workspace = workspace.data_ptr();
+  return workspace;
+}
+
 void check_launch(cudaError_t status, const char* what) {
   TORCH_CHECK(status == cudaSuccess, "ntl_fast: ", what, " kernel launch failed: ", cudaGetErrorString(status));
 }
@@ -79,6 +89,7 @@ struct CudaKernels {
     a.row_stats = const_cast<void*>(row_stats.const_data_ptr());
     a.grad_ce = with_ce ? grad_ce.const_data_ptr() : nullptr;
     a.grad_ntl = grad_ntl.const_data_ptr();
+    const Tensor workspace = new_workspace(call.logits, a);
     check_launch(launch_backward(a, current_stream()), "backward");
   }
 
@@ -90,6 +101,7 @@ struct CudaKernels {
     a.grad_logits = grad.data_ptr();
     a.ce_scale = ce_scale.const_data_ptr();
     a.ntl_scale = ntl_scale.const_data_ptr();
+    const Tensor workspace = new_workspace(call.logits, a);
     check_launch(launch_loss_and_grad(a, current_stream()), "loss and gradient");
   }
 

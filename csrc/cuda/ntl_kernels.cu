@@ -2,20 +2,25 @@
 //
 // Forward: the block computes LSE_V (or, for reweighed rows, the LSE of the text tokens) with an
 // online max + sum (one read of the row), then thread 0 scores the K number tokens with the shared
-// math of ntl_math.h. Backward: thread 0 computes the gradient of the number columns and of the
-// label column into shared memory (reading the logits it needs first), the block writes
-// coef * p_k over the row (one read, one write per element), then thread 0 writes the fixed
-// columns in order, so that a table with a repeated id still gives one deterministic result.
-// Reading before writing lets the backward run in place. Loss and gradient in one pass: the
-// forward of a row, then its backward while the row is still in cache, so the logits come from
-// memory once. Rows whose losses are constants (ignore_index, bad labels) read nothing and get a
-// zero gradient. The kernels read the table as given (the host never reads device memory to
-// check it) and stay in bounds and deterministic whatever it holds.
+// math of ntl_math.h. Backward: a small kernel first runs the number-token part of the gradient
+// that needs no LSE_V (number_gradient_terms: one thread per row) and leaves ∂L/∂z_k and a few
+// scalars per row in a workspace; then, per row, thread 0 finishes the gradient of the number
+// columns and of the label column into shared memory (row_backward_finish, reading the logits it
+// needs first), the block writes coef * p_k over the row (one read, one write per element), and
+// thread 0 writes the fixed columns in order, so that a table with a repeated id still gives one
+// deterministic result. Reading before writing lets the backward run in place. Loss and gradient
+// in one pass: the same number-terms kernel, then per row the forward and, while the row is still
+// in cache, its backward, so the logits come from memory once. With the heaviest number-token
+// math (number_stats and its gradient sums) in its own kernel, and the dense read and write behind
+// calls, the dense kernels keep the registers of their dense loops (40 at most for 4- and 2-byte
+// types: 3 blocks of 512 threads per SM). Rows whose losses are constants (ignore_index, bad
+// labels) read nothing and get a zero gradient. The kernels read the table as given (the host
+// never reads device memory to check it) and stay in bounds and deterministic whatever it holds.
 //
 // The dense loops move 16-byte packs from the first 16-byte boundary of each row on (a scalar
 // head and tail around them), each thread issuing all the loads of a step before its first store.
-// Registers do not depend on K: the number-token loops run over global memory and the fixes live
-// in K values of dynamic shared memory.
+// Registers do not depend on K: the number-token loops run over global memory, the fixes live in
+// K values of dynamic shared memory and the per-row number-token terms in the workspace.
 //
 // Torch-free: only the CUDA runtime and its bf16/fp16 headers.
 #include <cuda_bf16.h>
@@ -275,6 +280,14 @@ __device__ LogSumExp<acc_t> block_logsumexp(const scalar_t* z, int64_t V, bool t
   return result;
 }
 
+// block_logsumexp behind a call: the one-pass kernel's dense read and its gradient write are then
+// scheduled apart, and their registers do not add up.
+template <typename scalar_t, typename acc_t>
+__device__ __noinline__ LogSumExp<acc_t> block_logsumexp_apart(const scalar_t* z, int64_t V, bool text_only,
+                                                               const int64_t* number_index) {
+  return block_logsumexp<scalar_t, acc_t>(z, V, text_only, number_index);
+}
+
 // out[i] = scale * exp(z[i] - mx) for i in [begin, end), by scalar accesses, each thread with
 // `kSize` loads in flight before its first store.
 template <typename scalar_t, typename acc_t>
@@ -347,6 +360,13 @@ __device__ __forceinline__ GlobalRow<scalar_t, acc_t> global_row(const CudaRows&
   return GlobalRow<scalar_t, acc_t>{z, a.number_ids, a.number_values, a.value_order, a.sorted_gaps, a.V, a.K};
 }
 
+// Blocks of 512 threads an SM must fit for the dense kernels: 3 (75% occupancy, at most 40
+// registers) for the float32 and 2-byte types; float64 rows are left the registers they need.
+template <typename scalar_t>
+struct DenseBlocksPerSm {
+  static constexpr int value = sizeof(scalar_t) == 8 ? 1 : 3;
+};
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(512) forward_kernel(const CudaRows a) {
   const int64_t r = blockIdx.x;
@@ -380,55 +400,143 @@ extern __shared__ __align__(16) unsigned char ntl_dynamic_smem[];
 // last-wins, never raced. g and fix were computed from the logits before the first barrier here,
 // so the dense write may overwrite them (in place).
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void write_row_gradient(const CudaRows& a, const scalar_t* z, scalar_t* out,
-                                                   const RowGradient<acc_t>& g, const LogSumExp<acc_t>& vocab,
-                                                   const acc_t* fix) {
+__device__ __forceinline__ void write_row_gradient(const scalar_t* z, scalar_t* out, int64_t V, int64_t K,
+                                                   const int64_t* number_ids, const RowGradient<acc_t>& g,
+                                                   const LogSumExp<acc_t>& vocab, const acc_t* fix) {
   const acc_t coef = g.coef;
   if (coef != acc_t(0)) {
     // coef * exp(z - LSE_V) as (coef / Σ) * exp(z - max): shift-invariant, one exp per element.
-    write_probabilities(z, out, a.V, coef * ntl_exp(-vocab.log_sum), vocab.max);
+    write_probabilities(z, out, V, coef * ntl_exp(-vocab.log_sum), vocab.max);
   } else {
-    write_zeros(out, a.V);
+    write_zeros(out, V);
   }
   __syncthreads();
   if (threadIdx.x != 0) return;
   if (g.number_fix) {
-    for (int64_t k = 0; k < a.K; ++k) {
-      const int64_t id = a.number_ids[k];
-      if (id >= 0 && id < a.V) out[id] = store_as<scalar_t>(fix[k]);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t id = number_ids[k];
+      if (id >= 0 && id < V) out[id] = store_as<scalar_t>(fix[k]);
     }
   }
   if (g.label_column >= 0) out[g.label_column] = store_as<scalar_t>(g.label_fix);
 }
 
+// ------------------------------------------------------------------------------- number-token terms
+// The workspace holds, per row of a chunk, kTerms scalars (NumberGradientTerms) then the K values
+// ∂L/∂z_k before reweighing; the chunk's rows fill at most kWorkspaceBytes.
+constexpr int64_t kTerms = 5;
+constexpr int64_t kWorkspaceBytes = int64_t(64) << 20;
+constexpr int kTermsThreads = 128;
+
+int64_t chunk_rows(int64_t M, int64_t K, int64_t acc_size) {
+  const int64_t rows = kWorkspaceBytes / ((K + kTerms) * acc_size);
+  const int64_t at_least_one = rows > 1 ? rows : 1;
+  return at_least_one < M ? at_least_one : M;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t* workspace_row(const CudaRows& a, int64_t chunk_row) {
+  return static_cast<acc_t*>(a.workspace) + chunk_row * (a.K + kTerms);
+}
+
+// One thread per row of [first, first + rows): the number-token terms of the NTL-valid rows (LSE_N
+// from the saved rows, or, in one pass, from the number logits).
+template <typename scalar_t, typename acc_t, bool kOnePass>
+__device__ __forceinline__ void number_terms(const CudaRows& a, int64_t first, int64_t rows) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows) return;
+  const int64_t r = first + i;
+  const RowLabel lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
+  if (lab.number < 0) return;
+  const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
+  const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
+  const LogSumExp<acc_t> lse_number =
+      kOnePass ? number_logsumexp<acc_t>(row)
+               : RowStats<acc_t>::load(static_cast<const acc_t*>(a.row_stats) + r * RowStats<acc_t>::kSize).number;
+  acc_t* w = workspace_row<acc_t>(a, i);
+  const NumberGradientTerms<acc_t> terms =
+      number_gradient_terms(row, lab.number, lse_number, a.with_ce, a.options, w + kTerms);
+  w[0] = terms.loss;
+  w[1] = terms.y;
+  w[2] = terms.log_norm;
+  w[3] = terms.number.max;
+  w[4] = terms.number.log_sum;
+}
+
+// The number terms of backward_kernel and of loss_and_grad_kernel (no launch bounds: 128 threads
+// per block, the registers the math needs).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(512) backward_kernel(const CudaRows a) {
-  const int64_t r = blockIdx.x;
+__global__ void backward_terms_kernel(const CudaRows a, int64_t first, int64_t rows) {
+  number_terms<scalar_t, acc_t, false>(a, first, rows);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void loss_and_grad_terms_kernel(const CudaRows a, int64_t first, int64_t rows) {
+  number_terms<scalar_t, acc_t, true>(a, first, rows);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ NumberGradientTerms<acc_t> load_terms(const CudaRows& a, const RowLabel& lab) {
+  const acc_t* w = workspace_row<acc_t>(a, blockIdx.x);
+  return lab.number >= 0 ? NumberGradientTerms<acc_t>{w[0], w[1], w[2], {w[3], w[4]}}
+                         : NumberGradientTerms<acc_t>{0, 0, 0, {0, 0}};
+}
+
+// The row's gradient coefficients and fixes from its number-token terms (read for NTL-valid rows only).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ RowGradient<acc_t> finish_row_gradient(const CudaRows& a,
+                                                                  const GlobalRow<scalar_t, acc_t>& row,
+                                                                  const RowLabel& lab, acc_t z_label,
+                                                                  const RowStats<acc_t>& stats, acc_t grad_ce,
+                                                                  acc_t grad_ntl, acc_t* fix) {
+  return row_backward_finish(row, lab, z_label, stats, grad_ce, grad_ntl, a.with_ce, a.options,
+                             load_terms<acc_t>(a, lab), workspace_row<acc_t>(a, blockIdx.x) + kTerms, fix);
+}
+
+// write_row_gradient behind a call (see block_logsumexp_apart), its inputs by address: g in shared
+// memory, LSE_V's max and log-sum wherever the kernel holds them.
+template <typename scalar_t, typename acc_t>
+__device__ __noinline__ void write_row_gradient_apart(const scalar_t* z, scalar_t* out, int64_t V, int64_t K,
+                                                      const int64_t* number_ids, const RowGradient<acc_t>* g,
+                                                      const acc_t* vocab_max, const acc_t* vocab_log_sum,
+                                                      const acc_t* fix) {
+  write_row_gradient(z, out, V, K, number_ids, *g, LogSumExp<acc_t>{*vocab_max, *vocab_log_sum}, fix);
+}
+
+// Rows [first, first + gridDim.x), block i on row first + i (workspace row i), after
+// backward_terms_kernel on the same rows.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
+    backward_kernel(const CudaRows a, int64_t first) {
+  const int64_t r = first + blockIdx.x;
   const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
   scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + r * a.V;
   acc_t* fix = reinterpret_cast<acc_t*>(ntl_dynamic_smem);
   __shared__ RowGradient<acc_t> g;
-  const RowStats<acc_t> stats =
-      RowStats<acc_t>::load(static_cast<const acc_t*>(a.row_stats) + r * RowStats<acc_t>::kSize);
+  const acc_t* saved = static_cast<const acc_t*>(a.row_stats) + r * RowStats<acc_t>::kSize;
   if (threadIdx.x == 0) {
+    const RowStats<acc_t> stats = RowStats<acc_t>::load(saved);
     const RowLabel lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
     const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
     const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
     const acc_t grad_ce = a.with_ce ? static_cast<const acc_t*>(a.grad_ce)[r] : acc_t(0);
     const acc_t grad_ntl = static_cast<const acc_t*>(a.grad_ntl)[r];
-    g = row_backward(row, lab, z_label, stats, grad_ce, grad_ntl, a.with_ce, a.options, fix);
+    g = finish_row_gradient(a, row, lab, z_label, stats, grad_ce, grad_ntl, fix);
   }
   __syncthreads();
-  write_row_gradient(a, z, out, g, stats.vocab, fix);
+  // LSE_V as RowStats::store saved it: max, then log-sum.
+  write_row_gradient_apart(z, out, a.V, a.K, a.number_ids, &g, saved, saved + 1, fix);
 }
 
-// Loss and gradient in one pass: the forward of the row, then, while the row is still in cache
-// (L1/L2: one block reads it twice, back to back), d(ce_scale·ce + ntl_scale·ntl)/dz written over
-// it or beside it. Rows whose losses are constants (ignore_index, bad labels) read nothing and
-// get zeros; rows whose two scales are 0 read the row for their losses only and get zeros.
+// Loss and gradient in one pass (after loss_and_grad_terms_kernel on the same rows): the
+// forward of the row, then, while the row is still in cache (L1/L2: one block reads it twice, back
+// to back), d(ce_scale·ce + ntl_scale·ntl)/dz written over it or beside it. Rows whose losses are
+// constants (ignore_index, bad labels) read nothing and get zeros; rows whose two scales are 0
+// read the row for their losses only and get zeros.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(512) loss_and_grad_kernel(const CudaRows a) {
-  const int64_t r = blockIdx.x;
+__global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
+    loss_and_grad_kernel(const CudaRows a, int64_t first) {
+  const int64_t r = first + blockIdx.x;
   const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
   scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + r * a.V;
   acc_t* fix = reinterpret_cast<acc_t*>(ntl_dynamic_smem);
@@ -442,34 +550,35 @@ __global__ void __launch_bounds__(512) loss_and_grad_kernel(const CudaRows a) {
   }
   __syncthreads();
   if (dense_kind == kNoDense) {  // ignored or bad: NaN or zero losses, zero gradient, no read
-    if (threadIdx.x == 0) {
-      const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
-      acc_t ce = 0, ntl = 0;
-      row_forward(row, lab, acc_t(0), RowStats<acc_t>{{0, 0}, {0, 0}, 0}, true, a.options, &ce, &ntl);
-      static_cast<acc_t*>(a.ce)[r] = ce;
-      static_cast<acc_t*>(a.ntl)[r] = ntl;
+    if (threadIdx.x == 0) {  // row_forward of a row that is not NTL-valid and not in range
+      const acc_t loss = lab.bad ? ntl_nan<acc_t>() : acc_t(0);
+      static_cast<acc_t*>(a.ce)[r] = loss;
+      static_cast<acc_t*>(a.ntl)[r] = loss;
     }
     write_zeros(out, a.V);
     return;
   }
-  const LogSumExp<acc_t> dense = block_logsumexp<scalar_t, acc_t>(z, a.V, dense_kind == kDenseText, a.number_index);
+  const LogSumExp<acc_t> dense =
+      block_logsumexp_apart<scalar_t, acc_t>(z, a.V, dense_kind == kDenseText, a.number_index);
   if (threadIdx.x == 0) {
     const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
-    const RowStats<acc_t> stats = row_stats(row, lab, dense_kind, dense);
+    const NumberGradientTerms<acc_t> terms = load_terms<acc_t>(a, lab);
+    const RowStats<acc_t> stats = row_stats_with_number(lab, dense_kind, dense, terms.number);
     const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
     acc_t ce = 0, ntl = 0;
-    row_forward(row, lab, z_label, stats, true, a.options, &ce, &ntl);
+    row_forward_finish(row, lab, z_label, stats, terms, a.options, &ce, &ntl);
     static_cast<acc_t*>(a.ce)[r] = ce;
     static_cast<acc_t*>(a.ntl)[r] = ntl;
     const acc_t ce_scale = static_cast<const acc_t*>(a.ce_scale)[r];
     const acc_t ntl_scale = static_cast<const acc_t*>(a.ntl_scale)[r];
     g = (ce_scale != acc_t(0) || ntl_scale != acc_t(0))
-            ? row_backward(row, lab, z_label, stats, ce_scale, ntl_scale, true, a.options, fix)
+            ? row_backward_finish(row, lab, z_label, stats, ce_scale, ntl_scale, true, a.options, terms,
+                                  workspace_row<acc_t>(a, blockIdx.x) + kTerms, fix)
             : RowGradient<acc_t>{0, 0, -1, false};
     vocab = stats.vocab;
   }
   __syncthreads();
-  write_row_gradient(a, z, out, g, vocab, fix);
+  write_row_gradient_apart(z, out, a.V, a.K, a.number_ids, &g, &vocab.max, &vocab.log_sum, fix);
 }
 
 // grad *= *grad_output over a flat buffer; every block returns before touching it when the
@@ -516,21 +625,30 @@ cudaError_t launch(const CudaRows& a, cudaStream_t stream, Pass pass) {
   using acc_t = typename AccType<scalar_t>::type;
   if (a.M == 0) return cudaSuccess;
   if (a.M > 0x7fffffffLL || a.K > kMaxNumberTokens) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned int>(a.M));
-  const size_t fixes = size_t(a.K) * sizeof(acc_t);
-  switch (pass) {
-    case Pass::kForward:
-      forward_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), 0, stream>>>(a);
-      break;
-    case Pass::kBackward:
-      backward_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), fixes, stream>>>(a);
-      break;
-    case Pass::kLossAndGrad:
-      if (!a.with_ce) return cudaErrorInvalidValue;
-      loss_and_grad_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), fixes, stream>>>(a);
-      break;
+  if (pass == Pass::kForward) {
+    forward_kernel<scalar_t, acc_t><<<dim3(static_cast<unsigned int>(a.M)), threads_for(a.V), 0, stream>>>(a);
+    return cudaGetLastError();
   }
-  return cudaGetLastError();
+  // As many rows per chunk as the workspace holds.
+  const int64_t chunk = int64_t(a.workspace_size / ((a.K + kTerms) * sizeof(acc_t)));
+  if (a.workspace == nullptr || chunk < 1 || (pass == Pass::kLossAndGrad && !a.with_ce))
+    return cudaErrorInvalidValue;
+  const size_t fixes = size_t(a.K) * sizeof(acc_t);
+  for (int64_t first = 0; first < a.M; first += chunk) {  // the number terms of a chunk, then its dense pass
+    const int64_t rows = a.M - first < chunk ? a.M - first : chunk;
+    const dim3 terms_grid(static_cast<unsigned int>((rows + kTermsThreads - 1) / kTermsThreads));
+    const dim3 grid(static_cast<unsigned int>(rows));
+    if (pass == Pass::kBackward) {
+      backward_terms_kernel<scalar_t, acc_t><<<terms_grid, kTermsThreads, 0, stream>>>(a, first, rows);
+      backward_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), fixes, stream>>>(a, first);
+    } else {
+      loss_and_grad_terms_kernel<scalar_t, acc_t><<<terms_grid, kTermsThreads, 0, stream>>>(a, first, rows);
+      loss_and_grad_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), fixes, stream>>>(a, first);
+    }
+    const cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+  }
+  return cudaSuccess;
 }
 
 cudaError_t dispatch(const CudaRows& a, cudaStream_t stream, Pass pass) {
@@ -557,6 +675,12 @@ cudaError_t launch_scale(void* grad, int64_t numel, const void* grad_output, cud
 }
 
 }  // namespace
+
+size_t workspace_bytes(int dtype, int64_t M, int64_t K) {
+  if (M <= 0 || K < 0) return 0;
+  const int64_t acc_size = dtype == kFloat64 ? 8 : 4;
+  return size_t(chunk_rows(M, K, acc_size) * (K + kTerms) * acc_size);
+}
 
 cudaError_t launch_forward(const CudaRows& rows, cudaStream_t stream) {
   return dispatch(rows, stream, Pass::kForward);

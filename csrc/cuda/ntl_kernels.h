@@ -36,11 +36,19 @@ struct CudaRows {
   const void* grad_ntl;
   const void* ce_scale;       // one-pass inputs, (M,): d total / d ce_r and d total / d ntl_r
   const void* ntl_scale;
+  void* workspace;            // backward and one-pass: room for at least one row, 8-byte aligned
+  size_t workspace_size;      // its bytes: workspace_bytes(dtype, M, K), or less (more chunks)
   Options options;
 };
 
 // The largest K the kernels serve (the backward keeps K fixes per row in shared memory).
 constexpr int64_t kMaxNumberTokens = 4096;  // 32 KiB of float64 fixes, under the 48 KiB default
+
+// The number-token workspace launch_backward and launch_loss_and_grad need (their number-token
+// math runs in a kernel of its own and hands each row's coefficients to the dense pass through it):
+// at most 64 MiB whatever M is. The rows go through it in chunks of as many rows as it holds, so
+// a smaller one (down to workspace_bytes(dtype, 1, K)) also works.
+size_t workspace_bytes(int dtype, int64_t M, int64_t K);
 
 cudaError_t launch_forward(const CudaRows& rows, cudaStream_t stream);
 cudaError_t launch_backward(const CudaRows& rows, cudaStream_t stream);

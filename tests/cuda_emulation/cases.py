@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -124,6 +124,14 @@ def _logits(table: NumberTokenTable, M: int, dtype: torch.dtype, special: str, g
     return z.to(dtype)
 
 
+def _chunk(kernel: str, M: int, turn: int) -> Optional[int]:
+    """Every fifth backward or one-pass case of several rows gets a workspace of 1 or 2 rows: its
+    rows go through the number-terms kernel and the dense kernel in several chunks."""
+    if kernel == "forward" or M < 2 or turn % 5 != 1:
+        return None
+    return 1 + (turn // 10) % 2
+
+
 def ci_cases(seed: int = 0) -> List[Case]:
     """The CI set: every kernel × loss variant on every shape, the other axes rotated."""
     g = torch.Generator().manual_seed(seed)
@@ -144,13 +152,15 @@ def ci_cases(seed: int = 0) -> List[Case]:
             grad_ce = torch.rand(M, generator=g) + 0.5
             if turn % 5 == 2:
                 grad_ce[0] = 0.0  # a zero upstream CE gradient takes its own branch
+            chunk = _chunk(kernel, M, turn)
             cases.append(Case(
                 name=f"{table_kind}-V{V}-M{M}-{kernel}{'' if with_ce else '-ntl_only'}-{_config_name(config)}"
                      f"-{str(dtype).split('.')[-1]}-{special}-{labels.dtype}".replace("torch.", "")
-                     + ("-misaligned" if turn % 3 == 0 else ""),
+                     + ("-misaligned" if turn % 3 == 0 else "") + (f"-chunks{chunk}" if chunk else ""),
                 kernel=kernel, logits=_logits(table, M, dtype, special, g), labels=labels,
                 table=table, config=config, with_ce=with_ce,
                 grad_ce=grad_ce, grad_ntl=torch.rand(M, generator=g) - 0.25, misaligned=turn % 3 == 0,
+                workspace_rows=chunk,
             ))
             turn += 1
     return cases
@@ -186,11 +196,14 @@ def loss_and_grad_cases(seed: int = 1) -> List[Case]:
                 ce_scale[0] = ntl_scale[0] = 0.0
             if turn % 4 == 3:
                 ce_scale[M - 1] = 0.0
+            chunk = _chunk(kernel, M, turn)
             cases.append(Case(
                 name=f"{table_kind}-V{V}-M{M}-{kernel}-{_config_name(config)}-{str(dtype).split('.')[-1]}"
-                     f"-{special}-{labels.dtype}".replace("torch.", "") + ("-misaligned" if turn % 3 == 0 else ""),
+                     f"-{special}-{labels.dtype}".replace("torch.", "") + ("-misaligned" if turn % 3 == 0 else "")
+                     + (f"-chunks{chunk}" if chunk else ""),
                 kernel=kernel, logits=_logits(table, M, dtype, special, g), labels=labels, table=table,
                 config=config, grad_ce=ce_scale, grad_ntl=ntl_scale, misaligned=turn % 3 == 0,
+                workspace_rows=chunk,
             ))
             turn += 1
     return cases

@@ -14,6 +14,7 @@
 // Every buffer is its own exact-size heap allocation (AddressSanitizer sees an overrun by one
 // element), filled with 0xFF bytes where the kernel should write (an unwritten output reads NaN);
 // with "misaligned", each starts one element past a poisoned slot, off 16-byte alignment.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -200,6 +201,16 @@ struct Launch {
     o.ignore_index = scalar<int64_t>(c, "ignore_index");
   }
   uint8_t acc() const { return rows.dtype == kF64 ? kF64 : kF32; }
+  // The number-token workspace of the backward and one-pass kernels: as ntl_cuda.cpp allocates it
+  // (always 8-byte aligned, uninitialised: 0xFF bytes, NaN where a kernel reads before writing),
+  // or with room for "workspace_rows" rows only (the rows then go through it in several chunks).
+  void workspace(const Record& c) {
+    int64_t room = rows.M;
+    if (c.count("workspace_rows")) room = std::min(room, scalar<int64_t>(c, "workspace_rows"));
+    rows.workspace_size = ntl::workspace_bytes(rows.dtype, room, rows.K);
+    owned.push_back(std::make_unique<Buffer>("workspace", kF64, (rows.workspace_size + 7) / 8, false));
+    rows.workspace = owned.back()->data();
+  }
 };
 
 void finish(cudaError_t status, Record& out) {
@@ -229,6 +240,7 @@ void run_backward(const Record& c, Record& out) {
   l.rows.row_stats = l.input(c, "row_stats").data();
   l.rows.grad_ce = l.rows.with_ce ? l.input(c, "grad_ce").data() : nullptr;
   l.rows.grad_ntl = l.input(c, "grad_ntl").data();
+  l.workspace(c);
   Buffer* grad = kInPlace ? l.owned.front().get() : &l.output("grad_logits", uint8_t(l.rows.dtype), l.rows.M * l.rows.V);
   l.rows.grad_logits = grad->data();
   finish(ntl::launch_backward(l.rows, nullptr), out);
@@ -244,6 +256,7 @@ void run_loss_and_grad(const Record& c, Record& out) {
   if (!l.rows.with_ce) throw std::runtime_error("the one-pass kernel computes CE and NTL");
   l.rows.ce_scale = l.input(c, "grad_ce").data();
   l.rows.ntl_scale = l.input(c, "grad_ntl").data();
+  l.workspace(c);
   Buffer& ce = l.output("ce", l.acc(), l.rows.M);
   Buffer& ntl = l.output("ntl", l.acc(), l.rows.M);
   l.rows.ce = ce.data();

@@ -35,8 +35,10 @@ tensors tests what the kernels do with them), ``config`` (a LossConfig), ``with_
 ``ce_scale`` / ``ntl_scale`` of the one-pass kernels, ``grad_output`` (a 0-d tensor, for
 "scale_gradient", which scales the logits' buffer in place), ``misaligned`` (every buffer starts
 one element off 16-byte alignment), ``saved_table`` (the table the saved rows come from, when
-``table`` is one the CPU forward refuses). The backwards get the row statistics from the CPU
-forward, so both sides differentiate from the same saved rows.
+``table`` is one the CPU forward refuses), ``workspace_rows`` (the backwards and one-pass kernels
+get a number-token workspace with room for that many rows only, so their rows go through it in
+several chunks; default: the size the CUDA wrapper allocates). The backwards get the row
+statistics from the CPU forward, so both sides differentiate from the same saved rows.
 """
 
 from __future__ import annotations
@@ -230,6 +232,7 @@ class Case:
     misaligned: bool = False
     saved_table: Optional["NumberTokenTable"] = None  # noqa: F821  (the table of the saved rows; default: table)
     grad_output: Optional[Tensor] = None
+    workspace_rows: Optional[int] = None
 
     @classmethod
     def from_table(cls, name: str, kernel: str, logits: Tensor, labels: Tensor, table, config, **kwargs) -> "Case":
@@ -343,6 +346,8 @@ def _encode(case: Case) -> Dict[str, Tensor]:
         fields["grad_ntl"] = case.grad_ntl.to(acc)
         if case.with_ce:
             fields["grad_ce"] = case.grad_ce.to(acc)
+        if case.workspace_rows is not None:
+            fields["workspace_rows"] = torch.tensor([case.workspace_rows])
     return fields
 
 
