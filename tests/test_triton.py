@@ -24,7 +24,7 @@ from helpers import assert_spec_close, digit_table, irregular_table, random_labe
 
 triton_backend = pytest.importorskip("ntl_fast.triton")
 from ntl_fast.triton import _common  # noqa: E402
-from ntl_fast.triton._common import loss_options, table_tensors  # noqa: E402
+from ntl_fast.triton._common import loss_options  # noqa: E402
 
 if torch.cuda.is_available():
     pytest.skip("CUDA present: the interpreter tests run on CPU machines", allow_module_level=True)
@@ -454,7 +454,7 @@ def _op_args(config, table, rows=6):
     torch.manual_seed(19)
     logits = _logits(rows, table.vocab_size).requires_grad_()
     labels = _labels_with_edges(rows, table)
-    return (logits, labels, list(table_tensors(table)), *loss_options(config, table))
+    return (logits, labels, list(table.kernel_tensors()), *loss_options(config, table))
 
 
 @pytest.mark.parametrize("config", [LossConfig("was"), LossConfig("was_cdf", gaussian_sigma=1.0, reweigh=True)],
@@ -553,8 +553,8 @@ from ntl_fast.triton.number_token_loss import _ntl_backward_kernel, _ntl_forward
 INT64 = {"labels_ptr", "number_ids_ptr", "number_index_ptr", "value_order_ptr", "value_rank_ptr"}
 for fn, block_m in [(_ntl_forward_kernel, 16), (_ntl_backward_kernel, 1),
                     (_ce_ntl_forward_kernel, 1), (_ce_ntl_backward_kernel, 1)]:
-    constants = dict(LOSS=4, SQUASH=False, REWEIGH=True, GAUSSIAN=True, INPLACE=True,
-                     BLOCK_M=block_m, BLOCK_V=4096, BLOCK_K=16)
+    constants = dict(LOSS=4, SQUASH=False, REWEIGH=True, GAUSSIAN=True, GRAD=True, INPLACE=True,
+                     BLOCK_M=block_m, BLOCK_V=2048, BLOCK_K=16)
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature = {}
     for name in fn.arg_names:
@@ -567,6 +567,8 @@ for fn, block_m in [(_ntl_forward_kernel, 16), (_ntl_backward_kernel, 1),
         elif name == "is_number_ptr":
             signature[name] = "*i1"
         elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+        elif name in ("sorted_gaps_ptr", "number_values_ptr"):
             signature[name] = "*fp32"
         elif name in ("stride_m", "stride_gm", "stride_label", "M", "V", "K", "ignore_index"):
             signature[name] = "i32"
