@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import ntl_fast
 from ntl_fast import LossConfig, NumberTokenTable, reference
+from ntl_fast.config import LossKind
 
 from helpers import assert_spec_close, digit_table, irregular_table, random_labels
 
@@ -596,13 +597,19 @@ def test_kernels_compile_for_sm90(tmp_path):
 
 # --------------------------------------------------------------------------------- masks, layouts, shifts
 def _assert_rows_match_reference(logits, labels, table, config, what):
-    """Triton's CE, NTL and gradients against the float64 reference, both entry points."""
+    """Triton's CE, NTL and gradients against the float64 reference, every entry point: the two
+    differentiable ones and, for the dtypes it serves, the one-pass loss and gradient."""
     rows = logits.shape[0]
     upstream = [torch.linspace(0.5, 1.5, rows), torch.linspace(1.5, 0.5, rows)]
     pairs = [(triton_backend.ce_ntl_rows, reference.ce_ntl_rows), (triton_backend.ntl_rows, reference.ntl_rows)]
     for fn, ref in pairs:
         got, grad = _rows_and_grad(lambda z: fn(z, labels, table, config), logits, upstream)
         want, grad_ref = _rows_and_grad(lambda z: ref(z, labels, table, config), logits.double(), upstream)
+        if fn is triton_backend.ce_ntl_rows and triton_backend.fuses_loss_and_grad(logits):
+            *rows_one_pass, grad_one_pass = triton_backend.ce_ntl_loss_and_grad(logits, labels, table, config,
+                                                                                *upstream)
+            got, grad = got + tuple(rows_one_pass), torch.stack([grad, grad_one_pass])
+            want, grad_ref = want + want, torch.stack([grad_ref, grad_ref])
         for index, (a, b) in enumerate(zip(got, want)):
             assert torch.isfinite(b).all(), f"{what}: the reference is not finite"
             assert_spec_close(a, b, logits.dtype, what=f"{what}: {fn.__name__} output {index}")
@@ -783,3 +790,156 @@ def test_confident_predictions_keep_their_precision(config):
     labels = table.number_ids[torch.randint(0, table.num_numbers, (16,))]
     logits[torch.arange(16), labels] += 12.0
     _assert_rows_match_reference(logits, labels, table, config, "confident")
+
+
+# --------------------------------------------------------------------------------- loss kinds
+def test_loss_kinds_are_the_config_enum():
+    """The kernels' named constexpr loss codes are ntl_fast.config.LossKind's, and the ops map a
+    variant's name to its code through LossKind (no table of codes of their own)."""
+    for kind in LossKind:
+        assert getattr(_common, kind.name).value == kind.value, kind
+        options = loss_options(LossConfig(kind.name.lower()), digit_table(40))
+        assert _common.kernel_options(*options)[1]["LOSS"] == kind.value
+    assert not hasattr(_common, "LOSS_CODES")
+
+
+def test_kernels_take_the_tables_every_backend_takes():
+    """Every kernel receives the 7 tensors of NumberTokenTable.kernel_tensors(), in that order."""
+    from ntl_fast.triton import cross_entropy_with_ntl, number_token_loss
+
+    names = [name + "_ptr" for name in NumberTokenTable.KERNEL_TENSORS]
+    for kernel in (cross_entropy_with_ntl._ce_ntl_forward_kernel, cross_entropy_with_ntl._ce_ntl_backward_kernel,
+                   number_token_loss._ntl_forward_kernel, number_token_loss._ntl_backward_kernel):
+        start = kernel.arg_names.index(names[0])
+        assert kernel.arg_names[start:start + len(names)] == names, kernel.arg_names
+
+
+# --------------------------------------------------------------------------------- one pass: loss and gradient
+def test_fuses_loss_and_grad_serves_float32_and_bfloat16():
+    for dtype, fused in [(torch.float32, True), (torch.bfloat16, True), (torch.float16, False),
+                         (torch.float64, False)]:
+        assert triton_backend.fuses_loss_and_grad(torch.zeros(2, 3, dtype=dtype)) is fused, dtype
+    assert triton_backend.unsupported_reason("cpu") is None
+    assert "meta" in triton_backend.unsupported_reason("meta")
+
+
+def _one_pass_case(rows, table, dtype, seed):
+    """Logits, labels (ignored rows included) and scales with a row whose two scales are 0."""
+    torch.manual_seed(seed)
+    logits = _logits(rows, table.vocab_size, dtype=dtype)
+    labels = _labels_with_edges(rows, table)
+    ce_scale, ntl_scale = torch.rand(rows) + 0.1, torch.rand(rows) * 2
+    if rows > 3:
+        ce_scale[2], ntl_scale[2] = 0.0, 0.0  # counts for nothing
+        ntl_scale[3] = 0.0  # CE only
+    return logits, labels, ce_scale, ntl_scale
+
+
+def _assert_one_pass_matches_reference(logits, labels, table, config, ce_scale, ntl_scale, what=""):
+    """Losses and gradient of the one-pass entry point against autograd through the reference
+    (float64 for float32 logits, float32 for bf16), out of place and in place."""
+    dtype = logits.dtype
+    ce, ntl, grad = triton_backend.ce_ntl_loss_and_grad(logits, labels, table, config, ce_scale, ntl_scale)
+    z = (logits.double() if dtype == torch.float32 else logits.float()).requires_grad_()
+    ce_ref, ntl_ref = reference.ce_ntl_rows(z, labels, table, config)
+    (grad_ref,) = torch.autograd.grad((ce_scale.to(z.dtype) * ce_ref).sum() + (ntl_scale.to(z.dtype) * ntl_ref).sum(),
+                                      z)
+    counted = (ce_scale != 0) | (ntl_scale != 0)
+    assert ce.dtype == ntl.dtype == torch.float32 and grad.dtype == dtype
+    assert_spec_close(ce[counted], ce_ref.detach()[counted], dtype, what=f"{what} ce")
+    assert_spec_close(ntl[counted], ntl_ref.detach()[counted], dtype, what=f"{what} ntl")
+    assert_spec_close(grad, grad_ref, dtype, gradient=True, what=f"{what} gradient")
+    assert (ce[~counted] == 0).all() and (ntl[~counted] == 0).all() and (grad[~counted] == 0).all()
+    buffer = logits.clone()
+    ce_in, ntl_in, grad_in = triton_backend.ce_ntl_loss_and_grad(buffer, labels, table, config, ce_scale, ntl_scale,
+                                                                 inplace=True)
+    assert grad_in.data_ptr() == buffer.data_ptr()  # the logits now hold the gradient
+    for a, b in ((ce_in, ce), (ntl_in, ntl), (grad_in, grad)):
+        assert torch.equal(a, b), f"{what} in place"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+def test_one_pass_matches_reference(config, dtype):
+    table = irregular_table(300)  # K = 7, V = 300: a BLOCK_V tail
+    logits, labels, ce_scale, ntl_scale = _one_pass_case(37, table, dtype, seed=40)
+    labels[labels == -100] = config.ignore_index
+    _assert_one_pass_matches_reference(logits, labels, table, config, ce_scale, ntl_scale)
+
+
+@pytest.mark.parametrize("profile", ["interpret", "cuda"])
+@pytest.mark.parametrize("rows,vocab_size,table_name", SHAPES)
+def test_one_pass_shapes(rows, vocab_size, table_name, profile):
+    """M = 1, V below / at / past a chunk, K = 7 and 10; the "cuda" profile runs a GPU launch's
+    tiling (one row per program, 2048-column chunks)."""
+    table = _shape_table(table_name, vocab_size)
+    for config in (LossConfig("was"), LossConfig("was_cdf", gaussian_sigma=1.0, reweigh=True)):
+        logits, labels, ce_scale, ntl_scale = _one_pass_case(rows, table, torch.float32, seed=rows + vocab_size)
+        with _common.use_launch_settings(profile):
+            _assert_one_pass_matches_reference(logits, labels, table, config, ce_scale, ntl_scale, _config_id(config))
+
+
+def test_one_pass_at_a_large_vocabulary_with_cuda_tiling():
+    """V = 5000 under the GPU tiling: several 2048-column chunks and a tail, bf16."""
+    table = digit_table(5000, first_id=4000)
+    logits, labels, ce_scale, ntl_scale = _one_pass_case(6, table, torch.bfloat16, seed=41)
+    with _common.use_launch_settings("cuda"):
+        _assert_one_pass_matches_reference(logits, labels, table, LossConfig("was", reweigh=True), ce_scale, ntl_scale)
+
+
+@pytest.mark.parametrize("poison", [float("inf"), float("nan"), float("-inf")])
+def test_one_pass_contains_non_finite_rows(poison):
+    """A counted row of inf/NaN logits is non-finite in its own losses and gradient only; rows
+    that count for nothing (ignored, zero scales) read nothing: zero losses, zero gradient."""
+    table = irregular_table(53)
+    logits, labels, ce_scale, ntl_scale = _one_pass_case(8, table, torch.float32, seed=42)
+    labels[1] = -100
+    logits[1:4] = poison  # row 1 ignored, row 2 zero scales, row 3 counted
+    config = LossConfig("was", reweigh=True)
+    ce, ntl, grad = triton_backend.ce_ntl_loss_and_grad(logits, labels, table, config, ce_scale, ntl_scale)
+    assert (grad[1:3] == 0).all() and (ce[1:3] == 0).all() and (ntl[1:3] == 0).all()
+    if poison != float("-inf"):
+        assert not torch.isfinite(ce[3])
+    clean = [0, 4, 5, 6, 7]
+    want = triton_backend.ce_ntl_loss_and_grad(logits[clean], labels[clean], table, config, ce_scale[clean],
+                                               ntl_scale[clean])
+    for a, b in zip((ce, ntl, grad), want):
+        assert torch.equal(a[clean], b)
+
+
+def test_scale_gradient_is_free_at_one_and_scales_otherwise():
+    for dtype in (torch.float32, torch.bfloat16):
+        grad = torch.randn(5, 300, dtype=torch.float64).to(dtype)
+        kept = grad.clone()
+        assert triton_backend.scale_gradient_(grad, torch.tensor(1.0)) is grad
+        assert torch.equal(grad, kept)
+        for factor in (0.5, -3.0, 0.0):
+            scaled = kept.clone()
+            triton_backend.scale_gradient_(scaled, torch.tensor(factor))
+            # product in float32, rounded once to the gradient's dtype (the interpreter's bf16
+            # rounding may break ties differently from torch's)
+            assert_spec_close(scaled, kept.float() * factor, dtype, gradient=True, what=f"{dtype} x {factor}")
+    empty = torch.empty(0, 7)
+    assert triton_backend.scale_gradient_(empty, torch.tensor(2.0)) is empty
+
+
+def test_one_pass_ops_opcheck_and_compile_without_graph_break():
+    table = digit_table(40)
+    config = LossConfig("was_cdf", gaussian_sigma=1.0, reweigh=True)
+    logits, labels, ce_scale, ntl_scale = _one_pass_case(6, table, torch.float32, seed=43)
+    tables, options = list(table.kernel_tensors()), loss_options(config, table)
+    torch.library.opcheck(torch.ops.ntl_fast.triton_ce_ntl_loss_and_grad.default,
+                          (logits, labels, ce_scale, ntl_scale, tables, *options))
+    torch.library.opcheck(torch.ops.ntl_fast.triton_ce_ntl_loss_and_grad_.default,
+                          (logits.clone(), labels, ce_scale, ntl_scale, tables, *options))
+    torch.library.opcheck(torch.ops.ntl_fast.triton_scale_gradient_.default, (torch.randn(6, 40), torch.tensor(2.0)))
+
+    def step(z, factor):
+        ce, ntl, grad = triton_backend.ce_ntl_loss_and_grad(z, labels, table, config, ce_scale, ntl_scale)
+        return ce.sum() + ntl.sum(), triton_backend.scale_gradient_(grad, factor)
+
+    explanation = torch._dynamo.explain(step)(logits, torch.tensor(0.5))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(logits, torch.tensor(0.5)), step(logits, torch.tensor(0.5))):
+        assert torch.equal(got, want)
