@@ -149,22 +149,20 @@ def check_row_inputs(logits: Tensor, labels: Tensor, loss: str) -> None:
 
 # --------------------------------------------------------------------------------- row helpers
 @triton.jit
-def row_block(M, BLOCK_M: tl.constexpr):
-    """This program's rows (int64; clamped to M - 1 so every load is in bounds) and their mask."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return tl.minimum(rows, M - 1), rows < M
+def row_labels(labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, M, V, ignore_index,
+               BLOCK_M: tl.constexpr):
+    """This program's rows and their labels, classified (docs/math.md §2, §4); a bad label never
+    indexes memory.
 
-
-@triton.jit
-def row_labels(labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V,
-               ignore_index):
-    """Classify each row's label (docs/math.md §2, §4); a bad label never indexes memory.
-
-    Returns ``(label, in_range, bad, valid, rank, y)``: the label clamped into ``[0, V)``; whether
+    Returns ``(rows, row_mask, label, in_range, bad, valid, rank, y)``: the rows (int64; clamped
+    to M - 1 so every load is in bounds) and which are real; the label clamped into ``[0, V)``; whether
     it counts for CE; whether it is neither in range nor ignore_index; whether the row is
     NTL-valid; the label's position among the number tokens sorted by value; its value.
     ``ignore_index`` may lie inside ``[0, V)``: such labels are ignored, not scored.
     """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows = tl.minimum(rows, M - 1)
     label = tl.load(labels_ptr + rows * stride_label).to(tl.int64)
     ignored = label == ignore_index
     in_range = (label >= 0) & (label < V) & (ignored == 0)
@@ -175,7 +173,7 @@ def row_labels(labels_ptr, stride_label, number_index_ptr, value_rank_ptr, numbe
     number = tl.maximum(number, 0)
     rank = tl.load(value_rank_ptr + number)
     y = tl.load(number_values_ptr + number)
-    return label, in_range, bad, valid, rank, y
+    return rows, row_mask, label, in_range, bad, valid, rank, y
 
 
 @triton.jit

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import kernel_options, launch_rows, reweighed, row_block, row_labels, row_logsumexp
+from ._common import kernel_options, launch_rows, reweighed, row_labels, row_logsumexp
 from ._common import row_number_terms, row_upstream, store_row_gradient
 
 __all__ = ["launch_ce_ntl_forward", "launch_ce_ntl_backward"]
@@ -49,11 +49,10 @@ def _ce_ntl_forward_kernel(
     GRAD: tl.constexpr, INPLACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rows, row_mask = row_block(M, BLOCK_M)
-    row_ptrs = logits_ptr + rows * stride_m
-    label, in_range, bad, valid, rank, y = row_labels(
-        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V, ignore_index,
+    rows, row_mask, label, in_range, bad, valid, rank, y = row_labels(
+        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, M, V, ignore_index, BLOCK_M
     )
+    row_ptrs = logits_ptr + rows * stride_m
     if GRAD:  # a row whose scales are both 0 counts for nothing: no read, zero losses and gradient
         upstream_ce, upstream_ntl, active = row_upstream(
             ce_scale_ptr, ntl_scale_ptr, rows, row_mask, in_range, valid, ntl_ptr
@@ -95,11 +94,10 @@ def _ce_ntl_backward_kernel(
     LOSS: tl.constexpr, SQUASH: tl.constexpr, REWEIGH: tl.constexpr, GAUSSIAN: tl.constexpr,
     INPLACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows, row_mask = row_block(M, BLOCK_M)
-    row_ptrs = logits_ptr + rows * stride_m
-    label, in_range, bad, valid, rank, y = row_labels(
-        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V, ignore_index,
+    rows, row_mask, label, in_range, bad, valid, rank, y = row_labels(
+        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, M, V, ignore_index, BLOCK_M
     )
+    row_ptrs = logits_ptr + rows * stride_m
     upstream_ce, upstream_ntl, active = row_upstream(grad_ce_ptr, grad_ntl_ptr, rows, row_mask, in_range, valid,
                                                      stats_ptr)
     shift = tl.load(stats_ptr + rows)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import kernel_options, launch_rows, reweighed, row_block, row_labels, row_logsumexp
+from ._common import kernel_options, launch_rows, reweighed, row_labels, row_logsumexp
 from ._common import row_number_terms, scaled, store_row_gradient
 
 __all__ = ["launch_ntl_forward", "launch_ntl_backward"]
@@ -28,11 +28,10 @@ def _ntl_forward_kernel(
     LOSS: tl.constexpr, SQUASH: tl.constexpr, REWEIGH: tl.constexpr, GAUSSIAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows, row_mask = row_block(M, BLOCK_M)
-    row_ptrs = logits_ptr + rows * stride_m
-    label, in_range, bad, valid, rank, y = row_labels(
-        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V, ignore_index,
+    rows, row_mask, label, in_range, bad, valid, rank, y = row_labels(
+        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, M, V, ignore_index, BLOCK_M
     )
+    row_ptrs = logits_ptr + rows * stride_m
     active = row_mask & valid
     if REWEIGH:
         shift, log_sum, log_text = row_logsumexp(row_ptrs, active, V, is_number_ptr, ntl_ptr, BLOCK_M, BLOCK_V, True)
@@ -58,11 +57,10 @@ def _ntl_backward_kernel(
     LOSS: tl.constexpr, SQUASH: tl.constexpr, REWEIGH: tl.constexpr, GAUSSIAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows, row_mask = row_block(M, BLOCK_M)
-    grad_row_ptrs = grad_ptr + rows * stride_gm
-    label, in_range, bad, valid, rank, y = row_labels(
-        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V, ignore_index,
+    rows, row_mask, label, in_range, bad, valid, rank, y = row_labels(
+        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, M, V, ignore_index, BLOCK_M
     )
+    grad_row_ptrs = grad_ptr + rows * stride_gm
     upstream = tl.where(valid, tl.load(grad_ntl_ptr + rows).to(stats_ptr.dtype.element_ty), 0.0)
     active = row_mask & (upstream != 0)
     if REWEIGH:

@@ -18,19 +18,31 @@ and the options those of :func:`~ntl_fast.triton._common.loss_options`:
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import triton
 from torch import Tensor
 
 from ..config import accumulation_dtype
-from ._common import check_row_inputs, scale_kernel
+from . import _common
+from ._common import check_row_inputs
 from .cross_entropy_with_ntl import launch_ce_ntl_backward, launch_ce_ntl_forward
 from .number_token_loss import launch_ntl_backward, launch_ntl_forward
 
 __all__ = ["ntl_forward", "ntl_backward", "ce_ntl_forward", "ce_ntl_backward", "ce_ntl_backward_",
            "ce_ntl_loss_and_grad", "ce_ntl_loss_and_grad_", "scale_gradient_"]
+
+
+OPTIONS_SCHEMA = ("str loss, bool squash, float squash_min, float squash_scale, bool reweigh, float reweigh_constant, "
+                  "float? gaussian_sigma, int ignore_index")
+
+
+def _op(name: str, inputs: str, outputs: str, extra: str = "", mutates=()):
+    """Defines ``ntl_fast::triton_<name>``: ``inputs`` (schema text), the table tensors, the loss
+    options of :func:`~ntl_fast.triton._common.loss_options` (written here once) and ``extra``."""
+    schema = f"({inputs}, Tensor[] tables, {OPTIONS_SCHEMA}{extra}) -> {outputs}"
+    return torch.library.custom_op(f"ntl_fast::triton_{name}", mutates_args=mutates, schema=schema)
 
 
 def _rows(logits: Tensor, count: int) -> List[Tensor]:
@@ -44,19 +56,14 @@ def _stats(logits: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ NTL
-@torch.library.custom_op("ntl_fast::triton_ntl_forward", mutates_args=())
-def ntl_forward(
-    logits: Tensor, labels: Tensor, tables: List[Tensor],
-    loss: str, squash: bool, squash_min: float, squash_scale: float,
-    reweigh: bool, reweigh_constant: float, gaussian_sigma: Optional[float], ignore_index: int,
-) -> Tuple[Tensor, Tensor]:
+@_op("ntl_forward", "Tensor logits, Tensor labels", "(Tensor, Tensor)")
+def ntl_forward(logits: Tensor, labels: Tensor, tables: List[Tensor], *options) -> Tuple[Tensor, Tensor]:
     """Per-row NTL ``(M,)`` and the row statistics the backward reads with reweigh: ``(3, M)`` =
     row max, ``log Σ_V exp(z - max)`` and the same over the non-number tokens (zeros without
     reweigh)."""
-    check_row_inputs(logits, labels, loss)
+    check_row_inputs(logits, labels, options[0])
     (ntl,), stats = _rows(logits, 1), _stats(logits)
-    launch_ntl_forward(logits, labels, tables, (loss, squash, squash_min, squash_scale, reweigh, reweigh_constant,
-                                                gaussian_sigma, ignore_index), ntl, stats)
+    launch_ntl_forward(logits, labels, tables, options, ntl, stats)
     return ntl, stats
 
 
@@ -65,17 +72,14 @@ def _(logits, labels, tables, *options):
     return _rows(logits, 1)[0], _stats(logits)
 
 
-@torch.library.custom_op("ntl_fast::triton_ntl_backward", mutates_args=())
-def ntl_backward(
-    grad_ntl: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, tables: List[Tensor],
-    loss: str, squash: bool, squash_min: float, squash_scale: float,
-    reweigh: bool, reweigh_constant: float, gaussian_sigma: Optional[float], ignore_index: int,
-) -> Tensor:
+@_op("ntl_backward", "Tensor grad_ntl, Tensor logits, Tensor labels, Tensor stats", "Tensor")
+def ntl_backward(grad_ntl: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, tables: List[Tensor],
+                 *options) -> Tensor:
     """``grad_ntl[i] * ∂NTL_i/∂logits[i]`` as an ``(M, V)`` tensor of the logits' dtype."""
     # without reweigh only the K number columns are non-zero
+    reweigh = options[4]  # in the order of loss_options
     grad = (torch.empty_like if reweigh else torch.zeros_like)(logits, memory_format=torch.contiguous_format)
-    launch_ntl_backward(grad, grad_ntl, logits, labels, stats, tables, (
-        loss, squash, squash_min, squash_scale, reweigh, reweigh_constant, gaussian_sigma, ignore_index))
+    launch_ntl_backward(grad, grad_ntl, logits, labels, stats, tables, options)
     return grad
 
 
@@ -102,13 +106,9 @@ ntl_forward.register_autograd(_ntl_backward, setup_context=_ntl_setup_context)
 
 
 # ------------------------------------------------------------------------------ CE + NTL, two passes
-@torch.library.custom_op("ntl_fast::triton_ce_ntl_forward", mutates_args=())
-def ce_ntl_forward(
-    logits: Tensor, labels: Tensor, tables: List[Tensor],
-    loss: str, squash: bool, squash_min: float, squash_scale: float,
-    reweigh: bool, reweigh_constant: float, gaussian_sigma: Optional[float], ignore_index: int,
-    inplace: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+@_op("ce_ntl_forward", "Tensor logits, Tensor labels", "(Tensor, Tensor, Tensor)", extra=", bool inplace")
+def ce_ntl_forward(logits: Tensor, labels: Tensor, tables: List[Tensor], *options_and_inplace
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row CE and NTL, each ``(M,)`` float32 (float64 for float64 logits), and the row
     statistics the backward reads: ``(3, M)`` = row max (0 where not finite), ``log Σ_V exp(z -
     max)``, and the same over the non-number tokens (``LSE_V`` = the first two summed).
@@ -116,10 +116,10 @@ def ce_ntl_forward(
     ``inplace`` only selects the backward (:func:`ce_ntl_backward_`); the forward never writes
     the logits.
     """
-    check_row_inputs(logits, labels, loss)
+    options = options_and_inplace[:-1]
+    check_row_inputs(logits, labels, options[0])
     (ce, ntl), stats = _rows(logits, 2), _stats(logits)
-    launch_ce_ntl_forward(logits, labels, tables, (loss, squash, squash_min, squash_scale, reweigh,
-                                                   reweigh_constant, gaussian_sigma, ignore_index), ce, ntl, stats)
+    launch_ce_ntl_forward(logits, labels, tables, options, ce, ntl, stats)
     return ce, ntl, stats
 
 
@@ -128,17 +128,15 @@ def _(logits, labels, tables, *options):
     return (*_rows(logits, 2), _stats(logits))
 
 
-@torch.library.custom_op("ntl_fast::triton_ce_ntl_backward", mutates_args=())
-def ce_ntl_backward(
-    grad_ce: Tensor, grad_ntl: Tensor, logits: Tensor, labels: Tensor, stats: Tensor,
-    tables: List[Tensor],
-    loss: str, squash: bool, squash_min: float, squash_scale: float,
-    reweigh: bool, reweigh_constant: float, gaussian_sigma: Optional[float], ignore_index: int,
-) -> Tensor:
+_BACKWARD_INPUTS = "Tensor grad_ce, Tensor grad_ntl, Tensor{} logits, Tensor labels, Tensor stats"
+
+
+@_op("ce_ntl_backward", _BACKWARD_INPUTS.format(""), "Tensor")
+def ce_ntl_backward(grad_ce: Tensor, grad_ntl: Tensor, logits: Tensor, labels: Tensor, stats: Tensor,
+                    tables: List[Tensor], *options) -> Tensor:
     """``grad_ce (p - target) + grad_ntl ∂NTL/∂z`` per row, a new ``(M, V)`` tensor."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    launch_ce_ntl_backward(grad, grad_ce, grad_ntl, logits, labels, stats, tables, (
-        loss, squash, squash_min, squash_scale, reweigh, reweigh_constant, gaussian_sigma, ignore_index))
+    launch_ce_ntl_backward(grad, grad_ce, grad_ntl, logits, labels, stats, tables, options)
     return grad
 
 
@@ -147,21 +145,16 @@ def _(grad_ce, grad_ntl, logits, labels, stats, tables, *options):
     return logits.new_empty(logits.shape)
 
 
-@torch.library.custom_op("ntl_fast::triton_ce_ntl_backward_", mutates_args=("logits",))
-def ce_ntl_backward_(
-    grad_ce: Tensor, grad_ntl: Tensor, logits: Tensor, labels: Tensor, stats: Tensor,
-    tables: List[Tensor],
-    loss: str, squash: bool, squash_min: float, squash_scale: float,
-    reweigh: bool, reweigh_constant: float, gaussian_sigma: Optional[float], ignore_index: int,
-) -> None:
+@_op("ce_ntl_backward_", _BACKWARD_INPUTS.format("(a!)"), "()", mutates=("logits",))
+def ce_ntl_backward_(grad_ce: Tensor, grad_ntl: Tensor, logits: Tensor, labels: Tensor, stats: Tensor,
+                     tables: List[Tensor], *options) -> None:
     """:func:`ce_ntl_backward` written into ``logits`` itself (saves an (M, V) allocation).
 
     Hazard: afterwards ``logits`` holds the gradient, not the logits; anything else that reads
     them (a second loss on the same logits, logging, a leaf's ``.grad`` aliasing its data) sees
     gradients.
     """
-    launch_ce_ntl_backward(logits, grad_ce, grad_ntl, logits, labels, stats, tables, (
-        loss, squash, squash_min, squash_scale, reweigh, reweigh_constant, gaussian_sigma, ignore_index))
+    launch_ce_ntl_backward(logits, grad_ce, grad_ntl, logits, labels, stats, tables, options)
 
 
 def _ce_ntl_setup_context(ctx, inputs, output):
@@ -187,20 +180,18 @@ ce_ntl_forward.register_autograd(_ce_ntl_backward, setup_context=_ce_ntl_setup_c
 
 
 # ------------------------------------------------------------------------------ CE + NTL, one pass
-@torch.library.custom_op("ntl_fast::triton_ce_ntl_loss_and_grad", mutates_args=())
-def ce_ntl_loss_and_grad(
-    logits: Tensor, labels: Tensor, ce_scale: Tensor, ntl_scale: Tensor, tables: List[Tensor],
-    loss: str, squash: bool, squash_min: float, squash_scale: float,
-    reweigh: bool, reweigh_constant: float, gaussian_sigma: Optional[float], ignore_index: int,
-) -> Tuple[Tensor, Tensor, Tensor]:
+_ONE_PASS_INPUTS = "Tensor{} logits, Tensor labels, Tensor ce_scale, Tensor ntl_scale"
+
+
+@_op("ce_ntl_loss_and_grad", _ONE_PASS_INPUTS.format(""), "(Tensor, Tensor, Tensor)")
+def ce_ntl_loss_and_grad(logits: Tensor, labels: Tensor, ce_scale: Tensor, ntl_scale: Tensor, tables: List[Tensor],
+                         *options) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row CE and NTL and ``d(Σ ce_scale·ce + Σ ntl_scale·ntl)/d logits`` (logits' dtype),
     from one kernel. Rows whose two scales are 0 read nothing: zero losses, zero gradient."""
-    check_row_inputs(logits, labels, loss)
+    check_row_inputs(logits, labels, options[0])
     ce, ntl = _rows(logits, 2)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    launch_ce_ntl_forward(logits, labels, tables, (loss, squash, squash_min, squash_scale, reweigh, reweigh_constant,
-                                                   gaussian_sigma, ignore_index), ce, ntl, grad=grad,
-                          scales=(ce_scale, ntl_scale))
+    launch_ce_ntl_forward(logits, labels, tables, options, ce, ntl, grad=grad, scales=(ce_scale, ntl_scale))
     return ce, ntl, grad
 
 
@@ -209,20 +200,15 @@ def _(logits, labels, ce_scale, ntl_scale, tables, *options):
     return (*_rows(logits, 2), logits.new_empty(logits.shape))
 
 
-@torch.library.custom_op("ntl_fast::triton_ce_ntl_loss_and_grad_", mutates_args=("logits",))
-def ce_ntl_loss_and_grad_(
-    logits: Tensor, labels: Tensor, ce_scale: Tensor, ntl_scale: Tensor, tables: List[Tensor],
-    loss: str, squash: bool, squash_min: float, squash_scale: float,
-    reweigh: bool, reweigh_constant: float, gaussian_sigma: Optional[float], ignore_index: int,
-) -> Tuple[Tensor, Tensor]:
+@_op("ce_ntl_loss_and_grad_", _ONE_PASS_INPUTS.format("(a!)"), "(Tensor, Tensor)", mutates=("logits",))
+def ce_ntl_loss_and_grad_(logits: Tensor, labels: Tensor, ce_scale: Tensor, ntl_scale: Tensor, tables: List[Tensor],
+                          *options) -> Tuple[Tensor, Tensor]:
     """:func:`ce_ntl_loss_and_grad` with the gradient written over the (contiguous) logits."""
-    check_row_inputs(logits, labels, loss)
+    check_row_inputs(logits, labels, options[0])
     if not logits.is_contiguous():
         raise ValueError("the gradient can only overwrite contiguous logits")
     ce, ntl = _rows(logits, 2)
-    launch_ce_ntl_forward(logits, labels, tables, (loss, squash, squash_min, squash_scale, reweigh, reweigh_constant,
-                                                   gaussian_sigma, ignore_index), ce, ntl, grad=logits,
-                          scales=(ce_scale, ntl_scale))
+    launch_ce_ntl_forward(logits, labels, tables, options, ce, ntl, grad=logits, scales=(ce_scale, ntl_scale))
     return ce, ntl
 
 
@@ -242,7 +228,7 @@ def scale_gradient_(grad: Tensor, grad_output: Tensor) -> None:
     if not grad.is_contiguous() or grad_output.numel() != 1:
         raise ValueError("scale_gradient_ takes a contiguous gradient and a one-element grad_output")
     if grad.numel():
-        scale_kernel[(triton.cdiv(grad.numel(), SCALE_BLOCK),)](
+        _common.scale_kernel[(triton.cdiv(grad.numel(), SCALE_BLOCK),)](
             grad, grad.numel(), grad_output.reshape(1), BLOCK=SCALE_BLOCK, num_warps=8
         )
 
