@@ -42,6 +42,13 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(params=[pytest.param("cpu", marks=CPU_ONLY), pytest.param("cuda", marks=[CUDA_ONLY, pytest.mark.gpu])])
+def checked_device(request):
+    """``device``, whose cuda parametrisation is also part of the GPU check's short run (marked
+    ``gpu``: benchmarks/gpu_check.sh selects ``-k gpu``)."""
+    return torch.device(request.param)
+
+
 def _to(device, *objects):
     """Each tensor or table (or list of them) moved to ``device``."""
     def move(x):
@@ -489,13 +496,13 @@ def test_opcheck(config, device):
     torch.library.opcheck(torch.ops.ntl_fast.triton_ntl_backward.default, backward_args[1:])
 
 
-def test_compiles_without_graph_break(device):
+def test_compiles_without_graph_break(checked_device):
     """torch.compile(fullgraph=True) traces the public API through the registered ops (Inductor
     on CUDA; AOT-eager on the interpreter, whose kernels Inductor cannot fuse around)."""
     torch.manual_seed(20)
     table = digit_table(40)
     labels = random_labels((2, 5), table)
-    table, labels, model, inputs = _to(device, table, labels, torch.nn.Linear(8, 40), torch.randn(2, 5, 8))
+    table, labels, model, inputs = _to(checked_device, table, labels, torch.nn.Linear(8, 40), torch.randn(2, 5, 8))
 
     def step(x):
         out = ntl_fast.cross_entropy_with_ntl(model(x), labels, table, backend="triton",
@@ -505,7 +512,7 @@ def test_compiles_without_graph_break(device):
 
     explanation = torch._dynamo.explain(step)(inputs)
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(step, backend="inductor" if device.type == "cuda" else "aot_eager", fullgraph=True)
+    compiled = torch.compile(step, backend="inductor" if checked_device.type == "cuda" else "aot_eager", fullgraph=True)
     loss = compiled(inputs)
     loss.backward()
     compiled_grad = model.weight.grad.clone()
@@ -903,10 +910,10 @@ def test_one_pass_shapes(rows, vocab_size, table_name, profile, device):
             _assert_one_pass_matches_reference(logits, labels, table, config, ce_scale, ntl_scale, _config_id(config))
 
 
-def test_one_pass_at_a_large_vocabulary_with_cuda_tiling(device):
+def test_one_pass_at_a_large_vocabulary_with_cuda_tiling(checked_device):
     """V = 5000 under the GPU tiling: several 2048-column chunks and a tail, bf16."""
     table, logits, labels, ce_scale, ntl_scale = _one_pass_case(6, digit_table(5000, first_id=4000), torch.bfloat16,
-                                                                41, device)
+                                                                41, checked_device)
     with _common.use_launch_settings("cuda"):
         _assert_one_pass_matches_reference(logits, labels, table, LossConfig("was", reweigh=True), ce_scale, ntl_scale)
 
@@ -930,20 +937,20 @@ def test_one_pass_contains_non_finite_rows(poison, device):
         assert torch.equal(a[clean], b)
 
 
-def test_scale_gradient_is_free_at_one_and_scales_otherwise(device):
+def test_scale_gradient_is_free_at_one_and_scales_otherwise(checked_device):
     for dtype in (torch.float32, torch.bfloat16):
-        grad = torch.randn(5, 300, dtype=torch.float64).to(device, dtype)
+        grad = torch.randn(5, 300, dtype=torch.float64).to(checked_device, dtype)
         kept = grad.clone()
-        assert triton_backend.scale_gradient_(grad, torch.tensor(1.0, device=device)) is grad
+        assert triton_backend.scale_gradient_(grad, torch.tensor(1.0, device=checked_device)) is grad
         assert torch.equal(grad, kept)
         for factor in (0.5, -3.0, 0.0):
             scaled = kept.clone()
-            triton_backend.scale_gradient_(scaled, torch.tensor(factor, device=device))
+            triton_backend.scale_gradient_(scaled, torch.tensor(factor, device=checked_device))
             # product in float32, rounded once to the gradient's dtype (the interpreter's bf16
             # rounding may break ties differently from torch's)
             assert_spec_close(scaled, kept.float() * factor, dtype, gradient=True, what=f"{dtype} x {factor}")
-    empty = torch.empty(0, 7, device=device)
-    assert triton_backend.scale_gradient_(empty, torch.tensor(2.0, device=device)) is empty
+    empty = torch.empty(0, 7, device=checked_device)
+    assert triton_backend.scale_gradient_(empty, torch.tensor(2.0, device=checked_device)) is empty
 
 
 def test_one_pass_ops_opcheck_and_compile_without_graph_break(device):
@@ -986,7 +993,7 @@ LARGE_CONFIGS = [
     ("digits", 5000, torch.bfloat16), ("irregular", 301, torch.float32),
 ], ids=["digits-bf16", "irregular-fp32"])
 @pytest.mark.parametrize("config", LARGE_CONFIGS, ids=_config_id)
-def test_parity_at_larger_vocabularies(config, table_name, vocab_size, dtype, device):
+def test_parity_at_larger_vocabularies(config, table_name, vocab_size, dtype, checked_device):
     torch.manual_seed(0)
     table = digit_table(vocab_size, first_id=4000) if table_name == "digits" else irregular_table(vocab_size)
     rows = 257
@@ -994,7 +1001,7 @@ def test_parity_at_larger_vocabularies(config, table_name, vocab_size, dtype, de
     labels = random_labels((rows,), table)
     labels[0], labels[-1] = 0, vocab_size - 1
     upstream = [torch.randn(rows), torch.randn(rows)]
-    table, logits, labels, upstream = _to(device, table, logits, labels, upstream)
+    table, logits, labels, upstream = _to(checked_device, table, logits, labels, upstream)
     oracle = logits.double() if dtype == torch.float32 else logits.float()
     for fn, ref, weights in [(triton_backend.ce_ntl_rows, reference.ce_ntl_rows, upstream),
                              (triton_backend.ntl_rows, reference.ntl_rows, upstream[1:])]:
@@ -1006,12 +1013,12 @@ def test_parity_at_larger_vocabularies(config, table_name, vocab_size, dtype, de
         assert_spec_close(grad, grad_ref, dtype, gradient=True, what=fn.__name__ + " grad")
 
 
-def test_public_api_with_weights_and_shift(device):
+def test_public_api_with_weights_and_shift(checked_device):
     torch.manual_seed(1)
     table = digit_table(1000, first_id=500)
     logits = torch.randn(4, 33, 1000)
     labels = random_labels((4, 33), table)
-    table, logits, labels, weights = _to(device, table, logits, labels, torch.rand(4, 33))
+    table, logits, labels, weights = _to(checked_device, table, logits, labels, torch.rand(4, 33))
     results = {}
     for backend in ("triton", "reference"):
         z = logits.clone().requires_grad_()
@@ -1025,6 +1032,7 @@ def test_public_api_with_weights_and_shift(device):
 
 # --------------------------------------------------------------------------------- CUDA only
 @CUDA_ONLY
+@pytest.mark.gpu
 def test_no_host_synchronisation():
     """Forward, backward, the one-pass loss and gradient and the gradient scale never wait for
     the device (``grad_output`` is read by the kernel)."""
@@ -1050,6 +1058,7 @@ def test_no_host_synchronisation():
 
 
 @CUDA_ONLY
+@pytest.mark.gpu
 @pytest.mark.parametrize("vocab_size", [32128, 128256])
 def test_large_bf16_fused_forward_backward(vocab_size):
     """M = 16384 rows; ~64 sampled rows checked against a float32 reference on those rows, for the
@@ -1078,6 +1087,7 @@ def test_large_bf16_fused_forward_backward(vocab_size):
 
 
 @CUDA_ONLY
+@pytest.mark.gpu
 def test_inplace_saves_one_logits_sized_buffer():
     torch.manual_seed(4)
     rows, hidden, vocab_size = 4096, 256, 32128
