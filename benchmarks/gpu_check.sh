@@ -50,7 +50,8 @@ worst_case=$(( T_WHEELS + (T_BUILD > T_TRITON_TESTS + T_BENCH ? T_BUILD : T_TRIT
                + T_CPP_TESTS + T_CPP_BENCH + T_LINEAR + 3 * T_SANITIZER + T_EXTRA ))
 
 # What runs: one definition, used by the GPU run and by the dry run.
-TRITON_TESTS=(tests/test_triton_cuda.py tests/test_table.py::test_to_cuda)
+# the Triton tests' cuda parametrisations marked gpu (the rest runs on CPU, in the interpreter)
+TRITON_TESTS=(tests/test_triton.py tests/test_table.py::test_to_cuda -k "gpu or test_to_cuda")
 CPP_TESTS=(tests/test_cpp.py -k cuda)  # the CUDA parametrisations of the extension tests
 BENCH_MAIN=(benchmarks/bench.py --preset "$preset" --repeats 10)
 BENCH_CPP=(benchmarks/bench.py --preset "$preset" --providers torch cpp --ops copy ce_ntl ntl --repeats 10)
@@ -126,7 +127,7 @@ if [ "$dry_run" = 1 ]; then
     local rc=$?
     tail -n 4 "$log"
     # the Triton tests collect on any machine; the CUDA-extension file skips at import without a GPU
-    [ "$rc" = 0 ] && grep -q "^tests/test_triton_cuda.py::" "$log" && grep -q "test_table.py::test_to_cuda" "$log"
+    [ "$rc" = 0 ] && grep -q "^tests/test_triton.py::.*cuda" "$log" && grep -q "test_table.py::test_to_cuda" "$log"
   }
   bench_setup() {  # every benchmark call of the GPU run, once, tiny, on CPU (Triton interpreted)
     rm -f "$OUT/bench.csv"

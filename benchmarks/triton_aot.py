@@ -10,7 +10,8 @@ cubin with Triton's bundled ptxas (``JITFunction.preload`` of the recorded speci
 pool of processes; ptxas's ``-v`` log gives registers and spills, the metadata shared memory.
 
 Cases: CI's subset is every loss x reweigh x Gaussian switch (and in-place for the backward of
-CE + NTL), bf16 and fp32, V in {32128, 128256}, K in {10, 1110}; ``--full`` adds squash, fp16,
+CE + NTL and for the one-pass loss and gradient; the gradient scale once), bf16 and fp32,
+V in {32128, 128256}, K in {10, 1110}; ``--full`` adds squash, fp16,
 fp64, V in {1000, 151936} and K = 100. Rows per launch (``--rows``) only enter a specialisation
 through Triton's integer specialisation (divisible by 16, equal to 1).
 
@@ -89,9 +90,9 @@ class StubDriver:
 
 
 # ------------------------------------------------------------------------ recording the launches
-def variant_name(loss: str, squash: bool, reweigh: bool, gaussian: bool, inplace: bool) -> str:
+def variant_name(loss: str, squash: bool, reweigh: bool, gaussian: bool, inplace: bool, one_pass: bool = False) -> str:
     switches = [name for name, on in (("squash", squash), ("reweigh", reweigh), ("gaussian", gaussian),
-                                      ("inplace", inplace)) if on]
+                                      ("inplace", inplace), ("one_pass", one_pass)) if on]
     return "+".join([loss] + switches)
 
 
@@ -126,18 +127,26 @@ def record_launches(plan: Dict, rows: int) -> List[Dict]:
                         LOSSES, plan["squash"], (False, True), (False, True)):
                     config = ntl_fast.LossConfig(loss, squash_factor=2.0 if squash else None,
                                                  reweigh=reweigh, gaussian_sigma=1.0 if gaussian else None)
-                    launches = [(False, lambda z: backend.ntl_rows(z, labels, table, config))]
+                    launches = [(False, False, lambda z: backend.ntl_rows(z, labels, table, config))]
                     for inplace in (False, True):
-                        launches.append((inplace, lambda z, inplace=inplace: backend.ce_ntl_rows(
+                        launches.append((inplace, False, lambda z, inplace=inplace: backend.ce_ntl_rows(
                             z * 1 if inplace else z, labels, table, config, inplace=inplace)))
-                    for inplace, launch in launches:
-                        case.update(variant=variant_name(loss, squash, reweigh, gaussian, inplace),
+                        # the one-pass loss and gradient, for the dtypes it serves (not differentiable)
+                        if DTYPES[dtype] in backend.ONE_PASS_DTYPES:
+                            launches.append((inplace, True, lambda z, inplace=inplace: backend.ce_ntl_loss_and_grad(
+                                z.detach(), labels, table, config, upstream, upstream, inplace=inplace)))
+                    for inplace, one_pass, launch in launches:
+                        case.update(variant=variant_name(loss, squash, reweigh, gaussian, inplace, one_pass),
                                     dtype=dtype, V=V, K=K, arch=arch)
                         # empty logits: nothing runs, so their values (and their pages) stay untouched
                         logits = torch.empty(rows, V, dtype=DTYPES[dtype]).requires_grad_()
                         outputs = launch(logits)  # records one launch per kernel
                         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-                        torch.autograd.backward(outputs, [upstream.to(out.dtype) for out in outputs])
+                        if not one_pass:
+                            torch.autograd.backward(outputs, [upstream.to(out.dtype) for out in outputs])
+                # the backward's gradient scale (grad_output read on the device), once per dtype
+                case.update(variant="scale_gradient", dtype=dtype, V=V, K=K, arch=arch)
+                backend.scale_gradient_(torch.empty(rows, V, dtype=DTYPES[dtype]), torch.ones(()))
     finally:
         knobs.runtime.jit_cache_hook = None
     return records

@@ -5,40 +5,45 @@ The kernels work on tiles of ``BLOCK_M`` rows. Number tokens are gathered in *va
 the tile; every other variant is invariant under that permutation. A label's position in that
 order is ``value_rank[number_index[label]]``: one V-table read per row, outside any loop.
 
-Accumulation dtype: the kernels cast to the element type of their float32 (float64 for float64
-logits) loss outputs, passed to the helpers as ``acc_ptr``.
+Every kernel takes the table tensors of :meth:`~ntl_fast.NumberTokenTable.kernel_tensors` (the
+list all kernel backends receive; ``sorted_gaps`` goes unread here: the kernels difference the
+values they gather). Accumulation dtype: :func:`ntl_fast.config.accumulation_dtype`; the kernels
+cast to the element type of their loss output, passed to the helpers as ``acc_ptr``.
+
+Rows that count for nothing (an ignored or invalid label, a zero upstream gradient) read no logit:
+their loads are masked by an ``active`` row mask, and their gradient rows are written as zeros.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..config import LossConfig
+from ..config import LossConfig, LossKind
 from ..table import NumberTokenTable
 
-# Loss variants as compile-time codes (one kernel, specialised per variant).
-WAS, MSE, MAE, HUBER, WAS_CDF = 0, 1, 2, 3, 4
-LOSS_CODES = {"was": WAS, "mse": MSE, "mae": MAE, "huber": HUBER, "was_cdf": WAS_CDF}
+# The loss variants as named compile-time values (one kernel, specialised per variant), taken from
+# the one definition of the codes, ntl_fast.config.LossKind.
+WAS = tl.constexpr(LossKind.WAS.value)
+MSE = tl.constexpr(LossKind.MSE.value)
+MAE = tl.constexpr(LossKind.MAE.value)
+HUBER = tl.constexpr(LossKind.HUBER.value)
+WAS_CDF = tl.constexpr(LossKind.WAS_CDF.value)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Launch settings. The interpreter costs ~0.3 ms per op per program, so it takes many rows per
 # program and small vocabulary chunks (tests then exercise tails). On CUDA a program owns one row
-# and streams its vocabulary in CUDA_BLOCK_V chunks; number-token-only kernels take several rows.
+# and streams its vocabulary in chunks (cuda_row_blocks); number-token-only kernels take several rows.
 INTERPRET_BLOCK_M = 64
 INTERPRET_BLOCK_V = 128
-# 2048 columns x 8 warps: 8 logits (16 bytes of bf16) per thread and chunk. With 4096, ptxas
-# spilled the standalone NTL forward's three running sums (reweighing) at K = 10 (sm_90, bf16);
-# benchmarks/triton_aot.py gates every specialisation on that.
-CUDA_BLOCK_V = 2048
-CUDA_NUM_WARPS = 8
+CUDA_BLOCK_V = 2048  # the widest vocabulary chunk (see cuda_row_blocks)
+LOGITS_PER_THREAD = 8  # per chunk: one 16-byte load of bf16 (two of fp32)
 CUDA_NUMBER_TILE = 2048  # rows x BLOCK_K elements per program of the number-token-only kernel
 
 # Which settings launches take: the interpreter's, or a CUDA launch's. Tests switch to "cuda"
@@ -59,24 +64,50 @@ def use_launch_settings(profile: str):
         _launch_profile = previous
 
 
+def cuda_row_blocks(vocab_size: int) -> tuple:
+    """``(BLOCK_V, num_warps)`` of a CUDA program that streams one row of ``vocab_size`` logits.
+
+    Each thread keeps LOGITS_PER_THREAD running maxima and sums (one vector load per chunk, no
+    cross-thread reduction until the row ends), so ``BLOCK_V = 256 * num_warps``:
+
+    ==================  =========  =========
+    V                   BLOCK_V    num_warps
+    ==================  =========  =========
+    <= 256              next_pow2  1
+    257 - 512           512        2
+    513 - 1024          1024       4
+    >= 1025             2048       8
+    ==================  =========  =========
+
+    Wider chunks (4096 columns) made ptxas spill the standalone NTL forward's three running sums
+    (reweighing) at K = 10 (sm_90, bf16); benchmarks/triton_aot.py gates every specialisation on
+    that and records each launch's ``blocks`` and ``num_warps`` per V in its table.
+    """
+    block_v = min(CUDA_BLOCK_V, triton.next_power_of_2(vocab_size))
+    return block_v, max(1, block_v // (32 * LOGITS_PER_THREAD))
+
+
 def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: bool) -> dict:
     """``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K`` and ``num_warps`` for one launch (shapes only)."""
     block_k = triton.next_power_of_2(num_numbers)
     if _launch_profile == "interpret":
         block_v = min(INTERPRET_BLOCK_V, triton.next_power_of_2(vocab_size))
         return dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=1)
-    block_v = min(CUDA_BLOCK_V, triton.next_power_of_2(vocab_size))
+    block_v, warps = cuda_row_blocks(vocab_size)
     if full_row:
-        warps = CUDA_NUM_WARPS if block_v >= 2048 else 4
         return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=warps)
     block_m = max(1, min(32, CUDA_NUMBER_TILE // block_k))
     return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=4)
 
 
-def table_tensors(table: NumberTokenTable) -> Tuple[Tensor, ...]:
-    """The table's tensors the kernels read, in the order the ops take them."""
-    return (table.number_ids, table.number_values, table.number_index, table.value_order,
-            table.value_rank, table.is_number)
+def launch_rows(kernel, logits: Tensor, num_numbers: int, full_row: bool, *args, **constants) -> None:
+    """Launches ``kernel`` over the rows of ``logits`` (nothing for M = 0) with this profile's
+    settings: one program per ``BLOCK_M`` rows."""
+    num_rows, vocab_size = logits.shape
+    if num_rows == 0:
+        return
+    settings = launch_settings(num_rows, vocab_size, num_numbers, full_row)
+    kernel[(triton.cdiv(num_rows, settings["BLOCK_M"]),)](*args, **constants, **settings)
 
 
 def loss_options(config: LossConfig, table: NumberTokenTable):
@@ -96,13 +127,9 @@ def kernel_options(loss, squash, squash_min, squash_scale, reweigh, reweigh_cons
                    gaussian_sigma, ignore_index):
     """The op arguments as the kernels take them: runtime scalars and constexpr switches."""
     scalars = (ignore_index, squash_min, squash_scale, reweigh_constant, sigma_or_one(gaussian_sigma))
-    switches = dict(LOSS=LOSS_CODES[loss], SQUASH=squash, REWEIGH=reweigh,
+    switches = dict(LOSS=LossKind.of(loss).value, SQUASH=squash, REWEIGH=reweigh,
                     GAUSSIAN=gaussian_sigma is not None)
     return scalars, switches
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def sigma_or_one(gaussian_sigma: Optional[float]) -> float:
@@ -117,28 +144,25 @@ def check_row_inputs(logits: Tensor, labels: Tensor, loss: str) -> None:
         )
     if logits.stride(-1) != 1:
         raise ValueError("logits must be contiguous along the vocabulary dimension")
-    if loss not in LOSS_CODES:
-        raise ValueError(f"loss must be one of {tuple(LOSS_CODES)}, got {loss!r}")
+    LossKind.of(loss)  # ValueError naming the variants
 
 
 # --------------------------------------------------------------------------------- row helpers
 @triton.jit
-def row_block(M, BLOCK_M: tl.constexpr):
-    """This program's rows (int64; clamped to M - 1 so every load is in bounds) and their mask."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return tl.minimum(rows, M - 1), rows < M
+def row_labels(labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, M, V, ignore_index,
+               BLOCK_M: tl.constexpr):
+    """This program's rows and their labels, classified (docs/math.md §2, §4); a bad label never
+    indexes memory.
 
-
-@triton.jit
-def row_labels(labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, rows, V,
-               ignore_index):
-    """Classify each row's label (docs/math.md §2, §4); a bad label never indexes memory.
-
-    Returns ``(label, in_range, bad, valid, rank, y)``: the label clamped into ``[0, V)``; whether
+    Returns ``(rows, row_mask, label, in_range, bad, valid, rank, y)``: the rows (int64; clamped
+    to M - 1 so every load is in bounds) and which are real; the label clamped into ``[0, V)``; whether
     it counts for CE; whether it is neither in range nor ignore_index; whether the row is
     NTL-valid; the label's position among the number tokens sorted by value; its value.
     ``ignore_index`` may lie inside ``[0, V)``: such labels are ignored, not scored.
     """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows = tl.minimum(rows, M - 1)
     label = tl.load(labels_ptr + rows * stride_label).to(tl.int64)
     ignored = label == ignore_index
     in_range = (label >= 0) & (label < V) & (ignored == 0)
@@ -149,7 +173,16 @@ def row_labels(labels_ptr, stride_label, number_index_ptr, value_rank_ptr, numbe
     number = tl.maximum(number, 0)
     rank = tl.load(value_rank_ptr + number)
     y = tl.load(number_values_ptr + number)
-    return label, in_range, bad, valid, rank, y
+    return rows, row_mask, label, in_range, bad, valid, rank, y
+
+
+@triton.jit
+def row_upstream(grad_ce_ptr, grad_ntl_ptr, rows, row_mask, in_range, valid, acc_ptr):
+    """Each row's upstream gradients of CE and NTL (0 where the row does not count for them) and
+    ``active``: whether the row has a gradient at all (only those rows read their logits)."""
+    upstream_ce = tl.where(in_range, tl.load(grad_ce_ptr + rows).to(acc_ptr.dtype.element_ty), 0.0)
+    upstream_ntl = tl.where(valid, tl.load(grad_ntl_ptr + rows).to(acc_ptr.dtype.element_ty), 0.0)
+    return upstream_ce, upstream_ntl, row_mask & ((upstream_ce != 0) | (upstream_ntl != 0))
 
 
 @triton.jit
@@ -167,46 +200,53 @@ def scaled(upstream, term):
 
 
 @triton.jit
-def row_logsumexp(row_ptrs, V, is_number_ptr, acc_ptr, BLOCK_V: tl.constexpr, TEXT: tl.constexpr):
-    """Row statistics by an online max / sum over BLOCK_V chunks (one read of the row).
+def row_logsumexp(row_ptrs, active, V, is_number_ptr, acc_ptr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                  TEXT: tl.constexpr):
+    """Row statistics from one read of each active row, in BLOCK_V chunks.
+
+    Every lane (thread element) keeps its own running max and sum over the columns it sees, one
+    ``exp`` per logit (``exp(-|x - max|)`` rescales whichever side is smaller), and the lanes are
+    combined by one reduction when the row ends: no cross-thread barrier inside the loop.
 
     Returns ``(shift, log_sum, log_text)``: the row max (0 where not finite), ``log Σ_k exp(z_k -
     shift)`` (so ``LSE_V = shift + log_sum``) and, with TEXT, the same sum over the non-number
     tokens only (``1 - m = exp(log_text - log_sum)`` without cancellation, docs/math.md §2.4).
     Callers form ``(z - shift) - log_sum``, never ``z - LSE_V``: a rounded LSE_V of large
-    magnitude would cost the shift invariance of §4.
+    magnitude would cost the shift invariance of §4. Inactive rows read nothing (-inf sums).
     """
     cols = tl.arange(0, BLOCK_V)
-    x = tl.load(row_ptrs[:, None] + cols[None, :], mask=(cols < V)[None, :], other=float("-inf"))
-    x = x.to(acc_ptr.dtype.element_ty)
-    running_max = tl.max(x, axis=1)
-    e = tl.exp(x - finite_or_zero(running_max)[:, None])
-    running_sum = tl.sum(e, axis=1)
-    if TEXT:
-        is_text = tl.load(is_number_ptr + cols, mask=cols < V, other=1) == 0
-        running_text = tl.sum(tl.where(is_text[None, :], e, 0.0), axis=1)
-    else:
-        running_text = running_sum
-    for start in range(BLOCK_V, V, BLOCK_V):
+    lane_max = tl.full([BLOCK_M, BLOCK_V], float("-inf"), acc_ptr.dtype.element_ty)
+    lane_sum = tl.zeros([BLOCK_M, BLOCK_V], acc_ptr.dtype.element_ty)
+    lane_text = tl.zeros([BLOCK_M, BLOCK_V], acc_ptr.dtype.element_ty)
+    for start in range(0, V, BLOCK_V):
         c = start + cols
-        x = tl.load(row_ptrs[:, None] + c[None, :], mask=(c < V)[None, :], other=float("-inf"))
+        x = tl.load(row_ptrs[:, None] + c[None, :], mask=active[:, None] & (c < V)[None, :], other=float("-inf"))
         x = x.to(acc_ptr.dtype.element_ty)
-        new_max = tl.maximum(running_max, tl.max(x, axis=1))
-        shift = finite_or_zero(new_max)
-        alpha = tl.exp(running_max - shift)  # 0 while every earlier logit was -inf
-        e = tl.exp(x - shift[:, None])
-        running_sum = running_sum * alpha + tl.sum(e, axis=1)
+        above = x > lane_max
+        # exp(-|x - max|): the old sum's rescale when x is the new max, x's term otherwise; a -inf
+        # logit adds 0 (also while the lane max is still -inf); +inf and NaN stay non-finite
+        t = tl.where(x == float("-inf"), 0.0, tl.exp(-tl.abs(x - lane_max)))
+        lane_sum = tl.where(above, lane_sum * t + 1.0, lane_sum + t)
         if TEXT:
-            is_text = tl.load(is_number_ptr + c, mask=c < V, other=1) == 0
-            running_text = running_text * alpha + tl.sum(tl.where(is_text[None, :], e, 0.0), axis=1)
-        running_max = new_max
-    return finite_or_zero(running_max), tl.log(running_sum), tl.log(running_text)
+            text = tl.load(is_number_ptr + c, mask=c < V, other=1) == 0
+            lane_text = tl.where(above, lane_text * t + tl.where(text, 1.0, 0.0)[None, :],
+                                 lane_text + tl.where(text[None, :], t, 0.0))
+        lane_max = tl.maximum(lane_max, x)
+    shift = finite_or_zero(tl.max(lane_max, axis=1))
+    weight = tl.exp(lane_max - shift[:, None])  # 0 on lanes that saw only -inf
+    log_sum = tl.log(tl.sum(lane_sum * weight, axis=1))
+    if TEXT:
+        log_text = tl.log(tl.sum(lane_text * weight, axis=1))
+    else:
+        log_text = log_sum
+    return shift, log_sum, log_text
 
 
 @triton.jit
-def number_columns(number_ids_ptr, number_values_ptr, value_order_ptr, K, acc_ptr, BLOCK_K: tl.constexpr):
+def number_columns(number_ids_ptr, number_values_ptr, value_order_ptr, K, like, BLOCK_K: tl.constexpr):
     """The number tokens in value order, BLOCK_K wide: ``(ids, values, mask)`` and the same one
-    position further along the order, ``(next_ids, next_values, has_next)`` (for the CDF form)."""
+    position further along the order, ``(next_ids, next_values, has_next)`` (for the CDF form);
+    values in the dtype of ``like``."""
     k = tl.arange(0, BLOCK_K)
     mask = k < K
     has_next = (k + 1) < K
@@ -214,19 +254,20 @@ def number_columns(number_ids_ptr, number_values_ptr, value_order_ptr, K, acc_pt
     next_order = tl.load(value_order_ptr + k + 1, mask=has_next, other=0)
     ids = tl.load(number_ids_ptr + order, mask=mask, other=0)
     next_ids = tl.load(number_ids_ptr + next_order, mask=has_next, other=0)
-    values = tl.load(number_values_ptr + order, mask=mask, other=0.0).to(acc_ptr.dtype.element_ty)
-    next_values = tl.load(number_values_ptr + next_order, mask=has_next, other=0.0).to(acc_ptr.dtype.element_ty)
+    values = tl.load(number_values_ptr + order, mask=mask, other=0.0).to(like.dtype)
+    next_values = tl.load(number_values_ptr + next_order, mask=has_next, other=0.0).to(like.dtype)
     return ids, values, mask, next_ids, next_values, has_next
 
 
 @triton.jit
-def number_logits(row_ptrs, ids, mask, next_ids, has_next, shift, LOSS: tl.constexpr):
-    """``(zn, zn_next)``: each row's number logits in value order minus ``shift`` (-inf in the
-    padding), and, for the CDF form, the same one position further (``zn`` otherwise)."""
-    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=mask[None, :], other=float("-inf"))
+def number_logits(row_ptrs, active, ids, mask, next_ids, has_next, shift, LOSS: tl.constexpr):
+    """``(zn, zn_next)``: each active row's number logits in value order minus ``shift`` (-inf in
+    the padding), and, for the CDF form, the same one position further (``zn`` otherwise)."""
+    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=active[:, None] & mask[None, :], other=float("-inf"))
     zn = zn.to(shift.dtype) - shift[:, None]
-    if LOSS == 4:
-        zn_next = tl.load(row_ptrs[:, None] + next_ids[None, :], mask=has_next[None, :], other=float("-inf"))
+    if LOSS == WAS_CDF:
+        zn_next = tl.load(row_ptrs[:, None] + next_ids[None, :], mask=active[:, None] & has_next[None, :],
+                          other=float("-inf"))
         zn_next = zn_next.to(shift.dtype) - shift[:, None]
     else:
         zn_next = zn
@@ -260,13 +301,13 @@ def number_token_terms(
         target = g / g_sum[:, None]
     else:
         target = tl.where(k[None, :] == rank[:, None], 1.0, 0.0).to(zn.dtype)
-    if LOSS == 0:  # WAS: Σ q_j D(y, v_j)
+    if LOSS == WAS:  # WAS: Σ q_j D(y, v_j)
         distance = tl.abs(y[:, None] - values[None, :])
         if SQUASH:
             distance = tl.where(distance > 0, 1.0 + (distance - squash_min) * squash_scale, 0.0)
         loss = tl.sum(q * distance, axis=1)
         dloss = q * (distance - loss[:, None])
-    elif LOSS == 4:  # WAS_CDF: Σ_k |F_q(k) - F_t(k)| gap_k
+    elif LOSS == WAS_CDF:  # WAS_CDF: Σ_k |F_q(k) - F_t(k)| gap_k
         # F_q(k) - F_t(k) from its lighter side: the prefix sum of q - t, or minus the suffix sum
         # beyond k (q and t one position further along, each computed like q and t themselves).
         # A confident prediction's tail above the label is then summed directly, never as 1 - q_l
@@ -297,10 +338,10 @@ def number_token_terms(
         offsets = values[None, :] - y[:, None]
         diff = tl.sum(q * offsets, axis=1)
         sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-        if LOSS == 1:
+        if LOSS == MSE:
             loss = diff * diff
             slope = 2.0 * diff
-        elif LOSS == 2:
+        elif LOSS == MAE:
             loss = tl.abs(diff)
             slope = sign
         else:
@@ -312,18 +353,104 @@ def number_token_terms(
 
 
 @triton.jit
-def store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, V, shift, log_sum, coefficient,
+def row_number_terms(row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+                     squash_min, squash_scale, sigma, LOSS: tl.constexpr, SQUASH: tl.constexpr,
+                     GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The number-token part of each row: gathers its K number logits (active rows only) and
+    returns ``(ids, k_mask, zn, lse_n, loss, dloss, target)`` of :func:`number_token_terms`, with
+    ``zn`` the number logits in value order minus ``shift``."""
+    ids, values, k_mask, next_ids, next_values, has_next = number_columns(
+        number_ids_ptr, number_values_ptr, value_order_ptr, K, shift, BLOCK_K
+    )
+    zn, zn_next = number_logits(row_ptrs, active, ids, k_mask, next_ids, has_next, shift, LOSS)
+    lse_n, q, loss, dloss, target = number_token_terms(
+        zn, zn_next, k_mask, has_next, values, next_values, rank, y.to(zn.dtype), squash_min, squash_scale, sigma,
+        LOSS, SQUASH, GAUSSIAN, BLOCK_K,
+    )
+    return ids, k_mask, zn, lse_n, loss, dloss, target
+
+
+@triton.jit
+def reweighed(loss, lse_n, log_sum, log_text, reweigh_constant):
+    """``m L + c (1 - m)`` (docs/math.md §2.4), the text mass ``1 - m`` from its own log-sum."""
+    return tl.exp(lse_n - log_sum) * loss + reweigh_constant * tl.exp(log_text - log_sum)
+
+
+@triton.jit
+def store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, log_sum, coefficient,
                          BLOCK_V: tl.constexpr):
-    """``grad[k] = coefficient * p_k`` for every column (one read of the row, one write), with
-    ``p_k = exp((z_k - shift) - log_sum)``; exactly 0 on rows whose coefficient is 0."""
+    """``grad[k] = coefficient * p_k`` for every column, with ``p_k = exp((z_k - shift) -
+    log_sum)``; exactly 0 on rows whose coefficient is 0, and inactive rows read nothing.
+
+    The chunks go from the row's end to its start: right after a sweep that read the row from
+    its start (the one-pass forward), its last chunks are the likeliest still to be in L2."""
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        c = start + cols
+    num_chunks = tl.cdiv(V, BLOCK_V)
+    for chunk in range(0, num_chunks):
+        c = (num_chunks - 1 - chunk) * BLOCK_V + cols
         col_mask = (c < V)[None, :]
-        x = tl.load(row_ptrs[:, None] + c[None, :], mask=col_mask, other=float("-inf"))
+        x = tl.load(row_ptrs[:, None] + c[None, :], mask=col_mask & active[:, None], other=float("-inf"))
         p = tl.exp((x.to(log_sum.dtype) - shift[:, None]) - log_sum[:, None])
         tl.store(
             grad_row_ptrs[:, None] + c[None, :],
             scaled(coefficient[:, None], p).to(grad_row_ptrs.dtype.element_ty),
             mask=col_mask & row_mask[:, None],
         )
+
+
+@triton.jit
+def store_row_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_range, valid, shift, log_sum,
+                       log_text, ids, k_mask, zn, z_label, lse_n, loss, dloss, target, upstream_ce, upstream_ntl,
+                       reweigh_constant, REWEIGH: tl.constexpr, INPLACE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Writes ``upstream_ce (p - target) + upstream_ntl ∂NTL/∂z`` into each row's gradient.
+
+    ``loss`` is L before reweighing; ``upstream_*`` are 0 where they do not apply (a row that
+    does not count for CE / NTL). The dense part ``a p_k`` goes to every column (``a =
+    upstream_ce``, minus ``upstream_ntl (L - c) m`` with reweigh); after a barrier, the K number
+    columns and the label column are overwritten with their exact values, computed from logits
+    (``zn``, ``z_label``) read before any write, so the gradient may overwrite the logits.
+    """
+    p_n = tl.exp(zn - log_sum[:, None])
+    # CE target over N: Gaussian (§2.5) or one-hot at a number label; 0 for other labels
+    ce_target = tl.where(valid[:, None], target, 0.0)
+    number_grad = scaled(upstream_ce[:, None], p_n - ce_target)
+    if REWEIGH:
+        # ∂L'/∂z_k = m ∂L/∂z_k + (L - c) p_k (1[k∈N] - m), with 1 - m the text mass
+        mass = tl.exp(lse_n - log_sum)
+        text_mass = tl.exp(log_text - log_sum)
+        spread = loss - reweigh_constant
+        dense = upstream_ce - scaled(upstream_ntl, spread * mass)
+        number_grad += scaled(
+            upstream_ntl[:, None], mass[:, None] * dloss + (spread * text_mass)[:, None] * p_n
+        )
+    else:
+        dense = upstream_ce
+        number_grad += scaled(upstream_ntl[:, None], dloss)
+    # a label outside N: p_l - 1 (a number label is one of the K columns)
+    label_grad = scaled(dense, tl.exp(z_label - log_sum)) - upstream_ce
+    if INPLACE:
+        tl.debug_barrier()  # the gathers complete before the row is overwritten
+    store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, log_sum, dense, BLOCK_V)
+    tl.debug_barrier()  # the exact values of K + 1 columns land after the dense write
+    tl.store(
+        grad_row_ptrs[:, None] + ids[None, :],
+        number_grad.to(grad_row_ptrs.dtype.element_ty),
+        mask=row_mask[:, None] & k_mask[None, :],
+    )
+    tl.store(
+        grad_row_ptrs + label,
+        label_grad.to(grad_row_ptrs.dtype.element_ty),
+        mask=row_mask & in_range & (valid == 0),
+    )
+
+
+@triton.jit
+def scale_kernel(grad_ptr, numel, factor_ptr, BLOCK: tl.constexpr):
+    """``grad *= factor[0]`` in place; every program returns at once when the factor is 1, so the
+    usual backward (``grad_output == 1``) costs a launch and one scalar read, no pass over grad."""
+    factor = tl.load(factor_ptr).to(tl.float32)
+    if factor != 1.0:
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        grad = tl.load(grad_ptr + offsets, mask=mask)
+        tl.store(grad_ptr + offsets, (grad.to(tl.float32) * factor).to(grad_ptr.dtype.element_ty), mask=mask)
