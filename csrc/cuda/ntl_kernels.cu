@@ -398,6 +398,21 @@ __global__ void __launch_bounds__(512) forward_kernel(const CudaRows a) {
 
 extern __shared__ __align__(16) unsigned char ntl_dynamic_smem[];
 
+// What a dense kernel's block works on: row first + blockIdx.x, its logits, its gradient, and the
+// fixes of its number columns in dynamic shared memory.
+template <typename scalar_t, typename acc_t>
+struct BlockRow {
+  int64_t r;
+  const scalar_t* z;
+  scalar_t* out;
+  acc_t* fix;
+  __device__ __forceinline__ BlockRow(const CudaRows& a, int64_t first)
+      : r(first + blockIdx.x),
+        z(static_cast<const scalar_t*>(a.logits) + r * a.V),
+        out(static_cast<scalar_t*>(a.grad_logits) + r * a.V),
+        fix(reinterpret_cast<acc_t*>(ntl_dynamic_smem)) {}
+};
+
 // The dense part of a row's gradient, coef * p_k on every column (zeros when coef is 0, without
 // reading the row), then the fixed columns by thread 0 in the order of the CPU kernels: a
 // repeated id (or a label column that is also a number id, in a corrupt table) is written
@@ -512,10 +527,7 @@ __device__ __noinline__ void write_row_gradient_apart(const scalar_t* z, scalar_
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
     backward_kernel(const CudaRows a, int64_t first) {
-  const int64_t r = first + blockIdx.x;
-  const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
-  scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + r * a.V;
-  acc_t* fix = reinterpret_cast<acc_t*>(ntl_dynamic_smem);
+  const auto [r, z, out, fix] = BlockRow<scalar_t, acc_t>(a, first);
   __shared__ RowGradient<acc_t> g;
   const acc_t* saved = static_cast<const acc_t*>(a.row_stats) + r * RowStats<acc_t>::kSize;
   if (threadIdx.x == 0) {
@@ -540,10 +552,7 @@ __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
     loss_and_grad_kernel(const CudaRows a, int64_t first) {
-  const int64_t r = first + blockIdx.x;
-  const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
-  scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + r * a.V;
-  acc_t* fix = reinterpret_cast<acc_t*>(ntl_dynamic_smem);
+  const auto [r, z, out, fix] = BlockRow<scalar_t, acc_t>(a, first);
   __shared__ RowLabel lab;
   __shared__ int dense_kind;
   __shared__ RowGradient<acc_t> g;
