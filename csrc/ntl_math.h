@@ -187,13 +187,14 @@ NTL_HD int dense_lse_kind(const RowLabel& lab, bool with_ce, const Options& opt)
   return (with_ce && lab.in_range) ? kDenseVocab : kNoDense;
 }
 
-// A row's saved statistics from its dense log-sum-exp (of the kind dense_lse_kind says).
-template <typename acc_t, typename Row>
-NTL_HD RowStats<acc_t> row_stats(const Row& row, const RowLabel& lab, int dense_kind,
-                                 const LogSumExp<acc_t>& dense) {
+// A row's saved statistics from its dense log-sum-exp (of the kind dense_lse_kind says) and, for an
+// NTL-valid row, LSE_N (number_logsumexp; the one-pass CUDA kernel has it from its terms kernel).
+template <typename acc_t>
+NTL_HD RowStats<acc_t> row_stats_with_number(const RowLabel& lab, int dense_kind, const LogSumExp<acc_t>& dense,
+                                             const LogSumExp<acc_t>& number) {
   RowStats<acc_t> st{{0, 0}, {0, 0}, 0};
   if (lab.bad) return st;
-  if (lab.number >= 0) st.number = number_logsumexp<acc_t>(row);
+  if (lab.number >= 0) st.number = number;
   if (dense_kind == kDenseText) {
     st.vocab = lse_union(dense, st.number);
     st.text_log_mass = lse_log_share(dense, st.vocab);
@@ -201,6 +202,14 @@ NTL_HD RowStats<acc_t> row_stats(const Row& row, const RowLabel& lab, int dense_
     st.vocab = dense;
   }
   return st;
+}
+
+template <typename acc_t, typename Row>
+NTL_HD RowStats<acc_t> row_stats(const Row& row, const RowLabel& lab, int dense_kind,
+                                 const LogSumExp<acc_t>& dense) {
+  LogSumExp<acc_t> number{0, 0};
+  if (!lab.bad && lab.number >= 0) number = number_logsumexp<acc_t>(row);
+  return row_stats_with_number(lab, dense_kind, dense, number);
 }
 
 // D(y, v_k) of §2.2, squashed onto [1, s] when asked; float32 like the table's distance matrix.
@@ -477,44 +486,6 @@ NTL_HD void number_gradients(const Row& row, int64_t label_number, const LogSumE
   }
 }
 
-// Forward of one row: CE (§2.6, or Gaussian-CE §2.5) and NTL (reweighed per §2.4 when asked).
-// z_label is read only when with_ce and in range.
-template <typename acc_t, typename Row>
-NTL_HD void row_forward(const Row& row, const RowLabel& lab, acc_t z_label, const RowStats<acc_t>& st,
-                        bool with_ce, const Options& opt, acc_t* ce, acc_t* ntl) {
-  *ce = 0;
-  *ntl = 0;
-  if (lab.bad) {
-    *ce = ntl_nan<acc_t>();
-    *ntl = ntl_nan<acc_t>();
-    return;
-  }
-  if (lab.number >= 0) {
-    const NumberStats<acc_t> s = number_stats(row, lab.number, st.number, opt, false);
-    acc_t loss = s.loss;
-    if (opt.reweigh) {
-      const acc_t mass = ntl_exp(st.number_log_mass());
-      loss = mass * loss + acc_t(opt.reweigh_constant) * ntl_exp(st.text_log_mass);
-    }
-    *ntl = loss;
-  }
-  if (with_ce && lab.in_range) {
-    if (opt.gaussian && lab.number >= 0) {
-      // LSE_V - Σ t_k z_k = Σ t_k (LSE_V - z_k) as the targets sum to 1: no rounded LSE_V.
-      const acc_t y = acc_t(row.value(lab.number));
-      const acc_t log_norm = gaussian_log_norm(row, y, opt);
-      acc_t ce_sum = 0;
-      for (int64_t k = 0; k < row.K; ++k) {
-        const acc_t t = number_target(row, k, lab.number, y, log_norm, true, opt);
-        ce_sum += t * lse_minus(st.vocab, acc_t(row.logit(k)));
-      }
-      *ce = ce_sum;
-    } else {
-      *ce = lse_minus(st.vocab, z_label);
-    }
-  }
-}
-
 // g * x, exactly 0 when g is: a row whose upstream gradient is 0 (zero weight) gets a zero
 // gradient even where its logits make x non-finite.
 template <typename acc_t>
@@ -557,52 +528,24 @@ struct NumberColumnGradient {
   }
 };
 
-template <typename acc_t, typename Row>
-NTL_HD RowGradient<acc_t> row_backward(const Row& row, const RowLabel& lab, acc_t z_label,
-                                       const RowStats<acc_t>& st, acc_t grad_ce, acc_t grad_ntl,
-                                       bool with_ce, const Options& opt, acc_t* fix) {
-  RowGradient<acc_t> r{0, 0, -1, false};
-  if (lab.bad) return r;  // the losses are NaN constants there: zero gradient, like torch.where
-  grad_ce = (with_ce && lab.in_range) ? grad_ce : acc_t(0);
-  r.coef = grad_ce;
-  if (lab.number >= 0) {
-    // Every fix is written below; zeroing first keeps the gradient defined (and deterministic)
-    // even for a value_order that misses some positions.
-    for (int64_t k = 0; k < row.K; ++k) fix[k] = acc_t(0);
-    const NumberStats<acc_t> s = number_stats(row, lab.number, st.number, opt, true);
-    acc_t mass = 1, text_mass = 0;
-    if (opt.reweigh) {
-      mass = ntl_exp(st.number_log_mass());
-      text_mass = ntl_exp(st.text_log_mass);
-      // ∂L'/∂z_k ⊇ (L - c) p_k (1[k∈N] - m): the -m part reaches every column.
-      r.coef -= scaled(grad_ntl, (s.loss - acc_t(opt.reweigh_constant)) * mass);
-    }
-    const bool gaussian_ce = with_ce && opt.gaussian;
-    const acc_t log_norm = gaussian_ce ? gaussian_log_norm(row, s.y, opt) : acc_t(0);
-    NumberColumnGradient<acc_t, Row> emit{row, fix, grad_ce, grad_ntl, mass, text_mass,
-                                          s.loss - acc_t(opt.reweigh_constant), s.y, log_norm,
-                                          st.vocab, lab.number, with_ce || opt.reweigh, opt.reweigh,
-                                          gaussian_ce, opt};
-    number_gradients(row, lab.number, st.number, opt, s, emit);
-    r.number_fix = true;
-  } else if (with_ce && lab.in_range) {
-    r.label_column = lab.label;
-    r.label_fix = scaled(grad_ce, lse_prob(z_label, st.vocab) - acc_t(1));
-  }
-  return r;
-}
-
-// row_backward in two stages, for kernels that keep the number-token math apart from their dense
-// pass. The first needs only the number logits and LSE_N (no LSE_V): ∂L/∂z_k before reweighing for
-// every number token, into dloss[0..K), and the scalars below. The second forms the RowGradient and
-// the fixes from them and the row statistics. Together they compute what row_backward computes,
-// operation for operation, for a valid table (value_order a permutation: every k emitted once).
+// One row's losses and gradient, in two stages: the CPU operators run both for a row at a time;
+// the CUDA kernels run the first in a per-row kernel and the second after their dense pass.
+//   Stage 1 (ForwardTerms, or number_gradient_terms for a backward) needs only the number
+//   logits and LSE_N (no LSE_V): L before reweighing, the Gaussian normaliser and, for a backward,
+//   ∂L/∂z_k before reweighing for every number token into dloss[0..K).
+//   Stage 2 (row_forward_finish, row_backward_finish) forms the losses, or the RowGradient and its
+//   fixes, from those and the row statistics.
 template <typename acc_t>
 struct NumberGradientTerms {
   acc_t loss;      // L before reweighing
   acc_t y;         // the label's value
   acc_t log_norm;  // the Gaussian target's normaliser (CE with Gaussian targets), else 0
   LogSumExp<acc_t> number;  // LSE_N
+
+  // What row_forward_finish asks of its terms (ForwardTerms computes them where it asks).
+  NTL_HD acc_t loss_before_reweighing() const { return loss; }
+  NTL_HD acc_t label_value() const { return y; }
+  NTL_HD acc_t ce_log_norm() const { return log_norm; }
 };
 
 template <typename acc_t>
@@ -612,38 +555,45 @@ struct StoreNumberGradient {
 };
 
 template <typename acc_t, typename Row>
+NTL_HD NumberGradientTerms<acc_t> number_terms(const Row& row, const NumberStats<acc_t>& s,
+                                               const LogSumExp<acc_t>& lse_number, bool with_ce, const Options& opt) {
+  const acc_t log_norm = (with_ce && opt.gaussian) ? gaussian_log_norm(row, s.y, opt) : acc_t(0);
+  return {s.loss, s.y, log_norm, lse_number};
+}
+
+// Stage 1 of a backward (an NTL-valid row).
+template <typename acc_t, typename Row>
 NTL_HD NumberGradientTerms<acc_t> number_gradient_terms(const Row& row, int64_t label_number,
                                                         const LogSumExp<acc_t>& lse_number, bool with_ce,
                                                         const Options& opt, acc_t* dloss) {
   for (int64_t k = 0; k < row.K; ++k) dloss[k] = acc_t(0);  // positions a corrupt value_order misses
   const NumberStats<acc_t> s = number_stats(row, label_number, lse_number, opt, true);
-  const acc_t log_norm = (with_ce && opt.gaussian) ? gaussian_log_norm(row, s.y, opt) : acc_t(0);
   StoreNumberGradient<acc_t> store{dloss};
   number_gradients(row, label_number, lse_number, opt, s, store);
-  return {s.loss, s.y, log_norm, lse_number};
+  return number_terms(row, s, lse_number, with_ce, opt);
 }
 
-// row_stats with LSE_N given (from number_gradient_terms): the same operations.
-template <typename acc_t>
-NTL_HD RowStats<acc_t> row_stats_with_number(const RowLabel& lab, int dense_kind, const LogSumExp<acc_t>& dense,
-                                             const LogSumExp<acc_t>& number) {
-  RowStats<acc_t> st{{0, 0}, {0, 0}, 0};
-  if (lab.bad) return st;
-  if (lab.number >= 0) st.number = number;
-  if (dense_kind == kDenseText) {
-    st.vocab = lse_union(dense, st.number);
-    st.text_log_mass = lse_log_share(dense, st.vocab);
-  } else if (dense_kind == kDenseVocab) {
-    st.vocab = dense;
-  }
-  return st;
-}
-
-// row_forward (with CE) for a row whose loss before reweighing and Gaussian normaliser come from
-// number_gradient_terms (computed with CE): the same operations as row_forward.
+// Stage 1 of a forward (an NTL-valid row), each term computed where row_forward_finish asks for it
+// (Gaussian normaliser only for the CE) rather than all up front.
 template <typename acc_t, typename Row>
+struct ForwardTerms {
+  const Row& row;
+  int64_t label_number;
+  const LogSumExp<acc_t>& lse_number;
+  const Options& opt;
+  NTL_HD acc_t loss_before_reweighing() const {
+    return number_stats(row, label_number, lse_number, opt, false).loss;
+  }
+  NTL_HD acc_t label_value() const { return acc_t(row.value(label_number)); }
+  NTL_HD acc_t ce_log_norm() const { return gaussian_log_norm(row, label_value(), opt); }
+};
+
+// Stage 2 of a forward: CE (§2.6, or Gaussian-CE §2.5) and NTL (reweighed per §2.4 when asked).
+// `terms` (NumberGradientTerms or ForwardTerms) is read only for NTL-valid rows; z_label only when
+// with_ce and in range.
+template <typename acc_t, typename Row, typename Terms>
 NTL_HD void row_forward_finish(const Row& row, const RowLabel& lab, acc_t z_label, const RowStats<acc_t>& st,
-                               const NumberGradientTerms<acc_t>& terms, const Options& opt, acc_t* ce, acc_t* ntl) {
+                               const Terms& terms, bool with_ce, const Options& opt, acc_t* ce, acc_t* ntl) {
   *ce = 0;
   *ntl = 0;
   if (lab.bad) {
@@ -652,18 +602,21 @@ NTL_HD void row_forward_finish(const Row& row, const RowLabel& lab, acc_t z_labe
     return;
   }
   if (lab.number >= 0) {
-    acc_t loss = terms.loss;
+    acc_t loss = terms.loss_before_reweighing();
     if (opt.reweigh) {
       const acc_t mass = ntl_exp(st.number_log_mass());
       loss = mass * loss + acc_t(opt.reweigh_constant) * ntl_exp(st.text_log_mass);
     }
     *ntl = loss;
   }
-  if (lab.in_range) {
+  if (with_ce && lab.in_range) {
     if (opt.gaussian && lab.number >= 0) {
+      // LSE_V - Σ t_k z_k = Σ t_k (LSE_V - z_k) as the targets sum to 1: no rounded LSE_V.
+      const acc_t y = terms.label_value();
+      const acc_t log_norm = terms.ce_log_norm();
       acc_t ce_sum = 0;
       for (int64_t k = 0; k < row.K; ++k) {
-        const acc_t t = number_target(row, k, lab.number, terms.y, terms.log_norm, true, opt);
+        const acc_t t = number_target(row, k, lab.number, y, log_norm, true, opt);
         ce_sum += t * lse_minus(st.vocab, acc_t(row.logit(k)));
       }
       *ce = ce_sum;
@@ -673,7 +626,8 @@ NTL_HD void row_forward_finish(const Row& row, const RowLabel& lab, acc_t z_labe
   }
 }
 
-// The second stage: `terms` and `dloss` from number_gradient_terms (read only for NTL-valid rows).
+// Stage 2 of a backward: `terms` and `dloss` from number_gradient_terms (read only for NTL-valid
+// rows). dloss may be fix itself: each dloss[k] is read just before fix[k] is written.
 template <typename acc_t, typename Row>
 NTL_HD RowGradient<acc_t> row_backward_finish(const Row& row, const RowLabel& lab, acc_t z_label,
                                               const RowStats<acc_t>& st, acc_t grad_ce, acc_t grad_ntl,
@@ -681,7 +635,7 @@ NTL_HD RowGradient<acc_t> row_backward_finish(const Row& row, const RowLabel& la
                                               const NumberGradientTerms<acc_t>& terms, const acc_t* dloss,
                                               acc_t* fix) {
   RowGradient<acc_t> r{0, 0, -1, false};
-  if (lab.bad) return r;
+  if (lab.bad) return r;  // the losses are NaN constants there: zero gradient, like torch.where
   grad_ce = (with_ce && lab.in_range) ? grad_ce : acc_t(0);
   r.coef = grad_ce;
   if (lab.number >= 0) {
@@ -689,6 +643,7 @@ NTL_HD RowGradient<acc_t> row_backward_finish(const Row& row, const RowLabel& la
     if (opt.reweigh) {
       mass = ntl_exp(st.number_log_mass());
       text_mass = ntl_exp(st.text_log_mass);
+      // ∂L'/∂z_k ⊇ (L - c) p_k (1[k∈N] - m): the -m part reaches every column.
       r.coef -= scaled(grad_ntl, (terms.loss - acc_t(opt.reweigh_constant)) * mass);
     }
     NumberColumnGradient<acc_t, Row> emit{row, fix, grad_ce, grad_ntl, mass, text_mass,
@@ -702,6 +657,25 @@ NTL_HD RowGradient<acc_t> row_backward_finish(const Row& row, const RowLabel& la
     r.label_fix = scaled(grad_ce, lse_prob(z_label, st.vocab) - acc_t(1));
   }
   return r;
+}
+
+// Both stages of one row at once (the CPU operators, the CUDA two-pass forward).
+template <typename acc_t, typename Row>
+NTL_HD void row_forward(const Row& row, const RowLabel& lab, acc_t z_label, const RowStats<acc_t>& st,
+                        bool with_ce, const Options& opt, acc_t* ce, acc_t* ntl) {
+  const ForwardTerms<acc_t, Row> terms{row, lab.number, st.number, opt};
+  row_forward_finish(row, lab, z_label, st, terms, with_ce, opt, ce, ntl);
+}
+
+// fix[0..K) doubles as the dloss workspace.
+template <typename acc_t, typename Row>
+NTL_HD RowGradient<acc_t> row_backward(const Row& row, const RowLabel& lab, acc_t z_label,
+                                       const RowStats<acc_t>& st, acc_t grad_ce, acc_t grad_ntl,
+                                       bool with_ce, const Options& opt, acc_t* fix) {
+  const NumberGradientTerms<acc_t> terms = (!lab.bad && lab.number >= 0)
+                                               ? number_gradient_terms(row, lab.number, st.number, with_ce, opt, fix)
+                                               : NumberGradientTerms<acc_t>{0, 0, 0, {0, 0}};
+  return row_backward_finish(row, lab, z_label, st, grad_ce, grad_ntl, with_ce, opt, terms, fix, fix);
 }
 
 }  // namespace ntl

@@ -145,6 +145,18 @@ __device__ __forceinline__ Pack<scalar_t> load_pack(const scalar_t* p) {
   return out;
 }
 
+// p[u] = the pack base + u * stride of body, for the u < kFlight below `packs`: every load issued
+// before the first use.
+template <typename scalar_t, int kFlight>
+__device__ __forceinline__ void load_packs(const scalar_t* body, int64_t base, int64_t stride, int64_t packs,
+                                           Pack<scalar_t> (&p)[kFlight]) {
+#pragma unroll
+  for (int u = 0; u < kFlight; ++u) {
+    const int64_t pack = base + int64_t(u) * stride;
+    if (pack < packs) p[u] = load_pack(body + pack * Pack<scalar_t>::kSize);
+  }
+}
+
 template <typename scalar_t>
 __device__ __forceinline__ void store_pack(scalar_t* p, const Pack<scalar_t>& x) {
   uint32_t w[4];
@@ -239,11 +251,7 @@ __device__ LogSumExp<acc_t> block_logsumexp(const scalar_t* z, int64_t V, bool t
     const scalar_t* body = z + split.head;
     for (int64_t base = threadIdx.x; base < split.packs; base += int64_t(blockDim.x) * kFlight) {
       Pack<scalar_t> p[kFlight];
-#pragma unroll
-      for (int u = 0; u < kFlight; ++u) {
-        const int64_t pack = base + int64_t(u) * blockDim.x;
-        if (pack < split.packs) p[u] = load_pack(body + pack * kSize);
-      }
+      load_packs(body, base, blockDim.x, split.packs, p);
 #pragma unroll
       for (int u = 0; u < kFlight; ++u) {  // the packs merged one by one: fewer values live at once
         if (base + int64_t(u) * blockDim.x >= split.packs) break;
@@ -324,11 +332,7 @@ __device__ __forceinline__ void write_probabilities(const scalar_t* z, scalar_t*
   scalar_t* body_out = out + split.head;
   for (int64_t base = threadIdx.x; base < split.packs; base += int64_t(blockDim.x) * kFlight) {
     Pack<scalar_t> p[kFlight];
-#pragma unroll
-    for (int u = 0; u < kFlight; ++u) {
-      const int64_t pack = base + int64_t(u) * blockDim.x;
-      if (pack < split.packs) p[u] = load_pack(body + pack * kSize);
-    }
+    load_packs(body, base, blockDim.x, split.packs, p);
 #pragma unroll
     for (int u = 0; u < kFlight; ++u) {
       const int64_t pack = base + int64_t(u) * blockDim.x;
@@ -393,6 +397,21 @@ __global__ void __launch_bounds__(512) forward_kernel(const CudaRows a) {
 }
 
 extern __shared__ __align__(16) unsigned char ntl_dynamic_smem[];
+
+// What a dense kernel's block works on: row first + blockIdx.x, its logits, its gradient, and the
+// fixes of its number columns in dynamic shared memory.
+template <typename scalar_t, typename acc_t>
+struct BlockRow {
+  int64_t r;
+  const scalar_t* z;
+  scalar_t* out;
+  acc_t* fix;
+  __device__ __forceinline__ BlockRow(const CudaRows& a, int64_t first)
+      : r(first + blockIdx.x),
+        z(static_cast<const scalar_t*>(a.logits) + r * a.V),
+        out(static_cast<scalar_t*>(a.grad_logits) + r * a.V),
+        fix(reinterpret_cast<acc_t*>(ntl_dynamic_smem)) {}
+};
 
 // The dense part of a row's gradient, coef * p_k on every column (zeros when coef is 0, without
 // reading the row), then the fixed columns by thread 0 in the order of the CPU kernels: a
@@ -508,10 +527,7 @@ __device__ __noinline__ void write_row_gradient_apart(const scalar_t* z, scalar_
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
     backward_kernel(const CudaRows a, int64_t first) {
-  const int64_t r = first + blockIdx.x;
-  const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
-  scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + r * a.V;
-  acc_t* fix = reinterpret_cast<acc_t*>(ntl_dynamic_smem);
+  const auto [r, z, out, fix] = BlockRow<scalar_t, acc_t>(a, first);
   __shared__ RowGradient<acc_t> g;
   const acc_t* saved = static_cast<const acc_t*>(a.row_stats) + r * RowStats<acc_t>::kSize;
   if (threadIdx.x == 0) {
@@ -536,10 +552,7 @@ __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
     loss_and_grad_kernel(const CudaRows a, int64_t first) {
-  const int64_t r = first + blockIdx.x;
-  const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
-  scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + r * a.V;
-  acc_t* fix = reinterpret_cast<acc_t*>(ntl_dynamic_smem);
+  const auto [r, z, out, fix] = BlockRow<scalar_t, acc_t>(a, first);
   __shared__ RowLabel lab;
   __shared__ int dense_kind;
   __shared__ RowGradient<acc_t> g;
@@ -566,7 +579,7 @@ __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
     const RowStats<acc_t> stats = row_stats_with_number(lab, dense_kind, dense, terms.number);
     const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
     acc_t ce = 0, ntl = 0;
-    row_forward_finish(row, lab, z_label, stats, terms, a.options, &ce, &ntl);
+    row_forward_finish(row, lab, z_label, stats, terms, true, a.options, &ce, &ntl);
     static_cast<acc_t*>(a.ce)[r] = ce;
     static_cast<acc_t*>(a.ntl)[r] = ntl;
     const acc_t ce_scale = static_cast<const acc_t*>(a.ce_scale)[r];
@@ -600,11 +613,7 @@ __global__ void __launch_bounds__(kScaleThreads) scale_kernel(scalar_t* grad, in
   scalar_t* body = grad + split.head;
   for (int64_t base = first; base < split.packs; base += stride * kFlight) {
     Pack<scalar_t> p[kFlight];
-#pragma unroll
-    for (int u = 0; u < kFlight; ++u) {
-      const int64_t pack = base + int64_t(u) * stride;
-      if (pack < split.packs) p[u] = load_pack(body + pack * kSize);
-    }
+    load_packs(body, base, stride, split.packs, p);
 #pragma unroll
     for (int u = 0; u < kFlight; ++u) {
       const int64_t pack = base + int64_t(u) * stride;
