@@ -45,6 +45,10 @@ INTERPRET_BLOCK_V = 128
 CUDA_BLOCK_V = 2048  # the widest vocabulary chunk (see cuda_row_blocks)
 LOGITS_PER_THREAD = 8  # per chunk: one 16-byte load of bf16 (two of fp32)
 CUDA_NUMBER_TILE = 2048  # rows x BLOCK_K elements per program of the number-token-only kernel
+# The widest number-token tile: a larger table is processed in BLOCK_K-wide tiles (TILED kernels),
+# so registers stop growing with K. WAS_CDF keeps one tile of next_pow2(K) (its prefix sums).
+MAX_BLOCK_K = 256
+CUDA_TILED_NUMBER_TILE = 512  # rows x BLOCK_K elements per program of a tiled number-token-only kernel
 
 # Which settings launches take: the interpreter's, or a CUDA launch's. Tests switch to "cuda"
 # under the interpreter (use_launch_settings) to run the exact tiling a GPU runs.
@@ -87,26 +91,33 @@ def cuda_row_blocks(vocab_size: int) -> tuple:
     return block_v, max(1, block_v // (32 * LOGITS_PER_THREAD))
 
 
-def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: bool) -> dict:
-    """``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K`` and ``num_warps`` for one launch (shapes only)."""
+def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: bool, tile_k: bool = True) -> dict:
+    """``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K``, ``TILED`` and ``num_warps`` for one launch (shapes only).
+
+    With ``tile_k``, ``BLOCK_K`` is capped at MAX_BLOCK_K and ``TILED`` says whether the K number
+    tokens take several tiles; ``K <= MAX_BLOCK_K`` is one tile (``TILED=False``), as without it."""
     block_k = triton.next_power_of_2(num_numbers)
+    tiled = tile_k and block_k > MAX_BLOCK_K
+    if tiled:
+        block_k = MAX_BLOCK_K
     if _launch_profile == "interpret":
         block_v = min(INTERPRET_BLOCK_V, triton.next_power_of_2(vocab_size))
-        return dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=1)
+        return dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=1)
     block_v, warps = cuda_row_blocks(vocab_size)
     if full_row:
-        return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=warps)
-    block_m = max(1, min(32, CUDA_NUMBER_TILE // block_k))
-    return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=4)
+        return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps)
+    block_m = max(1, min(32, (CUDA_TILED_NUMBER_TILE if tiled else CUDA_NUMBER_TILE) // block_k))
+    return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=4)
 
 
 def launch_rows(kernel, logits: Tensor, num_numbers: int, full_row: bool, *args, **constants) -> None:
     """Launches ``kernel`` over the rows of ``logits`` (nothing for M = 0) with this profile's
-    settings: one program per ``BLOCK_M`` rows."""
+    settings: one program per ``BLOCK_M`` rows. WAS_CDF takes the K number tokens in one tile."""
     num_rows, vocab_size = logits.shape
     if num_rows == 0:
         return
-    settings = launch_settings(num_rows, vocab_size, num_numbers, full_row)
+    settings = launch_settings(num_rows, vocab_size, num_numbers, full_row,
+                               tile_k=constants.get("LOSS") != LossKind.WAS_CDF.value)
     kernel[(triton.cdiv(num_rows, settings["BLOCK_M"]),)](*args, **constants, **settings)
 
 
@@ -371,6 +382,118 @@ def row_number_terms(row_ptrs, active, shift, rank, y, number_ids_ptr, number_va
 
 
 @triton.jit
+def number_tile(row_ptrs, active, start, shift, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+                GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The BLOCK_K number tokens at value-order positions ``start + arange(BLOCK_K)`` (a tile of a
+    TILED kernel): ``(k, ids, mask, values, zn, g)`` with ``zn`` the number logits minus ``shift``
+    (-inf in the padding and on inactive rows) and, with GAUSSIAN, ``g`` the log of the unnormalised
+    Gaussian target (§2.5; -inf in the padding)."""
+    k = start + tl.arange(0, BLOCK_K)
+    mask = k < K
+    order = tl.load(value_order_ptr + k, mask=mask, other=0)
+    ids = tl.load(number_ids_ptr + order, mask=mask, other=0)
+    values = tl.load(number_values_ptr + order, mask=mask, other=0.0).to(shift.dtype)
+    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=active[:, None] & mask[None, :], other=float("-inf"))
+    zn = zn.to(shift.dtype) - shift[:, None]
+    if GAUSSIAN:
+        d = (values[None, :] - y[:, None]) / sigma
+        g = tl.where(mask[None, :], -0.5 * d * d, float("-inf"))
+    else:
+        g = zn
+    return k, ids, mask, values, zn, g
+
+
+@triton.jit
+def online_exp_sum(run_max, run_sum, x):
+    """Folds the tile ``x`` into a running ``(max, Σ exp(x - max))`` per row; a row that has seen
+    only -inf keeps ``(-inf, 0)``, and a +inf or NaN stays non-finite as in one tile."""
+    new_max = tl.maximum(run_max, tl.max(x, axis=1))
+    base = tl.where(new_max == float("-inf"), 0.0, new_max)
+    run_sum = run_sum * tl.exp(run_max - base) + tl.sum(tl.exp(x - base[:, None]), axis=1)
+    return new_max, run_sum
+
+
+@triton.jit
+def tiled_number_summary(row_ptrs, active, shift, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+                         squash_min, squash_scale, sigma, LOSS: tl.constexpr, SQUASH: tl.constexpr,
+                         GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The row-level number-token quantities of :func:`number_token_terms` for K > BLOCK_K, in
+    BLOCK_K tiles (WAS and the regression losses; not WAS_CDF).
+
+    One sweep folds each tile into a running max and sum of the number logits (and of the Gaussian
+    target's exponents); a second forms ``q`` and the target per tile and sums L's terms. Returns
+    ``(z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn)``: ``q_k = exp(zn_k - z_max) /
+    total``, ``t_k = exp(g_k - g_max) / g_sum`` (GAUSSIAN), L, ``ŷ - y = Σ q_k (v_k - y)`` (the
+    regression losses) and ``Σ_k t_k zn_k`` (the Gaussian CE's target term)."""
+    z_max = tl.zeros_like(shift) + float("-inf")
+    total = tl.zeros_like(shift)
+    g_max = tl.zeros_like(shift) + float("-inf")
+    g_sum = tl.zeros_like(shift)
+    for start in range(0, K, BLOCK_K):
+        k, ids, mask, values, zn, g = number_tile(row_ptrs, active, start, shift, y, number_ids_ptr,
+                                                  number_values_ptr, value_order_ptr, K, sigma, GAUSSIAN, BLOCK_K)
+        z_max, total = online_exp_sum(z_max, total, zn)
+        if GAUSSIAN:
+            g_max, g_sum = online_exp_sum(g_max, g_sum, g)
+    lse_n = z_max + tl.log(total)
+    loss = tl.zeros_like(shift)
+    diff = tl.zeros_like(shift)
+    target_zn = tl.zeros_like(shift)
+    for start in range(0, K, BLOCK_K):
+        k, ids, mask, values, zn, g = number_tile(row_ptrs, active, start, shift, y, number_ids_ptr,
+                                                  number_values_ptr, value_order_ptr, K, sigma, GAUSSIAN, BLOCK_K)
+        q = tl.exp(zn - z_max[:, None]) / total[:, None]
+        if GAUSSIAN:
+            target = tl.exp(g - g_max[:, None]) / g_sum[:, None]
+            target_zn += tl.sum(target * tl.where(mask[None, :], zn, 0.0), axis=1)
+        if LOSS == WAS:
+            distance = tl.abs(y[:, None] - values[None, :])
+            if SQUASH:
+                distance = tl.where(distance > 0, 1.0 + (distance - squash_min) * squash_scale, 0.0)
+            loss += tl.sum(tl.where(mask[None, :], q * distance, 0.0), axis=1)
+        else:
+            diff += tl.sum(tl.where(mask[None, :], q * (values[None, :] - y[:, None]), 0.0), axis=1)
+    if LOSS != WAS:
+        if LOSS == MSE:
+            loss = diff * diff
+        elif LOSS == MAE:
+            loss = tl.abs(diff)
+        else:
+            loss = tl.where(tl.abs(diff) < 1.0, 0.5 * diff * diff, tl.abs(diff) - 0.5)
+    return z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn
+
+
+@triton.jit
+def number_tile_terms(row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr,
+                      K, squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff,
+                      LOSS: tl.constexpr, SQUASH: tl.constexpr, GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile's ``(ids, mask, zn, dloss, target)`` of a TILED kernel, from the row-level values
+    of :func:`tiled_number_summary` (the per-k formulas of :func:`number_token_terms`)."""
+    k, ids, mask, values, zn, g = number_tile(row_ptrs, active, start, shift, y, number_ids_ptr, number_values_ptr,
+                                              value_order_ptr, K, sigma, GAUSSIAN, BLOCK_K)
+    q = tl.exp(zn - z_max[:, None]) / total[:, None]
+    if GAUSSIAN:
+        target = tl.exp(g - g_max[:, None]) / g_sum[:, None]
+    else:
+        target = tl.where(k[None, :] == rank[:, None], 1.0, 0.0).to(zn.dtype)
+    if LOSS == WAS:
+        distance = tl.abs(y[:, None] - values[None, :])
+        if SQUASH:
+            distance = tl.where(distance > 0, 1.0 + (distance - squash_min) * squash_scale, 0.0)
+        dloss = q * (distance - loss[:, None])
+    else:
+        sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+        if LOSS == MSE:
+            slope = 2.0 * diff
+        elif LOSS == MAE:
+            slope = sign
+        else:
+            slope = tl.where(tl.abs(diff) < 1.0, diff, sign)
+        dloss = slope[:, None] * q * ((values[None, :] - y[:, None]) - diff[:, None])
+    return ids, mask, zn, dloss, target
+
+
+@triton.jit
 def reweighed(loss, lse_n, log_sum, log_text, reweigh_constant):
     """``m L + c (1 - m)`` (docs/math.md §2.4), the text mass ``1 - m`` from its own log-sum."""
     return tl.exp(lse_n - log_sum) * loss + reweigh_constant * tl.exp(log_text - log_sum)
@@ -378,9 +501,10 @@ def reweighed(loss, lse_n, log_sum, log_text, reweigh_constant):
 
 @triton.jit
 def store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, log_sum, coefficient,
-                         BLOCK_V: tl.constexpr):
-    """``grad[k] = coefficient * p_k`` for every column, with ``p_k = exp((z_k - shift) -
-    log_sum)``; exactly 0 on rows whose coefficient is 0, and inactive rows read nothing.
+                         BLOCK_V: tl.constexpr, is_number_ptr=None, SKIP_NUMBERS: tl.constexpr = False):
+    """``grad[k] = coefficient * p_k`` for every column (with SKIP_NUMBERS every column but the
+    number tokens', which keep their logits), with ``p_k = exp((z_k - shift) - log_sum)``; exactly
+    0 on rows whose coefficient is 0, and inactive rows read nothing.
 
     The chunks go from the row's end to its start: right after a sweep that read the row from
     its start (the one-pass forward), its last chunks are the likeliest still to be in L2."""
@@ -391,6 +515,8 @@ def store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, lo
         col_mask = (c < V)[None, :]
         x = tl.load(row_ptrs[:, None] + c[None, :], mask=col_mask & active[:, None], other=float("-inf"))
         p = tl.exp((x.to(log_sum.dtype) - shift[:, None]) - log_sum[:, None])
+        if SKIP_NUMBERS:
+            col_mask = col_mask & (tl.load(is_number_ptr + c, mask=c < V, other=1) == 0)[None, :]
         tl.store(
             grad_row_ptrs[:, None] + c[None, :],
             scaled(coefficient[:, None], p).to(grad_row_ptrs.dtype.element_ty),
@@ -437,6 +563,57 @@ def store_row_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_r
         number_grad.to(grad_row_ptrs.dtype.element_ty),
         mask=row_mask[:, None] & k_mask[None, :],
     )
+    tl.store(
+        grad_row_ptrs + label,
+        label_grad.to(grad_row_ptrs.dtype.element_ty),
+        mask=row_mask & in_range & (valid == 0),
+    )
+
+
+@triton.jit
+def store_row_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_range, valid, shift, log_sum,
+                             log_text, z_label, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr,
+                             is_number_ptr, K, squash_min, squash_scale, sigma, z_max, total, lse_n, g_max, g_sum,
+                             loss, diff, upstream_ce, upstream_ntl, reweigh_constant, LOSS: tl.constexpr,
+                             SQUASH: tl.constexpr, GAUSSIAN: tl.constexpr, REWEIGH: tl.constexpr,
+                             INPLACE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`store_row_gradient` for K > BLOCK_K: the dense part skips the number columns (so
+    their logits survive an in-place write), then each tile's number columns are gathered again
+    and written with their exact values (:func:`number_tile_terms`); the label column last."""
+    if REWEIGH:
+        mass = tl.exp(lse_n - log_sum)
+        text_mass = tl.exp(log_text - log_sum)
+        spread = loss - reweigh_constant
+        dense = upstream_ce - scaled(upstream_ntl, spread * mass)
+    else:
+        mass = lse_n
+        text_mass = lse_n
+        spread = lse_n
+        dense = upstream_ce
+    label_grad = scaled(dense, tl.exp(z_label - log_sum)) - upstream_ce
+    if INPLACE:
+        tl.debug_barrier()  # the label gather completes before the row is overwritten
+    store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, log_sum, dense, BLOCK_V,
+                         is_number_ptr, True)
+    for start in range(0, K, BLOCK_K):
+        ids, k_mask, zn, dloss, target = number_tile_terms(
+            row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+            squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
+        )
+        p_n = tl.exp(zn - log_sum[:, None])
+        number_grad = scaled(upstream_ce[:, None], p_n - tl.where(valid[:, None], target, 0.0))
+        if REWEIGH:
+            number_grad += scaled(
+                upstream_ntl[:, None], mass[:, None] * dloss + (spread * text_mass)[:, None] * p_n
+            )
+        else:
+            number_grad += scaled(upstream_ntl[:, None], dloss)
+        tl.store(
+            grad_row_ptrs[:, None] + ids[None, :],
+            number_grad.to(grad_row_ptrs.dtype.element_ty),
+            mask=row_mask[:, None] & k_mask[None, :],
+        )
+    tl.debug_barrier()  # the label column lands after the dense write
     tl.store(
         grad_row_ptrs + label,
         label_grad.to(grad_row_ptrs.dtype.element_ty),
