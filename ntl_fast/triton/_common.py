@@ -46,7 +46,7 @@ CUDA_BLOCK_V = 2048  # the widest vocabulary chunk (see cuda_row_blocks)
 LOGITS_PER_THREAD = 8  # per chunk: one 16-byte load of bf16 (two of fp32)
 CUDA_NUMBER_TILE = 2048  # rows x BLOCK_K elements per program of the number-token-only kernel
 # The widest number-token tile: a larger table is processed in BLOCK_K-wide tiles (TILED kernels),
-# so registers stop growing with K. WAS_CDF keeps one tile of next_pow2(K) (its prefix sums).
+# so registers stop growing with K.
 MAX_BLOCK_K = 256
 CUDA_TILED_NUMBER_TILE = 512  # rows x BLOCK_K elements per program of a tiled number-token-only kernel
 
@@ -91,13 +91,13 @@ def cuda_row_blocks(vocab_size: int) -> tuple:
     return block_v, max(1, block_v // (32 * LOGITS_PER_THREAD))
 
 
-def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: bool, tile_k: bool = True) -> dict:
+def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: bool) -> dict:
     """``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K``, ``TILED`` and ``num_warps`` for one launch (shapes only).
 
-    With ``tile_k``, ``BLOCK_K`` is capped at MAX_BLOCK_K and ``TILED`` says whether the K number
-    tokens take several tiles; ``K <= MAX_BLOCK_K`` is one tile (``TILED=False``), as without it."""
+    ``BLOCK_K`` is ``next_pow2(K)`` capped at MAX_BLOCK_K; ``TILED`` says whether the K number tokens
+    take several tiles (``K <= MAX_BLOCK_K`` is one tile: the kernels' untiled code)."""
     block_k = triton.next_power_of_2(num_numbers)
-    tiled = tile_k and block_k > MAX_BLOCK_K
+    tiled = block_k > MAX_BLOCK_K
     if tiled:
         block_k = MAX_BLOCK_K
     if _launch_profile == "interpret":
@@ -112,12 +112,11 @@ def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: 
 
 def launch_rows(kernel, logits: Tensor, num_numbers: int, full_row: bool, *args, **constants) -> None:
     """Launches ``kernel`` over the rows of ``logits`` (nothing for M = 0) with this profile's
-    settings: one program per ``BLOCK_M`` rows. WAS_CDF takes the K number tokens in one tile."""
+    settings: one program per ``BLOCK_M`` rows."""
     num_rows, vocab_size = logits.shape
     if num_rows == 0:
         return
-    settings = launch_settings(num_rows, vocab_size, num_numbers, full_row,
-                               tile_k=constants.get("LOSS") != LossKind.WAS_CDF.value)
+    settings = launch_settings(num_rows, vocab_size, num_numbers, full_row)
     kernel[(triton.cdiv(num_rows, settings["BLOCK_M"]),)](*args, **constants, **settings)
 
 
@@ -414,24 +413,30 @@ def online_exp_sum(run_max, run_sum, x):
 
 
 @triton.jit
-def tiled_number_summary(row_ptrs, active, shift, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+def tiled_number_summary(row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
                          squash_min, squash_scale, sigma, LOSS: tl.constexpr, SQUASH: tl.constexpr,
                          GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
     """The row-level number-token quantities of :func:`number_token_terms` for K > BLOCK_K, in
-    BLOCK_K tiles (WAS and the regression losses; not WAS_CDF).
+    BLOCK_K tiles.
 
     One sweep folds each tile into a running max and sum of the number logits (and of the Gaussian
     target's exponents); a second forms ``q`` and the target per tile and sums L's terms. Returns
     ``(z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn)``: ``q_k = exp(zn_k - z_max) /
     total``, ``t_k = exp(g_k - g_max) / g_sum`` (GAUSSIAN), L, ``ŷ - y = Σ q_k (v_k - y)`` (the
-    regression losses) and ``Σ_k t_k zn_k`` (the Gaussian CE's target term)."""
+    regression losses), ``Σ_k t_k zn_k`` (the Gaussian CE's target term) and, for WAS_CDF, the
+    values of :func:`cdf_loss_tiled` its gradient needs (``kstar, a_total, a_ref``; else unused)."""
     z_max = tl.zeros_like(shift) + float("-inf")
     total = tl.zeros_like(shift)
     g_max = tl.zeros_like(shift) + float("-inf")
     g_sum = tl.zeros_like(shift)
+    likeliest = tl.zeros_like(rank)
     for start in range(0, K, BLOCK_K):
         k, ids, mask, values, zn, g = number_tile(row_ptrs, active, start, shift, y, number_ids_ptr,
                                                   number_values_ptr, value_order_ptr, K, sigma, GAUSSIAN, BLOCK_K)
+        if LOSS == WAS_CDF:  # the first position of the largest number logit (the largest q)
+            tile_max = tl.max(zn, axis=1)
+            tile_first = tl.min(tl.where(zn == tile_max[:, None], k[None, :], K), axis=1).to(rank.dtype)
+            likeliest = tl.where(tile_max > z_max, tile_first, likeliest)
         z_max, total = online_exp_sum(z_max, total, zn)
         if GAUSSIAN:
             g_max, g_sum = online_exp_sum(g_max, g_sum, g)
@@ -439,6 +444,15 @@ def tiled_number_summary(row_ptrs, active, shift, y, number_ids_ptr, number_valu
     loss = tl.zeros_like(shift)
     diff = tl.zeros_like(shift)
     target_zn = tl.zeros_like(shift)
+    if LOSS == WAS_CDF:
+        loss, kstar, a_total, a_ref = cdf_loss_tiled(
+            row_ptrs, active, shift, rank, y, likeliest, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+            sigma, z_max, total, g_max, g_sum, GAUSSIAN, BLOCK_K,
+        )
+    else:
+        kstar = tl.zeros_like(rank)
+        a_total = loss
+        a_ref = loss
     for start in range(0, K, BLOCK_K):
         k, ids, mask, values, zn, g = number_tile(row_ptrs, active, start, shift, y, number_ids_ptr,
                                                   number_values_ptr, value_order_ptr, K, sigma, GAUSSIAN, BLOCK_K)
@@ -451,16 +465,172 @@ def tiled_number_summary(row_ptrs, active, shift, y, number_ids_ptr, number_valu
             if SQUASH:
                 distance = tl.where(distance > 0, 1.0 + (distance - squash_min) * squash_scale, 0.0)
             loss += tl.sum(tl.where(mask[None, :], q * distance, 0.0), axis=1)
-        else:
+        elif LOSS != WAS_CDF:
             diff += tl.sum(tl.where(mask[None, :], q * (values[None, :] - y[:, None]), 0.0), axis=1)
-    if LOSS != WAS:
+    if (LOSS != WAS) and (LOSS != WAS_CDF):
         if LOSS == MSE:
             loss = diff * diff
         elif LOSS == MAE:
             loss = tl.abs(diff)
         else:
             loss = tl.where(tl.abs(diff) < 1.0, 0.5 * diff * diff, tl.abs(diff) - 0.5)
-    return z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn
+    return z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref
+
+
+@triton.jit
+def cdf_tile(row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+             z_max, total, g_max, g_sum, region, GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile of the CDF form (WAS_CDF, K > BLOCK_K): ``(k, ids, inside, gaps, zn, q, t, q_next,
+    t_next)`` as in :func:`number_token_terms`, read only where ``region`` (rows x tile) holds
+    (``inside``: region and a real position; q, t and their next values are 0 elsewhere)."""
+    k = start + tl.arange(0, BLOCK_K)
+    mask = k < K
+    has_next = (k + 1) < K
+    order = tl.load(value_order_ptr + k, mask=mask, other=0)
+    next_order = tl.load(value_order_ptr + k + 1, mask=has_next, other=0)
+    ids = tl.load(number_ids_ptr + order, mask=mask, other=0)
+    next_ids = tl.load(number_ids_ptr + next_order, mask=has_next, other=0)
+    values = tl.load(number_values_ptr + order, mask=mask, other=0.0).to(shift.dtype)
+    next_values = tl.load(number_values_ptr + next_order, mask=has_next, other=0.0).to(shift.dtype)
+    inside = region & mask[None, :]
+    inside_next = region & has_next[None, :]
+    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=active[:, None] & inside, other=float("-inf"))
+    zn = zn.to(shift.dtype) - shift[:, None]
+    zn_next = tl.load(row_ptrs[:, None] + next_ids[None, :], mask=active[:, None] & inside_next, other=float("-inf"))
+    q = tl.where(inside, tl.exp(zn - z_max[:, None]) / total[:, None], 0.0)
+    q_next = tl.where(inside_next, tl.exp((zn_next.to(shift.dtype) - shift[:, None]) - z_max[:, None])
+                      / total[:, None], 0.0)
+    if GAUSSIAN:
+        d = (values[None, :] - y[:, None]) / sigma
+        t = tl.where(inside, tl.exp(-0.5 * d * d - g_max[:, None]) / g_sum[:, None], 0.0)
+        dn = (next_values[None, :] - y[:, None]) / sigma
+        t_next = tl.where(inside_next, tl.exp(-0.5 * dn * dn - g_max[:, None]) / g_sum[:, None], 0.0)
+    else:
+        t = tl.where(inside & (k[None, :] == rank[:, None]), 1.0, 0.0).to(q.dtype)
+        t_next = tl.where(inside_next & (k[None, :] + 1 == rank[:, None]), 1.0, 0.0).to(q.dtype)
+    gaps = tl.where(has_next, next_values - values, 0.0)
+    return k, ids, inside, gaps, zn, q, t, q_next, t_next
+
+
+@triton.jit
+def sign_of(x):
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+
+
+@triton.jit
+def cdf_prefix_tile(row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+                    sigma, z_max, total, g_max, g_sum, kstar, a_total, carry_p, carry_slope,
+                    GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A tile of the positions ``k < kstar`` (where ``F_q - F_t`` is taken from its prefix sum):
+    ``(k, ids, inside, zn, q, t, prefix, gaps, a)`` with ``a_k = Σ_{j >= k} slope_j = a_total - Σ_{j < k}
+    slope_j``, and the carries of the prefix sums of ``q - t`` and of the slope into the next tile."""
+    k0 = start + tl.arange(0, BLOCK_K)
+    region = k0[None, :] < kstar[:, None]
+    k, ids, inside, gaps, zn, q, t, q_next, t_next = cdf_tile(
+        row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+        z_max, total, g_max, g_sum, region, GAUSSIAN, BLOCK_K,
+    )
+    d = q - t
+    prefix = tl.cumsum(d, axis=1) + carry_p[:, None]
+    slope = tl.where(inside, sign_of(prefix) * gaps[None, :], 0.0)
+    a = a_total[:, None] - (tl.cumsum(slope, axis=1) - slope + carry_slope[:, None])
+    return k, ids, inside, zn, q, t, prefix, gaps, a, carry_p + tl.sum(d, axis=1), carry_slope + tl.sum(slope, axis=1)
+
+
+@triton.jit
+def cdf_suffix_tile(row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+                    sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a,
+                    GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A tile of the positions ``k >= kstar`` (``F_q - F_t`` as minus the suffix sum beyond k),
+    taken from the last tile backwards: ``(k, ids, inside, zn, q, t, suffix, gaps, a)`` with ``a_k =
+    Σ_{j >= k} slope_j``, and the carries of the suffix sums into the previous tile."""
+    k0 = start + tl.arange(0, BLOCK_K)
+    region = k0[None, :] >= kstar[:, None]
+    k, ids, inside, gaps, zn, q, t, q_next, t_next = cdf_tile(
+        row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+        z_max, total, g_max, g_sum, region, GAUSSIAN, BLOCK_K,
+    )
+    dn = q_next - t_next
+    suffix = -(tl.cumsum(dn, axis=1, reverse=True) + carry_s[:, None])
+    slope = tl.where(inside, sign_of(suffix) * gaps[None, :], 0.0)
+    a = tl.cumsum(slope, axis=1, reverse=True) + carry_a[:, None]
+    return k, ids, inside, zn, q, t, suffix, gaps, a, carry_s + tl.sum(dn, axis=1), carry_a + tl.sum(slope, axis=1)
+
+
+@triton.jit
+def cdf_loss_tiled(row_ptrs, active, shift, rank, y, likeliest, number_ids_ptr, number_values_ptr, value_order_ptr,
+                   K, sigma, z_max, total, g_max, g_sum, GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """WAS_CDF over tiles (docs/math.md §2.3): ``F_q(k) - F_t(k)`` from its lighter side, as in
+    :func:`number_token_terms`. Positions whose prefix mass ``Σ_{j <= k} (q_j + t_j)`` is at most 1
+    (half the total) take the prefix sum, carried forwards across tiles; the others (``k >= kstar``;
+    the prefix mass only grows) take minus the suffix sum, carried backwards from the last tile.
+
+    Returns ``(loss, kstar, a_total, a_ref)``: L, the first suffix-side position, ``Σ_k slope_k``
+    and ``a`` at the likeliest position (the gradient's origin, see :func:`cdf_gradient_offset`)."""
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    loss = tl.zeros_like(shift)
+    kstar = tl.zeros_like(rank)
+    carry_p = tl.zeros_like(shift)
+    carry_w = tl.zeros_like(shift)
+    carry_slope = tl.zeros_like(shift)
+    excl_ref = tl.zeros_like(shift)  # Σ_{j < likeliest} slope_j where the likeliest is prefix-side
+    everywhere = tl.zeros_like(rank)[:, None] == 0
+    for start in range(0, K, BLOCK_K):
+        k, ids, inside, gaps, zn, q, t, q_next, t_next = cdf_tile(
+            row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+            z_max, total, g_max, g_sum, everywhere, GAUSSIAN, BLOCK_K,
+        )
+        prefix = tl.cumsum(q - t, axis=1) + carry_p[:, None]
+        lighter = inside & (tl.cumsum(q + t, axis=1) + carry_w[:, None] <= 1.0)
+        loss += tl.sum(tl.where(lighter, tl.abs(prefix) * gaps[None, :], 0.0), axis=1)
+        kstar += tl.sum(lighter.to(rank.dtype), axis=1)
+        slope = tl.where(lighter, sign_of(prefix) * gaps[None, :], 0.0)
+        excl = tl.cumsum(slope, axis=1) - slope + carry_slope[:, None]
+        excl_ref += tl.sum(tl.where(lighter & (k[None, :] == likeliest[:, None]), excl, 0.0), axis=1)
+        carry_p += tl.sum(q - t, axis=1)
+        carry_w += tl.sum(q + t, axis=1)
+        carry_slope += tl.sum(slope, axis=1)
+    carry_s = tl.zeros_like(shift)
+    carry_a = tl.zeros_like(shift)
+    a_hi_ref = tl.zeros_like(shift)
+    for i in range(0, num_tiles):
+        k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a = cdf_suffix_tile(
+            row_ptrs, active, (num_tiles - 1 - i) * BLOCK_K, shift, rank, y, number_ids_ptr, number_values_ptr,
+            value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, GAUSSIAN, BLOCK_K,
+        )
+        loss += tl.sum(tl.where(inside, tl.abs(suffix) * gaps[None, :], 0.0), axis=1)
+        a_hi_ref += tl.sum(tl.where(inside & (k[None, :] == likeliest[:, None]), a, 0.0), axis=1)
+    a_total = carry_slope + carry_a
+    a_ref = tl.where(likeliest < kstar, a_total - excl_ref, a_hi_ref)
+    return loss, kstar, a_total, a_ref
+
+
+@triton.jit
+def cdf_gradient_offset(row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+                        sigma, z_max, total, g_max, g_sum, kstar, a_total, a_ref,
+                        GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``Σ_j q_j (a_j - a_ref)``: ``∂L/∂z_j = q_j (a_j - a_ref - Σ_i q_i (a_i - a_ref))`` with
+    ``a_j = Σ_{k >= j} slope_k`` measured from the likeliest position's (whose own term is then
+    exactly 0), as in :func:`number_token_terms`."""
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    offset = tl.zeros_like(shift)
+    carry_p = tl.zeros_like(shift)
+    carry_slope = tl.zeros_like(shift)
+    for start in range(0, K, BLOCK_K):
+        k, ids, inside, zn, q, t, prefix, gaps, a, carry_p, carry_slope = cdf_prefix_tile(
+            row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+            z_max, total, g_max, g_sum, kstar, a_total, carry_p, carry_slope, GAUSSIAN, BLOCK_K,
+        )
+        offset += tl.sum(tl.where(inside, q * (a - a_ref[:, None]), 0.0), axis=1)
+    carry_s = tl.zeros_like(shift)
+    carry_a = tl.zeros_like(shift)
+    for i in range(0, num_tiles):
+        k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a = cdf_suffix_tile(
+            row_ptrs, active, (num_tiles - 1 - i) * BLOCK_K, shift, rank, y, number_ids_ptr, number_values_ptr,
+            value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, GAUSSIAN, BLOCK_K,
+        )
+        offset += tl.sum(tl.where(inside, q * (a - a_ref[:, None]), 0.0), axis=1)
+    return offset
 
 
 @triton.jit
@@ -574,12 +744,13 @@ def store_row_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_r
 def store_row_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_range, valid, shift, log_sum,
                              log_text, z_label, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr,
                              is_number_ptr, K, squash_min, squash_scale, sigma, z_max, total, lse_n, g_max, g_sum,
-                             loss, diff, upstream_ce, upstream_ntl, reweigh_constant, LOSS: tl.constexpr,
-                             SQUASH: tl.constexpr, GAUSSIAN: tl.constexpr, REWEIGH: tl.constexpr,
-                             INPLACE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+                             loss, diff, kstar, a_total, a_ref, upstream_ce, upstream_ntl, reweigh_constant,
+                             LOSS: tl.constexpr, SQUASH: tl.constexpr, GAUSSIAN: tl.constexpr,
+                             REWEIGH: tl.constexpr, INPLACE: tl.constexpr, BLOCK_V: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
     """:func:`store_row_gradient` for K > BLOCK_K: the dense part skips the number columns (so
-    their logits survive an in-place write), then each tile's number columns are gathered again
-    and written with their exact values (:func:`number_tile_terms`); the label column last."""
+    their logits survive an in-place write), then :func:`store_number_gradient_tiled` writes them
+    tile by tile; the label column last."""
     if REWEIGH:
         mass = tl.exp(lse_n - log_sum)
         text_mass = tl.exp(log_text - log_sum)
@@ -595,30 +766,83 @@ def store_row_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, V, label
         tl.debug_barrier()  # the label gather completes before the row is overwritten
     store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, log_sum, dense, BLOCK_V,
                          is_number_ptr, True)
-    for start in range(0, K, BLOCK_K):
-        ids, k_mask, zn, dloss, target = number_tile_terms(
-            row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
-            squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
-        )
-        p_n = tl.exp(zn - log_sum[:, None])
-        number_grad = scaled(upstream_ce[:, None], p_n - tl.where(valid[:, None], target, 0.0))
-        if REWEIGH:
-            number_grad += scaled(
-                upstream_ntl[:, None], mass[:, None] * dloss + (spread * text_mass)[:, None] * p_n
-            )
-        else:
-            number_grad += scaled(upstream_ntl[:, None], dloss)
-        tl.store(
-            grad_row_ptrs[:, None] + ids[None, :],
-            number_grad.to(grad_row_ptrs.dtype.element_ty),
-            mask=row_mask[:, None] & k_mask[None, :],
-        )
+    store_number_gradient_tiled(
+        row_ptrs, grad_row_ptrs, row_mask, active, shift, rank, y, number_ids_ptr, number_values_ptr,
+        value_order_ptr, K, squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff, kstar, a_total,
+        a_ref, valid, log_sum, mass, text_mass, spread, upstream_ce, upstream_ntl, LOSS, SQUASH, GAUSSIAN, REWEIGH,
+        BLOCK_K,
+    )
     tl.debug_barrier()  # the label column lands after the dense write
     tl.store(
         grad_row_ptrs + label,
         label_grad.to(grad_row_ptrs.dtype.element_ty),
         mask=row_mask & in_range & (valid == 0),
     )
+
+
+@triton.jit
+def number_gradient(zn, dloss, target, valid, log_sum, mass, text_mass, spread, upstream_ce, upstream_ntl,
+                    REWEIGH: tl.constexpr):
+    """The exact gradient of a tile's number columns (see :func:`store_row_gradient`)."""
+    p_n = tl.exp(zn - log_sum[:, None])
+    number_grad = scaled(upstream_ce[:, None], p_n - tl.where(valid[:, None], target, 0.0))
+    if REWEIGH:
+        number_grad += scaled(upstream_ntl[:, None], mass[:, None] * dloss + (spread * text_mass)[:, None] * p_n)
+    else:
+        number_grad += scaled(upstream_ntl[:, None], dloss)
+    return number_grad
+
+
+@triton.jit
+def store_number_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, shift, rank, y, number_ids_ptr,
+                                number_values_ptr, value_order_ptr, K, squash_min, squash_scale, sigma, z_max, total,
+                                g_max, g_sum, loss, diff, kstar, a_total, a_ref, valid, log_sum, mass, text_mass,
+                                spread, upstream_ce, upstream_ntl, LOSS: tl.constexpr, SQUASH: tl.constexpr,
+                                GAUSSIAN: tl.constexpr, REWEIGH: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Writes the K number columns of each row, tile by tile, from the values of
+    :func:`tiled_number_summary`. WAS_CDF writes its prefix-side positions going forwards, then its
+    suffix-side ones from the last tile backwards: a tile only reads columns not yet written."""
+    if LOSS == WAS_CDF:
+        offset = cdf_gradient_offset(
+            row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+            z_max, total, g_max, g_sum, kstar, a_total, a_ref, GAUSSIAN, BLOCK_K,
+        )
+        num_tiles = tl.cdiv(K, BLOCK_K)
+        carry_p = tl.zeros_like(shift)
+        carry_slope = tl.zeros_like(shift)
+        for start in range(0, K, BLOCK_K):
+            k, ids, inside, zn, q, t, prefix, gaps, a, carry_p, carry_slope = cdf_prefix_tile(
+                row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+                sigma, z_max, total, g_max, g_sum, kstar, a_total, carry_p, carry_slope, GAUSSIAN, BLOCK_K,
+            )
+            dloss = q * ((a - a_ref[:, None]) - offset[:, None])
+            number_grad = number_gradient(zn, dloss, t, valid, log_sum, mass, text_mass, spread, upstream_ce,
+                                          upstream_ntl, REWEIGH)
+            tl.store(grad_row_ptrs[:, None] + ids[None, :], number_grad.to(grad_row_ptrs.dtype.element_ty),
+                     mask=row_mask[:, None] & inside)
+        carry_s = tl.zeros_like(shift)
+        carry_a = tl.zeros_like(shift)
+        for i in range(0, num_tiles):
+            k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a = cdf_suffix_tile(
+                row_ptrs, active, (num_tiles - 1 - i) * BLOCK_K, shift, rank, y, number_ids_ptr, number_values_ptr,
+                value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, GAUSSIAN, BLOCK_K,
+            )
+            dloss = q * ((a - a_ref[:, None]) - offset[:, None])
+            number_grad = number_gradient(zn, dloss, t, valid, log_sum, mass, text_mass, spread, upstream_ce,
+                                          upstream_ntl, REWEIGH)
+            tl.store(grad_row_ptrs[:, None] + ids[None, :], number_grad.to(grad_row_ptrs.dtype.element_ty),
+                     mask=row_mask[:, None] & inside)
+    else:
+        for start in range(0, K, BLOCK_K):
+            ids, k_mask, zn, dloss, target = number_tile_terms(
+                row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+                squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff, LOSS, SQUASH, GAUSSIAN,
+                BLOCK_K,
+            )
+            number_grad = number_gradient(zn, dloss, target, valid, log_sum, mass, text_mass, spread, upstream_ce,
+                                          upstream_ntl, REWEIGH)
+            tl.store(grad_row_ptrs[:, None] + ids[None, :], number_grad.to(grad_row_ptrs.dtype.element_ty),
+                     mask=row_mask[:, None] & k_mask[None, :])
 
 
 @triton.jit

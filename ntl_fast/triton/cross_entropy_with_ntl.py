@@ -34,7 +34,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import kernel_options, launch_rows, reweighed, row_labels, row_logsumexp
-from ._common import row_number_terms, row_upstream, store_row_gradient, store_row_gradient_tiled, tiled_number_summary
+from ._common import row_number_terms, row_upstream, store_row_gradient, store_row_gradient_tiled
+from ._common import tiled_number_summary
 
 __all__ = ["launch_ce_ntl_forward", "launch_ce_ntl_backward"]
 
@@ -62,8 +63,8 @@ def _ce_ntl_forward_kernel(
     shift, log_sum, log_text = row_logsumexp(row_ptrs, active, V, is_number_ptr, ntl_ptr, BLOCK_M, BLOCK_V, REWEIGH)
     if TILED:  # K > BLOCK_K: the number tokens in tiles, their per-k terms formed again by the gradient
         y = y.to(shift.dtype)
-        z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn = tiled_number_summary(
-            row_ptrs, active, shift, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+        z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref = tiled_number_summary(
+            row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
             squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
         )
     else:
@@ -89,8 +90,8 @@ def _ce_ntl_forward_kernel(
             store_row_gradient_tiled(
                 row_ptrs, grad_ptr + rows * stride_gm, row_mask, active, V, label, in_range, valid, shift, log_sum,
                 log_text, z_label, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, is_number_ptr, K,
-                squash_min, squash_scale, sigma, z_max, total, lse_n, g_max, g_sum, loss, diff, upstream_ce,
-                upstream_ntl, reweigh_constant, LOSS, SQUASH, GAUSSIAN, REWEIGH, INPLACE, BLOCK_V, BLOCK_K,
+                squash_min, squash_scale, sigma, z_max, total, lse_n, g_max, g_sum, loss, diff, kstar, a_total, a_ref,
+                upstream_ce, upstream_ntl, reweigh_constant, LOSS, SQUASH, GAUSSIAN, REWEIGH, INPLACE, BLOCK_V, BLOCK_K,
             )
         else:
             store_row_gradient(
@@ -124,16 +125,16 @@ def _ce_ntl_backward_kernel(
     log_text = tl.load(stats_ptr + 2 * M + rows)
     if TILED:  # the number columns are skipped by the dense write and gathered again per tile
         y = y.to(shift.dtype)
-        z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn = tiled_number_summary(
-            row_ptrs, active, shift, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+        z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref = tiled_number_summary(
+            row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
             squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
         )
         z_label = tl.load(row_ptrs + label, mask=active, other=0.0).to(log_sum.dtype) - shift
         store_row_gradient_tiled(
             row_ptrs, grad_ptr + rows * stride_gm, row_mask, active, V, label, in_range, valid, shift, log_sum,
             log_text, z_label, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, is_number_ptr, K,
-            squash_min, squash_scale, sigma, z_max, total, lse_n, g_max, g_sum, loss, diff, upstream_ce,
-            upstream_ntl, reweigh_constant, LOSS, SQUASH, GAUSSIAN, REWEIGH, INPLACE, BLOCK_V, BLOCK_K,
+            squash_min, squash_scale, sigma, z_max, total, lse_n, g_max, g_sum, loss, diff, kstar, a_total, a_ref,
+            upstream_ce, upstream_ntl, reweigh_constant, LOSS, SQUASH, GAUSSIAN, REWEIGH, INPLACE, BLOCK_V, BLOCK_K,
         )
     else:
         # every logit this program needs besides the streamed row, read before any gradient write

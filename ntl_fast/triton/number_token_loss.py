@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import kernel_options, launch_rows, reweighed, row_labels, row_logsumexp
-from ._common import number_tile_terms, row_number_terms, scaled, store_row_gradient, store_row_gradient_tiled
+from ._common import row_number_terms, scaled, store_number_gradient_tiled, store_row_gradient, store_row_gradient_tiled
 from ._common import tiled_number_summary
 
 __all__ = ["launch_ntl_forward", "launch_ntl_backward"]
@@ -39,8 +39,8 @@ def _ntl_forward_kernel(
     else:
         shift = tl.zeros([BLOCK_M], dtype=ntl_ptr.dtype.element_ty)
     if TILED:
-        z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn = tiled_number_summary(
-            row_ptrs, active, shift, y.to(shift.dtype), number_ids_ptr, number_values_ptr, value_order_ptr, K,
+        z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref = tiled_number_summary(
+            row_ptrs, active, shift, rank, y.to(shift.dtype), number_ids_ptr, number_values_ptr, value_order_ptr, K,
             squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
         )
     else:
@@ -77,8 +77,8 @@ def _ntl_backward_kernel(
     if TILED:
         row_ptrs = logits_ptr + rows * stride_m
         y = y.to(shift.dtype)
-        z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn = tiled_number_summary(
-            row_ptrs, active, shift, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+        z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref = tiled_number_summary(
+            row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
             squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
         )
         if REWEIGH:
@@ -87,21 +87,17 @@ def _ntl_backward_kernel(
                 row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_range, valid, shift,
                 tl.load(stats_ptr + M + rows), tl.load(stats_ptr + 2 * M + rows), no_ce, rank, y, number_ids_ptr,
                 number_values_ptr, value_order_ptr, is_number_ptr, K, squash_min, squash_scale, sigma, z_max, total,
-                lse_n, g_max, g_sum, loss, diff, no_ce, upstream, reweigh_constant, LOSS, SQUASH, GAUSSIAN, REWEIGH,
-                False, BLOCK_V, BLOCK_K,
+                lse_n, g_max, g_sum, loss, diff, kstar, a_total, a_ref, no_ce, upstream, reweigh_constant, LOSS, SQUASH,
+                GAUSSIAN, REWEIGH, False, BLOCK_V, BLOCK_K,
             )
         else:  # the gradient buffer starts at zero: only the number columns, tile by tile
-            for start in range(0, K, BLOCK_K):
-                ids, k_mask, zn, dloss, target = number_tile_terms(
-                    row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr,
-                    K, squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff, LOSS, SQUASH,
-                    GAUSSIAN, BLOCK_K,
-                )
-                tl.store(
-                    grad_row_ptrs[:, None] + ids[None, :],
-                    scaled(upstream[:, None], dloss).to(grad_ptr.dtype.element_ty),
-                    mask=row_mask[:, None] & k_mask[None, :],
-                )
+            no_ce = tl.zeros([BLOCK_M], dtype=stats_ptr.dtype.element_ty)
+            store_number_gradient_tiled(
+                row_ptrs, grad_row_ptrs, row_mask, active, shift, rank, y, number_ids_ptr, number_values_ptr,
+                value_order_ptr, K, squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff, kstar,
+                a_total, a_ref, valid, no_ce, no_ce, no_ce, no_ce, no_ce, upstream, LOSS, SQUASH, GAUSSIAN, False,
+                BLOCK_K,
+            )
     else:
         ids, k_mask, zn, lse_n, loss, dloss, target = row_number_terms(
             logits_ptr + rows * stride_m, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr,
