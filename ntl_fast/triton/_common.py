@@ -5,6 +5,13 @@ The kernels work on tiles of ``BLOCK_M`` rows. Number tokens are gathered in *va
 the tile; every other variant is invariant under that permutation. A label's position in that
 order is ``value_rank[number_index[label]]``: one V-table read per row, outside any loop.
 
+Tables wider than MAX_BLOCK_K number tokens are taken in MAX_BLOCK_K-wide tiles (``TILED``
+kernels; registers then do not grow with K): a running max and sum give ``LSE_N`` (and the
+Gaussian target's normaliser), later sweeps over the tiles form L and the gradient, and WAS_CDF
+carries its prefix sums forwards and its suffix sums backwards across tiles. Each sweep gathers
+the K number logits again (K reads per row, against V for the row itself). Up to MAX_BLOCK_K the
+kernels run the one-tile code, unchanged.
+
 Every kernel takes the table tensors of :meth:`~ntl_fast.NumberTokenTable.kernel_tensors` (the
 list all kernel backends receive; ``sorted_gaps`` goes unread here: the kernels difference the
 values they gather). Accumulation dtype: :func:`ntl_fast.config.accumulation_dtype`; the kernels
