@@ -486,35 +486,46 @@ def tiled_number_summary(row_ptrs, active, shift, rank, y, number_ids_ptr, numbe
 
 @triton.jit
 def cdf_tile(row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
-             z_max, total, g_max, g_sum, region, GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+             z_max, total, g_max, g_sum, region, GAUSSIAN: tl.constexpr, NEXT: tl.constexpr, BLOCK_K: tl.constexpr):
     """One tile of the CDF form (WAS_CDF, K > BLOCK_K): ``(k, ids, inside, gaps, zn, q, t, q_next,
     t_next)`` as in :func:`number_token_terms`, read only where ``region`` (rows x tile) holds
-    (``inside``: region and a real position; q, t and their next values are 0 elsewhere)."""
+    (``inside``: region and a real position; zn is -inf and q, t 0 elsewhere). With NEXT, the next
+    position's q and t, except at the tile's last position (0 there: the next tile's first, which
+    the caller carries); without, no next values (0)."""
     k = start + tl.arange(0, BLOCK_K)
     mask = k < K
-    has_next = (k + 1) < K
     order = tl.load(value_order_ptr + k, mask=mask, other=0)
-    next_order = tl.load(value_order_ptr + k + 1, mask=has_next, other=0)
     ids = tl.load(number_ids_ptr + order, mask=mask, other=0)
-    next_ids = tl.load(number_ids_ptr + next_order, mask=has_next, other=0)
     values = tl.load(number_values_ptr + order, mask=mask, other=0.0).to(shift.dtype)
-    next_values = tl.load(number_values_ptr + next_order, mask=has_next, other=0.0).to(shift.dtype)
+    has_next = (k + 1) < K
+    next_values = tl.load(number_values_ptr + tl.load(value_order_ptr + k + 1, mask=has_next, other=0),
+                          mask=has_next, other=0.0).to(shift.dtype)
     inside = region & mask[None, :]
-    inside_next = region & has_next[None, :]
     zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=active[:, None] & inside, other=float("-inf"))
     zn = zn.to(shift.dtype) - shift[:, None]
-    zn_next = tl.load(row_ptrs[:, None] + next_ids[None, :], mask=active[:, None] & inside_next, other=float("-inf"))
     q = tl.where(inside, tl.exp(zn - z_max[:, None]) / total[:, None], 0.0)
-    q_next = tl.where(inside_next, tl.exp((zn_next.to(shift.dtype) - shift[:, None]) - z_max[:, None])
-                      / total[:, None], 0.0)
     if GAUSSIAN:
         d = (values[None, :] - y[:, None]) / sigma
         t = tl.where(inside, tl.exp(-0.5 * d * d - g_max[:, None]) / g_sum[:, None], 0.0)
-        dn = (next_values[None, :] - y[:, None]) / sigma
-        t_next = tl.where(inside_next, tl.exp(-0.5 * dn * dn - g_max[:, None]) / g_sum[:, None], 0.0)
     else:
         t = tl.where(inside & (k[None, :] == rank[:, None]), 1.0, 0.0).to(q.dtype)
-        t_next = tl.where(inside_next & (k[None, :] + 1 == rank[:, None]), 1.0, 0.0).to(q.dtype)
+    if NEXT:
+        in_tile = has_next & (tl.arange(0, BLOCK_K) < BLOCK_K - 1)
+        inside_next = region & in_tile[None, :]
+        next_ids = tl.load(number_ids_ptr + tl.load(value_order_ptr + k + 1, mask=in_tile, other=0),
+                           mask=in_tile, other=0)
+        zn_next = tl.load(row_ptrs[:, None] + next_ids[None, :], mask=active[:, None] & inside_next,
+                          other=float("-inf"))
+        q_next = tl.where(inside_next, tl.exp((zn_next.to(shift.dtype) - shift[:, None]) - z_max[:, None])
+                          / total[:, None], 0.0)
+        if GAUSSIAN:
+            dn = (next_values[None, :] - y[:, None]) / sigma
+            t_next = tl.where(inside_next, tl.exp(-0.5 * dn * dn - g_max[:, None]) / g_sum[:, None], 0.0)
+        else:
+            t_next = tl.where(inside_next & (k[None, :] + 1 == rank[:, None]), 1.0, 0.0).to(q.dtype)
+    else:
+        q_next = q * 0.0
+        t_next = q_next
     gaps = tl.where(has_next, next_values - values, 0.0)
     return k, ids, inside, gaps, zn, q, t, q_next, t_next
 
@@ -535,7 +546,7 @@ def cdf_prefix_tile(row_ptrs, active, start, shift, rank, y, number_ids_ptr, num
     region = k0[None, :] < kstar[:, None]
     k, ids, inside, gaps, zn, q, t, q_next, t_next = cdf_tile(
         row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
-        z_max, total, g_max, g_sum, region, GAUSSIAN, BLOCK_K,
+        z_max, total, g_max, g_sum, region, GAUSSIAN, False, BLOCK_K,
     )
     d = q - t
     prefix = tl.cumsum(d, axis=1) + carry_p[:, None]
@@ -546,22 +557,26 @@ def cdf_prefix_tile(row_ptrs, active, start, shift, rank, y, number_ids_ptr, num
 
 @triton.jit
 def cdf_suffix_tile(row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
-                    sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a,
+                    sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, carry_first,
                     GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
     """A tile of the positions ``k >= kstar`` (``F_q - F_t`` as minus the suffix sum beyond k),
     taken from the last tile backwards: ``(k, ids, inside, zn, q, t, suffix, gaps, a)`` with ``a_k =
-    Σ_{j >= k} slope_j``, and the carries of the suffix sums into the previous tile."""
-    k0 = start + tl.arange(0, BLOCK_K)
-    region = k0[None, :] >= kstar[:, None]
+    Σ_{j >= k} slope_j``, and the carries into the previous tile: the suffix sums and ``q - t`` at
+    this tile's first position (the previous tile's last next value: a tile never reads a column
+    of the tile after it, which a gradient sweep may have overwritten)."""
+    lane = tl.arange(0, BLOCK_K)
+    region = (start + lane)[None, :] >= kstar[:, None]
     k, ids, inside, gaps, zn, q, t, q_next, t_next = cdf_tile(
         row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
-        z_max, total, g_max, g_sum, region, GAUSSIAN, BLOCK_K,
+        z_max, total, g_max, g_sum, region, GAUSSIAN, True, BLOCK_K,
     )
-    dn = q_next - t_next
+    dn = tl.where(region & (lane == BLOCK_K - 1)[None, :], carry_first[:, None], q_next - t_next)
     suffix = -(tl.cumsum(dn, axis=1, reverse=True) + carry_s[:, None])
     slope = tl.where(inside, sign_of(suffix) * gaps[None, :], 0.0)
     a = tl.cumsum(slope, axis=1, reverse=True) + carry_a[:, None]
-    return k, ids, inside, zn, q, t, suffix, gaps, a, carry_s + tl.sum(dn, axis=1), carry_a + tl.sum(slope, axis=1)
+    first = tl.sum(tl.where((lane == 0)[None, :], q - t, 0.0), axis=1)
+    return (k, ids, inside, zn, q, t, suffix, gaps, a, carry_s + tl.sum(dn, axis=1), carry_a + tl.sum(slope, axis=1),
+            first)
 
 
 @triton.jit
@@ -585,7 +600,7 @@ def cdf_loss_tiled(row_ptrs, active, shift, rank, y, likeliest, number_ids_ptr, 
     for start in range(0, K, BLOCK_K):
         k, ids, inside, gaps, zn, q, t, q_next, t_next = cdf_tile(
             row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
-            z_max, total, g_max, g_sum, everywhere, GAUSSIAN, BLOCK_K,
+            z_max, total, g_max, g_sum, everywhere, GAUSSIAN, False, BLOCK_K,
         )
         prefix = tl.cumsum(q - t, axis=1) + carry_p[:, None]
         lighter = inside & (tl.cumsum(q + t, axis=1) + carry_w[:, None] <= 1.0)
@@ -599,11 +614,13 @@ def cdf_loss_tiled(row_ptrs, active, shift, rank, y, likeliest, number_ids_ptr, 
         carry_slope += tl.sum(slope, axis=1)
     carry_s = tl.zeros_like(shift)
     carry_a = tl.zeros_like(shift)
+    carry_first = tl.zeros_like(shift)
     a_hi_ref = tl.zeros_like(shift)
     for i in range(0, num_tiles):
-        k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a = cdf_suffix_tile(
+        k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a, carry_first = cdf_suffix_tile(
             row_ptrs, active, (num_tiles - 1 - i) * BLOCK_K, shift, rank, y, number_ids_ptr, number_values_ptr,
-            value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, GAUSSIAN, BLOCK_K,
+            value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, carry_first, GAUSSIAN,
+                BLOCK_K,
         )
         loss += tl.sum(tl.where(inside, tl.abs(suffix) * gaps[None, :], 0.0), axis=1)
         a_hi_ref += tl.sum(tl.where(inside & (k[None, :] == likeliest[:, None]), a, 0.0), axis=1)
@@ -631,10 +648,12 @@ def cdf_gradient_offset(row_ptrs, active, shift, rank, y, number_ids_ptr, number
         offset += tl.sum(tl.where(inside, q * (a - a_ref[:, None]), 0.0), axis=1)
     carry_s = tl.zeros_like(shift)
     carry_a = tl.zeros_like(shift)
+    carry_first = tl.zeros_like(shift)
     for i in range(0, num_tiles):
-        k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a = cdf_suffix_tile(
+        k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a, carry_first = cdf_suffix_tile(
             row_ptrs, active, (num_tiles - 1 - i) * BLOCK_K, shift, rank, y, number_ids_ptr, number_values_ptr,
-            value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, GAUSSIAN, BLOCK_K,
+            value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, carry_first, GAUSSIAN,
+                BLOCK_K,
         )
         offset += tl.sum(tl.where(inside, q * (a - a_ref[:, None]), 0.0), axis=1)
     return offset
@@ -829,10 +848,12 @@ def store_number_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, shift
                      mask=row_mask[:, None] & inside)
         carry_s = tl.zeros_like(shift)
         carry_a = tl.zeros_like(shift)
+        carry_first = tl.zeros_like(shift)
         for i in range(0, num_tiles):
-            k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a = cdf_suffix_tile(
+            k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a, carry_first = cdf_suffix_tile(
                 row_ptrs, active, (num_tiles - 1 - i) * BLOCK_K, shift, rank, y, number_ids_ptr, number_values_ptr,
-                value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, GAUSSIAN, BLOCK_K,
+                value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, carry_first, GAUSSIAN,
+                BLOCK_K,
             )
             dloss = q * ((a - a_ref[:, None]) - offset[:, None])
             number_grad = number_gradient(zn, dloss, t, valid, log_sum, mass, text_mass, spread, upstream_ce,
