@@ -57,6 +57,8 @@ def test_compile_errors_and_spills_are_caught():
         fits, heavy, spills = dict(small, K="1110", regs="56"), dict(small, K="1110", regs="57"), \
             dict(small, K="1110", spill_loads="4")
         assert [r["regs"] for r in aot.over_budget([small, fits, heavy, spills])] == ["57", "40"]
+        cdf = [dict(row, variant="was_cdf+reweigh") for row in (small, heavy)]
+        assert aot.over_budget(cdf) == [] and len(aot.over_budget(cdf, enforced_only=False)) == 1
         print("gate ok:", result["error"].splitlines()[0][:200])
     """)
     result = _run(["-c", script], timeout=600)
