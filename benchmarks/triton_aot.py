@@ -15,9 +15,12 @@ V in {32128, 128256}, K in {10, 1110}; ``--full`` adds squash, fp16,
 fp64, V in {1000, 151936} and K = 100. Rows per launch (``--rows``) only enter a specialisation
 through Triton's integer specialisation (divisible by 16, equal to 1).
 
-Exit status 1 on a compile error, a ``*_kernel`` of the package that no case launched, or any
-spill with K <= 16. Drift from the committed table is printed, never fatal (``--write`` records
-this run's rows for this triton version, keeping the other versions' rows).
+Exit status 1 on a compile error, a ``*_kernel`` of the package that no case launched, any
+spill with K <= 16, or, for a larger table (the kernels tile K), any spill or more than 16
+registers above the same specialisation at K <= 16 (enforced on sm_90 except for WAS_CDF, whose
+tiled sweeps still spill a few bytes at K = 1110; the other rows over it are listed). Drift
+from the committed table is printed, never fatal (``--write`` records this run's rows for this
+triton version, keeping the other versions' rows).
 
     python benchmarks/triton_aot.py                 # CI subset, diff against the committed table
     python benchmarks/triton_aot.py --full --write  # the full product, recorded
@@ -63,6 +66,11 @@ COLUMNS = KEY + ["blocks", "num_warps", "num_stages", "regs", "spill_stores", "s
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 LOSSES = ("was", "mse", "mae", "huber", "was_cdf")
 SPILL_FREE_MAX_K = 16
+TILED_REGISTER_MARGIN = 16  # registers a K > SPILL_FREE_MAX_K specialisation may use above the small table's
+# Where that budget is enforced (measured to hold under triton 3.8); elsewhere it is reported only:
+# WAS_CDF's tiled sweeps still spill a few bytes at K = 1110, and sm_80 has not been measured yet.
+BUDGET_ARCHS = (90,)
+BUDGET_EXEMPT_LOSSES = ("was_cdf",)
 CI = dict(dtypes=["bf16", "fp32"], V=[32128, 128256], K=[10, 1110], squash=[False], archs=[90, 80])
 FULL = dict(dtypes=["bf16", "fp16", "fp32", "fp64"], V=[1000, 32128, 128256, 151936], K=[10, 100, 1110],
             squash=[False, True], archs=[90, 80])
@@ -274,10 +282,39 @@ def spilling(rows: List[Dict]) -> List[Dict]:
             and (int(row["spill_stores"]) or int(row["spill_loads"]))]
 
 
+def budget_enforced(row: Dict) -> bool:
+    return int(row["arch"]) in BUDGET_ARCHS and row["variant"].split("+")[0] not in BUDGET_EXEMPT_LOSSES
+
+
+def over_budget(rows: List[Dict], enforced_only: bool = True) -> List[Dict]:
+    """The rows of a table wider than one number tile (K > SPILL_FREE_MAX_K) over budget: any
+    spill, or more than TILED_REGISTER_MARGIN registers above the same kernel, variant, dtype, V
+    and architecture at the smallest K of the run (tiling K keeps the budget of a small table).
+    ``enforced_only``: only the rows the gate enforces (budget_enforced)."""
+    smallest: Dict[Tuple, Dict] = {}
+    for row in rows:
+        key = (row["kernel"], row["variant"], row["dtype"], str(row["V"]), str(row["arch"]))
+        if int(row["K"]) <= SPILL_FREE_MAX_K and (key not in smallest or int(row["K"]) < int(smallest[key]["K"])):
+            smallest[key] = row
+    failing = []
+    for row in rows:
+        if int(row["K"]) <= SPILL_FREE_MAX_K:
+            continue
+        if enforced_only and not budget_enforced(row):
+            continue
+        base = smallest.get((row["kernel"], row["variant"], row["dtype"], str(row["V"]), str(row["arch"])))
+        spills = int(row["spill_stores"]) or int(row["spill_loads"])
+        if spills or (base is not None and int(row["regs"]) > int(base["regs"]) + TILED_REGISTER_MARGIN):
+            failing.append(dict(row, base_regs=None if base is None else base["regs"]))
+    return failing
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="the full product instead of CI's subset")
     parser.add_argument("--arch", type=int, nargs="+", help="compute capabilities (default: 90 80)")
+    parser.add_argument("--K", type=int, nargs="+", help="table sizes (default: the plan's)")
+    parser.add_argument("--V", type=int, nargs="+", help="vocabulary sizes (default: the plan's)")
     parser.add_argument("--rows", type=int, default=64, help="rows of the logits handed to the wrappers")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     parser.add_argument("--table", default=TABLE, help="the committed table (CSV) to compare with")
@@ -286,6 +323,10 @@ def main(argv=None) -> int:
     plan = dict(FULL if args.full else CI)
     if args.arch:
         plan["archs"] = args.arch
+    if args.K:
+        plan["K"] = args.K
+    if args.V:
+        plan["V"] = args.V
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="triton_aot_") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # fresh: every compile runs ptxas and logs its report
@@ -307,6 +348,7 @@ def main(argv=None) -> int:
         row.update({k: result[k] for k in COLUMNS if k in result}, triton=triton.__version__)
         rows.append(row)
     spills = spilling(rows)
+    budget = over_budget(rows)
     missing = unlaunched_kernels(records)
 
     print_drift(args.table, rows)
@@ -322,9 +364,18 @@ def main(argv=None) -> int:
         print(f"COMPILE ERROR {error}")
     for row in spills:
         print(f"SPILL (K <= {SPILL_FREE_MAX_K}) {row}")
+    for row in budget:
+        print(f"OVER BUDGET (K > {SPILL_FREE_MAX_K}: no spill, at most {TILED_REGISTER_MARGIN} registers above "
+              f"K <= {SPILL_FREE_MAX_K}) {row}")
+    reported = [row for row in over_budget(rows, enforced_only=False) if not budget_enforced(row)]
+    print(f"over the K > {SPILL_FREE_MAX_K} budget where it is not enforced (not a failure): {len(reported)} rows")
+    for row in reported[:20]:
+        print(f"  {row['kernel']} {row['variant']} {row['dtype']} V={row['V']} K={row['K']} sm_{row['arch']}: "
+              f"{row['regs']} registers (K <= {SPILL_FREE_MAX_K}: {row['base_regs']}), "
+              f"spills {row['spill_stores']}/{row['spill_loads']}")
     for name in missing:
         print(f"NOT COMPILED: {name} is a kernel no case launches (add its wrapper to record_launches)")
-    failed = bool(errors or spills or missing)
+    failed = bool(errors or spills or budget or missing)
     print("triton_aot: " + ("FAILED" if failed else "ok"))
     return 1 if failed else 0
 

@@ -576,10 +576,14 @@ from ntl_fast.triton.cross_entropy_with_ntl import _ce_ntl_backward_kernel, _ce_
 from ntl_fast.triton.number_token_loss import _ntl_backward_kernel, _ntl_forward_kernel
 
 INT64 = {"labels_ptr", "number_ids_ptr", "number_index_ptr", "value_order_ptr", "value_rank_ptr"}
+seen = set()
 for fn, block_m in [(_ntl_forward_kernel, 16), (_ntl_backward_kernel, 1),
-                    (_ce_ntl_forward_kernel, 1), (_ce_ntl_backward_kernel, 1)]:
-    constants = dict(LOSS=4, SQUASH=False, REWEIGH=True, GAUSSIAN=True, GRAD=True, INPLACE=True,
-                     BLOCK_M=block_m, BLOCK_V=2048, BLOCK_K=16)
+                    (_ce_ntl_forward_kernel, 1), (_ce_ntl_backward_kernel, 1),
+                    (_ntl_backward_kernel, 2), (_ce_ntl_forward_kernel, 1)]:
+    tiled = fn in seen  # each kernel once with one number tile (K <= 16) and once tiled (BLOCK_K = 256)
+    seen.add(fn)
+    constants = dict(LOSS=4, SQUASH=False, REWEIGH=not tiled, GAUSSIAN=True, GRAD=True, INPLACE=True,
+                     BLOCK_M=block_m, BLOCK_V=2048, BLOCK_K=256 if tiled else 16, TILED=tiled)
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature = {}
     for name in fn.arg_names:
@@ -671,6 +675,86 @@ def test_minus_inf_masks_give_the_reference_result(config, profile, device):
     settings = _common.use_launch_settings("cuda") if profile == "cuda" else contextlib.nullcontext()
     with settings:
         _assert_rows_match_reference(logits, labels, table, config, f"masks ({profile})", device)
+
+
+# --------------------------------------------------------------------------------- tables wider than a tile
+def test_number_tokens_are_tiled_above_the_cap():
+    """``BLOCK_K = next_pow2(K)`` up to MAX_BLOCK_K (one tile: the untiled code, so small tables keep
+    their numbers bitwise); above it, MAX_BLOCK_K-wide tiles, in both launch profiles."""
+    cap = _common.MAX_BLOCK_K
+    for profile in ("interpret", "cuda"):
+        with _common.use_launch_settings(profile):
+            for num_numbers, block_k, tiled in [(1, 1, False), (10, 16, False), (cap, cap, False),
+                                                (cap + 1, cap, True), (1110, cap, True), (4096, cap, True)]:
+                for full_row in (True, False):
+                    settings = _common.launch_settings(64, 32128, num_numbers, full_row)
+                    assert (settings["BLOCK_K"], settings["TILED"]) == (block_k, tiled), (profile, num_numbers)
+                    if profile == "cuda" and not full_row:
+                        assert settings["BLOCK_M"] * block_k <= (_common.CUDA_TILED_NUMBER_TILE if tiled
+                                                                 else _common.CUDA_NUMBER_TILE)
+
+
+@pytest.mark.parametrize("table_name", list(TABLES))
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+def test_tiled_number_tokens_match_reference(config, table_name, monkeypatch, device):
+    """K in tiles of 4 (K = 7 and 10: a tile tail; WAS_CDF's prefix and suffix sides meet inside a
+    tile or at its edge): every entry point, forward and backward, and the one-pass loss and
+    gradient in float32 and bfloat16, in place too, against the float64 reference."""
+    monkeypatch.setattr(_common, "MAX_BLOCK_K", 4)
+    torch.manual_seed(41)
+    table = TABLES[table_name]()
+    logits = _logits(37, table.vocab_size)
+    labels = _labels_with_edges(37, table, config.ignore_index)
+    _assert_rows_match_reference(logits, labels, table, config, f"tiled ({table_name})", device)
+    for dtype in (torch.float32, torch.bfloat16):
+        case_table, case_logits, case_labels, ce_scale, ntl_scale = _one_pass_case(37, table, dtype, 42, device)
+        case_labels[case_labels == -100] = config.ignore_index
+        _assert_one_pass_matches_reference(case_logits, case_labels, case_table, config, ce_scale, ntl_scale,
+                                           what=f"tiled {dtype}")
+
+
+@pytest.mark.parametrize("config", MASK_CONFIGS, ids=_config_id)
+def test_tiled_number_tokens_with_minus_inf_masks(config, monkeypatch, device):
+    """-inf number logits in whole tiles, in part of a tile, and everywhere but the label."""
+    monkeypatch.setattr(_common, "MAX_BLOCK_K", 4)
+    torch.manual_seed(43)
+    table = NumberTokenTable.from_values({280 + d: float(d) for d in range(10)}, vocab_size=300)
+    logits = _logits(6, 300)
+    labels = torch.tensor([283, 5, 289, 3, 280, 200])
+    logits[0, 280:284] = float("-inf")                 # the first tile but the label
+    logits[0, 283] = 0.25
+    logits[1, 284:290] = float("-inf")                 # the last tile and part of the second
+    logits[2, :280] = float("-inf")                    # every text token
+    logits[3, :] = float("-inf")                       # all but the (text) label
+    logits[3, 3] = 0.5
+    logits[4, torch.arange(300) != 280] = float("-inf")  # all but the number label
+    logits[5, 280:290] = float("-inf")                 # every number token, a text label
+    if config.gaussian_sigma is not None:
+        # Gaussian targets put mass on every number token: masking one makes the true loss inf
+        logits, labels = logits[[2, 3, 5]], labels[[2, 3, 5]]
+    _assert_rows_match_reference(logits, labels, table, config, "tiled masks", device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+def test_k_4096_matches_reference(config, dtype, checked_device):
+    """A 4096-token table (16 tiles of MAX_BLOCK_K) in a vocabulary with a BLOCK_V tail: every
+    entry point (standalone NTL and CE + NTL, forward and backward; the one-pass loss and gradient
+    in place too) against the reference."""
+    torch.manual_seed(44)
+    vocab_size, num_numbers = 4500, 4096
+    values = (torch.randperm(num_numbers).double() * 0.25 - 100.0).tolist()  # unsorted, spread, negative too
+    table = NumberTokenTable.from_values({300 + k: values[k] for k in range(num_numbers)}, vocab_size=vocab_size)
+    assert _common.launch_settings(8, vocab_size, num_numbers, True)["TILED"]
+    logits = _logits(8, vocab_size)
+    labels = _labels_with_edges(8, table, config.ignore_index)
+    labels[1:3] = torch.tensor([300, 300 + num_numbers - 1])
+    if dtype == torch.float32:
+        _assert_rows_match_reference(logits, labels, table, config, "K = 4096", checked_device)
+    case_table, case_logits, case_labels, ce_scale, ntl_scale = _one_pass_case(8, table, dtype, 45, checked_device)
+    case_labels[case_labels == -100] = config.ignore_index
+    _assert_one_pass_matches_reference(case_logits, case_labels, case_table, config, ce_scale, ntl_scale,
+                                       what="K = 4096")
 
 
 def test_big_negative_masks_behave_like_minus_inf(device):

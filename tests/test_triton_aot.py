@@ -1,9 +1,10 @@
 """The Triton kernels compiled ahead of time for sm_90 and sm_80, without a GPU.
 
 ``benchmarks/triton_aot.py`` records the specialisations the real wrappers launch and compiles
-each with Triton's bundled ptxas; it fails on a compile error or a spill with K <= 16 and prints
-the drift from ``benchmarks/results/triton_aot_registers.csv``. It runs in its own process: this
-suite sets TRITON_INTERPRET=1, which must be unset when the kernels are defined.
+each with Triton's bundled ptxas; it fails on a compile error, a spill with K <= 16, or a larger
+table's spill or registers more than 16 above K <= 16, and prints the drift from
+``benchmarks/results/triton_aot_registers.csv``. It runs in its own process: this suite sets
+TRITON_INTERPRET=1, which must be unset when the kernels are defined.
 """
 
 import os
@@ -51,6 +52,13 @@ def test_compile_errors_and_spills_are_caught():
         assert "error" in result, result
         row = dict(K="10", spill_stores="0", spill_loads="4")
         assert aot.spilling([row, dict(row, K="1110"), dict(row, spill_loads="0")]) == [row]
+        small = dict(kernel="k", variant="was", dtype="fp32", V="32128", arch="90", K="10", regs="40",
+                     spill_stores="0", spill_loads="0")
+        fits, heavy, spills = dict(small, K="1110", regs="56"), dict(small, K="1110", regs="57"), \
+            dict(small, K="1110", spill_loads="4")
+        assert [r["regs"] for r in aot.over_budget([small, fits, heavy, spills])] == ["57", "40"]
+        cdf = [dict(row, variant="was_cdf+reweigh") for row in (small, heavy)]
+        assert aot.over_budget(cdf) == [] and len(aot.over_budget(cdf, enforced_only=False)) == 1
         print("gate ok:", result["error"].splitlines()[0][:200])
     """)
     result = _run(["-c", script], timeout=600)

@@ -5,6 +5,13 @@ The kernels work on tiles of ``BLOCK_M`` rows. Number tokens are gathered in *va
 the tile; every other variant is invariant under that permutation. A label's position in that
 order is ``value_rank[number_index[label]]``: one V-table read per row, outside any loop.
 
+Tables wider than MAX_BLOCK_K number tokens are taken in MAX_BLOCK_K-wide tiles (``TILED``
+kernels; registers then do not grow with K): a running max and sum give ``LSE_N`` (and the
+Gaussian target's normaliser), later sweeps over the tiles form L and the gradient, and WAS_CDF
+carries its prefix sums forwards and its suffix sums backwards across tiles. Each sweep gathers
+the K number logits again (K reads per row, against V for the row itself). Up to MAX_BLOCK_K the
+kernels run the one-tile code, unchanged.
+
 Every kernel takes the table tensors of :meth:`~ntl_fast.NumberTokenTable.kernel_tensors` (the
 list all kernel backends receive; ``sorted_gaps`` goes unread here: the kernels difference the
 values they gather). Accumulation dtype: :func:`ntl_fast.config.accumulation_dtype`; the kernels
@@ -45,6 +52,10 @@ INTERPRET_BLOCK_V = 128
 CUDA_BLOCK_V = 2048  # the widest vocabulary chunk (see cuda_row_blocks)
 LOGITS_PER_THREAD = 8  # per chunk: one 16-byte load of bf16 (two of fp32)
 CUDA_NUMBER_TILE = 2048  # rows x BLOCK_K elements per program of the number-token-only kernel
+# The widest number-token tile: a larger table is processed in BLOCK_K-wide tiles (TILED kernels),
+# so registers stop growing with K.
+MAX_BLOCK_K = 256
+CUDA_TILED_NUMBER_TILE = 512  # rows x BLOCK_K elements per program of a tiled number-token-only kernel
 
 # Which settings launches take: the interpreter's, or a CUDA launch's. Tests switch to "cuda"
 # under the interpreter (use_launch_settings) to run the exact tiling a GPU runs.
@@ -88,16 +99,22 @@ def cuda_row_blocks(vocab_size: int) -> tuple:
 
 
 def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: bool) -> dict:
-    """``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K`` and ``num_warps`` for one launch (shapes only)."""
+    """``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K``, ``TILED`` and ``num_warps`` for one launch (shapes only).
+
+    ``BLOCK_K`` is ``next_pow2(K)`` capped at MAX_BLOCK_K; ``TILED`` says whether the K number tokens
+    take several tiles (``K <= MAX_BLOCK_K`` is one tile: the kernels' untiled code)."""
     block_k = triton.next_power_of_2(num_numbers)
+    tiled = block_k > MAX_BLOCK_K
+    if tiled:
+        block_k = MAX_BLOCK_K
     if _launch_profile == "interpret":
         block_v = min(INTERPRET_BLOCK_V, triton.next_power_of_2(vocab_size))
-        return dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=1)
+        return dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=1)
     block_v, warps = cuda_row_blocks(vocab_size)
     if full_row:
-        return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=warps)
-    block_m = max(1, min(32, CUDA_NUMBER_TILE // block_k))
-    return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=4)
+        return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps)
+    block_m = max(1, min(32, (CUDA_TILED_NUMBER_TILE if tiled else CUDA_NUMBER_TILE) // block_k))
+    return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=4)
 
 
 def launch_rows(kernel, logits: Tensor, num_numbers: int, full_row: bool, *args, **constants) -> None:
@@ -371,6 +388,308 @@ def row_number_terms(row_ptrs, active, shift, rank, y, number_ids_ptr, number_va
 
 
 @triton.jit
+def number_tile(row_ptrs, active, start, shift, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+                GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The BLOCK_K number tokens at value-order positions ``start + arange(BLOCK_K)`` (a tile of a
+    TILED kernel): ``(k, ids, mask, values, zn, g)`` with ``zn`` the number logits minus ``shift``
+    (-inf in the padding and on inactive rows) and, with GAUSSIAN, ``g`` the log of the unnormalised
+    Gaussian target (§2.5; -inf in the padding)."""
+    k = start + tl.arange(0, BLOCK_K)
+    mask = k < K
+    order = tl.load(value_order_ptr + k, mask=mask, other=0)
+    ids = tl.load(number_ids_ptr + order, mask=mask, other=0)
+    values = tl.load(number_values_ptr + order, mask=mask, other=0.0).to(shift.dtype)
+    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=active[:, None] & mask[None, :], other=float("-inf"))
+    zn = zn.to(shift.dtype) - shift[:, None]
+    if GAUSSIAN:
+        d = (values[None, :] - y[:, None]) / sigma
+        g = tl.where(mask[None, :], -0.5 * d * d, float("-inf"))
+    else:
+        g = zn
+    return k, ids, mask, values, zn, g
+
+
+@triton.jit
+def online_exp_sum(run_max, run_sum, x):
+    """Folds the tile ``x`` into a running ``(max, Σ exp(x - max))`` per row; a row that has seen
+    only -inf keeps ``(-inf, 0)``, and a +inf or NaN stays non-finite as in one tile."""
+    new_max = tl.maximum(run_max, tl.max(x, axis=1))
+    base = tl.where(new_max == float("-inf"), 0.0, new_max)
+    run_sum = run_sum * tl.exp(run_max - base) + tl.sum(tl.exp(x - base[:, None]), axis=1)
+    return new_max, run_sum
+
+
+@triton.jit
+def tiled_number_summary(row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+                         squash_min, squash_scale, sigma, LOSS: tl.constexpr, SQUASH: tl.constexpr,
+                         GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The row-level number-token quantities of :func:`number_token_terms` for K > BLOCK_K, in
+    BLOCK_K tiles.
+
+    One sweep folds each tile into a running max and sum of the number logits (and of the Gaussian
+    target's exponents); a second forms ``q`` and the target per tile and sums L's terms. Returns
+    ``(z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn)``: ``q_k = exp(zn_k - z_max) /
+    total``, ``t_k = exp(g_k - g_max) / g_sum`` (GAUSSIAN), L, ``ŷ - y = Σ q_k (v_k - y)`` (the
+    regression losses), ``Σ_k t_k zn_k`` (the Gaussian CE's target term) and, for WAS_CDF, the
+    values of :func:`cdf_loss_tiled` its gradient needs (``kstar, a_total, a_ref``; else unused)."""
+    z_max = tl.zeros_like(shift) + float("-inf")
+    total = tl.zeros_like(shift)
+    g_max = tl.zeros_like(shift) + float("-inf")
+    g_sum = tl.zeros_like(shift)
+    likeliest = tl.zeros_like(rank)
+    for start in range(0, K, BLOCK_K):
+        k, ids, mask, values, zn, g = number_tile(row_ptrs, active, start, shift, y, number_ids_ptr,
+                                                  number_values_ptr, value_order_ptr, K, sigma, GAUSSIAN, BLOCK_K)
+        if LOSS == WAS_CDF:  # the first position of the largest number logit (the largest q)
+            tile_max = tl.max(zn, axis=1)
+            tile_first = tl.min(tl.where(zn == tile_max[:, None], k[None, :], K), axis=1).to(rank.dtype)
+            likeliest = tl.where(tile_max > z_max, tile_first, likeliest)
+        z_max, total = online_exp_sum(z_max, total, zn)
+        if GAUSSIAN:
+            g_max, g_sum = online_exp_sum(g_max, g_sum, g)
+    lse_n = z_max + tl.log(total)
+    loss = tl.zeros_like(shift)
+    diff = tl.zeros_like(shift)
+    target_zn = tl.zeros_like(shift)
+    if LOSS == WAS_CDF:
+        loss, kstar, a_total, a_ref = cdf_loss_tiled(
+            row_ptrs, active, shift, rank, y, likeliest, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+            sigma, z_max, total, g_max, g_sum, GAUSSIAN, BLOCK_K,
+        )
+    else:
+        kstar = tl.zeros_like(rank)
+        a_total = loss
+        a_ref = loss
+    for start in range(0, K, BLOCK_K):
+        k, ids, mask, values, zn, g = number_tile(row_ptrs, active, start, shift, y, number_ids_ptr,
+                                                  number_values_ptr, value_order_ptr, K, sigma, GAUSSIAN, BLOCK_K)
+        q = tl.exp(zn - z_max[:, None]) / total[:, None]
+        if GAUSSIAN:
+            target = tl.exp(g - g_max[:, None]) / g_sum[:, None]
+            target_zn += tl.sum(target * tl.where(mask[None, :], zn, 0.0), axis=1)
+        if LOSS == WAS:
+            distance = tl.abs(y[:, None] - values[None, :])
+            if SQUASH:
+                distance = tl.where(distance > 0, 1.0 + (distance - squash_min) * squash_scale, 0.0)
+            loss += tl.sum(tl.where(mask[None, :], q * distance, 0.0), axis=1)
+        elif LOSS != WAS_CDF:
+            diff += tl.sum(tl.where(mask[None, :], q * (values[None, :] - y[:, None]), 0.0), axis=1)
+    if (LOSS != WAS) and (LOSS != WAS_CDF):
+        if LOSS == MSE:
+            loss = diff * diff
+        elif LOSS == MAE:
+            loss = tl.abs(diff)
+        else:
+            loss = tl.where(tl.abs(diff) < 1.0, 0.5 * diff * diff, tl.abs(diff) - 0.5)
+    return z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref
+
+
+@triton.jit
+def cdf_tile(row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+             z_max, total, g_max, g_sum, region, GAUSSIAN: tl.constexpr, NEXT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile of the CDF form (WAS_CDF, K > BLOCK_K): ``(k, ids, inside, gaps, zn, q, t, q_next,
+    t_next)`` as in :func:`number_token_terms`, read only where ``region`` (rows x tile) holds
+    (``inside``: region and a real position; zn is -inf and q, t 0 elsewhere). With NEXT, the next
+    position's q and t, except at the tile's last position (0 there: the next tile's first, which
+    the caller carries); without, no next values (0)."""
+    k = start + tl.arange(0, BLOCK_K)
+    mask = k < K
+    order = tl.load(value_order_ptr + k, mask=mask, other=0)
+    ids = tl.load(number_ids_ptr + order, mask=mask, other=0)
+    values = tl.load(number_values_ptr + order, mask=mask, other=0.0).to(shift.dtype)
+    has_next = (k + 1) < K
+    next_values = tl.load(number_values_ptr + tl.load(value_order_ptr + k + 1, mask=has_next, other=0),
+                          mask=has_next, other=0.0).to(shift.dtype)
+    inside = region & mask[None, :]
+    zn = tl.load(row_ptrs[:, None] + ids[None, :], mask=active[:, None] & inside, other=float("-inf"))
+    zn = zn.to(shift.dtype) - shift[:, None]
+    q = tl.where(inside, tl.exp(zn - z_max[:, None]) / total[:, None], 0.0)
+    if GAUSSIAN:
+        d = (values[None, :] - y[:, None]) / sigma
+        t = tl.where(inside, tl.exp(-0.5 * d * d - g_max[:, None]) / g_sum[:, None], 0.0)
+    else:
+        t = tl.where(inside & (k[None, :] == rank[:, None]), 1.0, 0.0).to(q.dtype)
+    if NEXT:
+        in_tile = has_next & (tl.arange(0, BLOCK_K) < BLOCK_K - 1)
+        inside_next = region & in_tile[None, :]
+        next_ids = tl.load(number_ids_ptr + tl.load(value_order_ptr + k + 1, mask=in_tile, other=0),
+                           mask=in_tile, other=0)
+        zn_next = tl.load(row_ptrs[:, None] + next_ids[None, :], mask=active[:, None] & inside_next,
+                          other=float("-inf"))
+        q_next = tl.where(inside_next, tl.exp((zn_next.to(shift.dtype) - shift[:, None]) - z_max[:, None])
+                          / total[:, None], 0.0)
+        if GAUSSIAN:
+            dn = (next_values[None, :] - y[:, None]) / sigma
+            t_next = tl.where(inside_next, tl.exp(-0.5 * dn * dn - g_max[:, None]) / g_sum[:, None], 0.0)
+        else:
+            t_next = tl.where(inside_next & (k[None, :] + 1 == rank[:, None]), 1.0, 0.0).to(q.dtype)
+    else:
+        q_next = q * 0.0
+        t_next = q_next
+    gaps = tl.where(has_next, next_values - values, 0.0)
+    return k, ids, inside, gaps, zn, q, t, q_next, t_next
+
+
+@triton.jit
+def sign_of(x):
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+
+
+@triton.jit
+def cdf_prefix_tile(row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+                    sigma, z_max, total, g_max, g_sum, kstar, a_total, carry_p, carry_slope,
+                    GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A tile of the positions ``k < kstar`` (where ``F_q - F_t`` is taken from its prefix sum):
+    ``(k, ids, inside, zn, q, t, prefix, gaps, a)`` with ``a_k = Σ_{j >= k} slope_j = a_total - Σ_{j < k}
+    slope_j``, and the carries of the prefix sums of ``q - t`` and of the slope into the next tile."""
+    k0 = start + tl.arange(0, BLOCK_K)
+    region = k0[None, :] < kstar[:, None]
+    k, ids, inside, gaps, zn, q, t, q_next, t_next = cdf_tile(
+        row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+        z_max, total, g_max, g_sum, region, GAUSSIAN, False, BLOCK_K,
+    )
+    d = q - t
+    prefix = tl.cumsum(d, axis=1) + carry_p[:, None]
+    slope = tl.where(inside, sign_of(prefix) * gaps[None, :], 0.0)
+    a = a_total[:, None] - (tl.cumsum(slope, axis=1) - slope + carry_slope[:, None])
+    return k, ids, inside, zn, q, t, prefix, gaps, a, carry_p + tl.sum(d, axis=1), carry_slope + tl.sum(slope, axis=1)
+
+
+@triton.jit
+def cdf_suffix_tile(row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+                    sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, carry_first,
+                    GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A tile of the positions ``k >= kstar`` (``F_q - F_t`` as minus the suffix sum beyond k),
+    taken from the last tile backwards: ``(k, ids, inside, zn, q, t, suffix, gaps, a)`` with ``a_k =
+    Σ_{j >= k} slope_j``, and the carries into the previous tile: the suffix sums and ``q - t`` at
+    this tile's first position (the previous tile's last next value: a tile never reads a column
+    of the tile after it, which a gradient sweep may have overwritten)."""
+    lane = tl.arange(0, BLOCK_K)
+    region = (start + lane)[None, :] >= kstar[:, None]
+    k, ids, inside, gaps, zn, q, t, q_next, t_next = cdf_tile(
+        row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+        z_max, total, g_max, g_sum, region, GAUSSIAN, True, BLOCK_K,
+    )
+    dn = tl.where(region & (lane == BLOCK_K - 1)[None, :], carry_first[:, None], q_next - t_next)
+    suffix = -(tl.cumsum(dn, axis=1, reverse=True) + carry_s[:, None])
+    slope = tl.where(inside, sign_of(suffix) * gaps[None, :], 0.0)
+    a = tl.cumsum(slope, axis=1, reverse=True) + carry_a[:, None]
+    first = tl.sum(tl.where((lane == 0)[None, :], q - t, 0.0), axis=1)
+    return (k, ids, inside, zn, q, t, suffix, gaps, a, carry_s + tl.sum(dn, axis=1), carry_a + tl.sum(slope, axis=1),
+            first)
+
+
+@triton.jit
+def cdf_loss_tiled(row_ptrs, active, shift, rank, y, likeliest, number_ids_ptr, number_values_ptr, value_order_ptr,
+                   K, sigma, z_max, total, g_max, g_sum, GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """WAS_CDF over tiles (docs/math.md §2.3): ``F_q(k) - F_t(k)`` from its lighter side, as in
+    :func:`number_token_terms`. Positions whose prefix mass ``Σ_{j <= k} (q_j + t_j)`` is at most 1
+    (half the total) take the prefix sum, carried forwards across tiles; the others (``k >= kstar``;
+    the prefix mass only grows) take minus the suffix sum, carried backwards from the last tile.
+
+    Returns ``(loss, kstar, a_total, a_ref)``: L, the first suffix-side position, ``Σ_k slope_k``
+    and ``a`` at the likeliest position (the gradient's origin, see :func:`cdf_gradient_offset`)."""
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    loss = tl.zeros_like(shift)
+    kstar = tl.zeros_like(rank)
+    carry_p = tl.zeros_like(shift)
+    carry_w = tl.zeros_like(shift)
+    carry_slope = tl.zeros_like(shift)
+    excl_ref = tl.zeros_like(shift)  # Σ_{j < likeliest} slope_j where the likeliest is prefix-side
+    everywhere = tl.zeros_like(rank)[:, None] == 0
+    for start in range(0, K, BLOCK_K):
+        k, ids, inside, gaps, zn, q, t, q_next, t_next = cdf_tile(
+            row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+            z_max, total, g_max, g_sum, everywhere, GAUSSIAN, False, BLOCK_K,
+        )
+        prefix = tl.cumsum(q - t, axis=1) + carry_p[:, None]
+        lighter = inside & (tl.cumsum(q + t, axis=1) + carry_w[:, None] <= 1.0)
+        loss += tl.sum(tl.where(lighter, tl.abs(prefix) * gaps[None, :], 0.0), axis=1)
+        kstar += tl.sum(lighter.to(rank.dtype), axis=1)
+        slope = tl.where(lighter, sign_of(prefix) * gaps[None, :], 0.0)
+        excl = tl.cumsum(slope, axis=1) - slope + carry_slope[:, None]
+        excl_ref += tl.sum(tl.where(lighter & (k[None, :] == likeliest[:, None]), excl, 0.0), axis=1)
+        carry_p += tl.sum(q - t, axis=1)
+        carry_w += tl.sum(q + t, axis=1)
+        carry_slope += tl.sum(slope, axis=1)
+    carry_s = tl.zeros_like(shift)
+    carry_a = tl.zeros_like(shift)
+    carry_first = tl.zeros_like(shift)
+    a_hi_ref = tl.zeros_like(shift)
+    for i in range(0, num_tiles):
+        k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a, carry_first = cdf_suffix_tile(
+            row_ptrs, active, (num_tiles - 1 - i) * BLOCK_K, shift, rank, y, number_ids_ptr, number_values_ptr,
+            value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, carry_first, GAUSSIAN,
+                BLOCK_K,
+        )
+        loss += tl.sum(tl.where(inside, tl.abs(suffix) * gaps[None, :], 0.0), axis=1)
+        a_hi_ref += tl.sum(tl.where(inside & (k[None, :] == likeliest[:, None]), a, 0.0), axis=1)
+    a_total = carry_slope + carry_a
+    a_ref = tl.where(likeliest < kstar, a_total - excl_ref, a_hi_ref)
+    return loss, kstar, a_total, a_ref
+
+
+@triton.jit
+def cdf_gradient_offset(row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+                        sigma, z_max, total, g_max, g_sum, kstar, a_total, a_ref,
+                        GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``Σ_j q_j (a_j - a_ref)``: ``∂L/∂z_j = q_j (a_j - a_ref - Σ_i q_i (a_i - a_ref))`` with
+    ``a_j = Σ_{k >= j} slope_k`` measured from the likeliest position's (whose own term is then
+    exactly 0), as in :func:`number_token_terms`."""
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    offset = tl.zeros_like(shift)
+    carry_p = tl.zeros_like(shift)
+    carry_slope = tl.zeros_like(shift)
+    for start in range(0, K, BLOCK_K):
+        k, ids, inside, zn, q, t, prefix, gaps, a, carry_p, carry_slope = cdf_prefix_tile(
+            row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+            z_max, total, g_max, g_sum, kstar, a_total, carry_p, carry_slope, GAUSSIAN, BLOCK_K,
+        )
+        offset += tl.sum(tl.where(inside, q * (a - a_ref[:, None]), 0.0), axis=1)
+    carry_s = tl.zeros_like(shift)
+    carry_a = tl.zeros_like(shift)
+    carry_first = tl.zeros_like(shift)
+    for i in range(0, num_tiles):
+        k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a, carry_first = cdf_suffix_tile(
+            row_ptrs, active, (num_tiles - 1 - i) * BLOCK_K, shift, rank, y, number_ids_ptr, number_values_ptr,
+            value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, carry_first, GAUSSIAN,
+                BLOCK_K,
+        )
+        offset += tl.sum(tl.where(inside, q * (a - a_ref[:, None]), 0.0), axis=1)
+    return offset
+
+
+@triton.jit
+def number_tile_terms(row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr,
+                      K, squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff,
+                      LOSS: tl.constexpr, SQUASH: tl.constexpr, GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile's ``(ids, mask, zn, dloss, target)`` of a TILED kernel, from the row-level values
+    of :func:`tiled_number_summary` (the per-k formulas of :func:`number_token_terms`)."""
+    k, ids, mask, values, zn, g = number_tile(row_ptrs, active, start, shift, y, number_ids_ptr, number_values_ptr,
+                                              value_order_ptr, K, sigma, GAUSSIAN, BLOCK_K)
+    q = tl.exp(zn - z_max[:, None]) / total[:, None]
+    if GAUSSIAN:
+        target = tl.exp(g - g_max[:, None]) / g_sum[:, None]
+    else:
+        target = tl.where(k[None, :] == rank[:, None], 1.0, 0.0).to(zn.dtype)
+    if LOSS == WAS:
+        distance = tl.abs(y[:, None] - values[None, :])
+        if SQUASH:
+            distance = tl.where(distance > 0, 1.0 + (distance - squash_min) * squash_scale, 0.0)
+        dloss = q * (distance - loss[:, None])
+    else:
+        sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+        if LOSS == MSE:
+            slope = 2.0 * diff
+        elif LOSS == MAE:
+            slope = sign
+        else:
+            slope = tl.where(tl.abs(diff) < 1.0, diff, sign)
+        dloss = slope[:, None] * q * ((values[None, :] - y[:, None]) - diff[:, None])
+    return ids, mask, zn, dloss, target
+
+
+@triton.jit
 def reweighed(loss, lse_n, log_sum, log_text, reweigh_constant):
     """``m L + c (1 - m)`` (docs/math.md §2.4), the text mass ``1 - m`` from its own log-sum."""
     return tl.exp(lse_n - log_sum) * loss + reweigh_constant * tl.exp(log_text - log_sum)
@@ -378,9 +697,10 @@ def reweighed(loss, lse_n, log_sum, log_text, reweigh_constant):
 
 @triton.jit
 def store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, log_sum, coefficient,
-                         BLOCK_V: tl.constexpr):
-    """``grad[k] = coefficient * p_k`` for every column, with ``p_k = exp((z_k - shift) -
-    log_sum)``; exactly 0 on rows whose coefficient is 0, and inactive rows read nothing.
+                         BLOCK_V: tl.constexpr, is_number_ptr=None, SKIP_NUMBERS: tl.constexpr = False):
+    """``grad[k] = coefficient * p_k`` for every column (with SKIP_NUMBERS every column but the
+    number tokens', which keep their logits), with ``p_k = exp((z_k - shift) - log_sum)``; exactly
+    0 on rows whose coefficient is 0, and inactive rows read nothing.
 
     The chunks go from the row's end to its start: right after a sweep that read the row from
     its start (the one-pass forward), its last chunks are the likeliest still to be in L2."""
@@ -391,6 +711,8 @@ def store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, lo
         col_mask = (c < V)[None, :]
         x = tl.load(row_ptrs[:, None] + c[None, :], mask=col_mask & active[:, None], other=float("-inf"))
         p = tl.exp((x.to(log_sum.dtype) - shift[:, None]) - log_sum[:, None])
+        if SKIP_NUMBERS:
+            col_mask = col_mask & (tl.load(is_number_ptr + c, mask=c < V, other=1) == 0)[None, :]
         tl.store(
             grad_row_ptrs[:, None] + c[None, :],
             scaled(coefficient[:, None], p).to(grad_row_ptrs.dtype.element_ty),
@@ -442,6 +764,113 @@ def store_row_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_r
         label_grad.to(grad_row_ptrs.dtype.element_ty),
         mask=row_mask & in_range & (valid == 0),
     )
+
+
+@triton.jit
+def store_row_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_range, valid, shift, log_sum,
+                             log_text, z_label, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr,
+                             is_number_ptr, K, squash_min, squash_scale, sigma, z_max, total, lse_n, g_max, g_sum,
+                             loss, diff, kstar, a_total, a_ref, upstream_ce, upstream_ntl, reweigh_constant,
+                             LOSS: tl.constexpr, SQUASH: tl.constexpr, GAUSSIAN: tl.constexpr,
+                             REWEIGH: tl.constexpr, INPLACE: tl.constexpr, BLOCK_V: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    """:func:`store_row_gradient` for K > BLOCK_K: the dense part skips the number columns (so
+    their logits survive an in-place write), then :func:`store_number_gradient_tiled` writes them
+    tile by tile; the label column last."""
+    if REWEIGH:
+        mass = tl.exp(lse_n - log_sum)
+        text_mass = tl.exp(log_text - log_sum)
+        spread = loss - reweigh_constant
+        dense = upstream_ce - scaled(upstream_ntl, spread * mass)
+    else:
+        mass = lse_n
+        text_mass = lse_n
+        spread = lse_n
+        dense = upstream_ce
+    label_grad = scaled(dense, tl.exp(z_label - log_sum)) - upstream_ce
+    if INPLACE:
+        tl.debug_barrier()  # the label gather completes before the row is overwritten
+    store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, log_sum, dense, BLOCK_V,
+                         is_number_ptr, True)
+    store_number_gradient_tiled(
+        row_ptrs, grad_row_ptrs, row_mask, active, shift, rank, y, number_ids_ptr, number_values_ptr,
+        value_order_ptr, K, squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff, kstar, a_total,
+        a_ref, valid, log_sum, mass, text_mass, spread, upstream_ce, upstream_ntl, LOSS, SQUASH, GAUSSIAN, REWEIGH,
+        BLOCK_K,
+    )
+    tl.debug_barrier()  # the label column lands after the dense write
+    tl.store(
+        grad_row_ptrs + label,
+        label_grad.to(grad_row_ptrs.dtype.element_ty),
+        mask=row_mask & in_range & (valid == 0),
+    )
+
+
+@triton.jit
+def number_gradient(zn, dloss, target, valid, log_sum, mass, text_mass, spread, upstream_ce, upstream_ntl,
+                    REWEIGH: tl.constexpr):
+    """The exact gradient of a tile's number columns (see :func:`store_row_gradient`)."""
+    p_n = tl.exp(zn - log_sum[:, None])
+    number_grad = scaled(upstream_ce[:, None], p_n - tl.where(valid[:, None], target, 0.0))
+    if REWEIGH:
+        number_grad += scaled(upstream_ntl[:, None], mass[:, None] * dloss + (spread * text_mass)[:, None] * p_n)
+    else:
+        number_grad += scaled(upstream_ntl[:, None], dloss)
+    return number_grad
+
+
+@triton.jit
+def store_number_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, shift, rank, y, number_ids_ptr,
+                                number_values_ptr, value_order_ptr, K, squash_min, squash_scale, sigma, z_max, total,
+                                g_max, g_sum, loss, diff, kstar, a_total, a_ref, valid, log_sum, mass, text_mass,
+                                spread, upstream_ce, upstream_ntl, LOSS: tl.constexpr, SQUASH: tl.constexpr,
+                                GAUSSIAN: tl.constexpr, REWEIGH: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Writes the K number columns of each row, tile by tile, from the values of
+    :func:`tiled_number_summary`. WAS_CDF writes its prefix-side positions going forwards, then its
+    suffix-side ones from the last tile backwards: a tile only reads columns not yet written."""
+    if LOSS == WAS_CDF:
+        offset = cdf_gradient_offset(
+            row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
+            z_max, total, g_max, g_sum, kstar, a_total, a_ref, GAUSSIAN, BLOCK_K,
+        )
+        num_tiles = tl.cdiv(K, BLOCK_K)
+        carry_p = tl.zeros_like(shift)
+        carry_slope = tl.zeros_like(shift)
+        for start in range(0, K, BLOCK_K):
+            k, ids, inside, zn, q, t, prefix, gaps, a, carry_p, carry_slope = cdf_prefix_tile(
+                row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+                sigma, z_max, total, g_max, g_sum, kstar, a_total, carry_p, carry_slope, GAUSSIAN, BLOCK_K,
+            )
+            dloss = q * ((a - a_ref[:, None]) - offset[:, None])
+            number_grad = number_gradient(zn, dloss, t, valid, log_sum, mass, text_mass, spread, upstream_ce,
+                                          upstream_ntl, REWEIGH)
+            tl.store(grad_row_ptrs[:, None] + ids[None, :], number_grad.to(grad_row_ptrs.dtype.element_ty),
+                     mask=row_mask[:, None] & inside)
+        carry_s = tl.zeros_like(shift)
+        carry_a = tl.zeros_like(shift)
+        carry_first = tl.zeros_like(shift)
+        for i in range(0, num_tiles):
+            k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a, carry_first = cdf_suffix_tile(
+                row_ptrs, active, (num_tiles - 1 - i) * BLOCK_K, shift, rank, y, number_ids_ptr, number_values_ptr,
+                value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, carry_first, GAUSSIAN,
+                BLOCK_K,
+            )
+            dloss = q * ((a - a_ref[:, None]) - offset[:, None])
+            number_grad = number_gradient(zn, dloss, t, valid, log_sum, mass, text_mass, spread, upstream_ce,
+                                          upstream_ntl, REWEIGH)
+            tl.store(grad_row_ptrs[:, None] + ids[None, :], number_grad.to(grad_row_ptrs.dtype.element_ty),
+                     mask=row_mask[:, None] & inside)
+    else:
+        for start in range(0, K, BLOCK_K):
+            ids, k_mask, zn, dloss, target = number_tile_terms(
+                row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+                squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff, LOSS, SQUASH, GAUSSIAN,
+                BLOCK_K,
+            )
+            number_grad = number_gradient(zn, dloss, target, valid, log_sum, mass, text_mass, spread, upstream_ce,
+                                          upstream_ntl, REWEIGH)
+            tl.store(grad_row_ptrs[:, None] + ids[None, :], number_grad.to(grad_row_ptrs.dtype.element_ty),
+                     mask=row_mask[:, None] & k_mask[None, :])
 
 
 @triton.jit

@@ -34,7 +34,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import kernel_options, launch_rows, reweighed, row_labels, row_logsumexp
-from ._common import row_number_terms, row_upstream, store_row_gradient
+from ._common import row_number_terms, row_upstream, store_row_gradient, store_row_gradient_tiled
+from ._common import tiled_number_summary
 
 __all__ = ["launch_ce_ntl_forward", "launch_ce_ntl_backward"]
 
@@ -47,7 +48,7 @@ def _ce_ntl_forward_kernel(
     M, V, K, ignore_index, squash_min, squash_scale, reweigh_constant, sigma,
     LOSS: tl.constexpr, SQUASH: tl.constexpr, REWEIGH: tl.constexpr, GAUSSIAN: tl.constexpr,
     GRAD: tl.constexpr, INPLACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, TILED: tl.constexpr,
 ):
     rows, row_mask, label, in_range, bad, valid, rank, y = row_labels(
         labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, M, V, ignore_index, BLOCK_M
@@ -60,14 +61,24 @@ def _ce_ntl_forward_kernel(
     else:
         active = row_mask & in_range
     shift, log_sum, log_text = row_logsumexp(row_ptrs, active, V, is_number_ptr, ntl_ptr, BLOCK_M, BLOCK_V, REWEIGH)
-    ids, k_mask, zn, lse_n, loss, dloss, target = row_number_terms(
-        row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
-        squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
-    )
+    if TILED:  # K > BLOCK_K: the number tokens in tiles, their per-k terms formed again by the gradient
+        y = y.to(shift.dtype)
+        z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref = tiled_number_summary(
+            row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+            squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
+        )
+    else:
+        ids, k_mask, zn, lse_n, loss, dloss, target = row_number_terms(
+            row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+            squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
+        )
     z_label = tl.load(row_ptrs + label, mask=active, other=0.0).to(log_sum.dtype) - shift
     ce = log_sum - z_label
     if GAUSSIAN:
-        gaussian_ce = log_sum - tl.sum(target * tl.where(k_mask[None, :], zn, 0.0), axis=1)
+        if TILED:
+            gaussian_ce = log_sum - target_zn
+        else:
+            gaussian_ce = log_sum - tl.sum(target * tl.where(k_mask[None, :], zn, 0.0), axis=1)
         ce = tl.where(valid, gaussian_ce, ce)
     ntl = loss
     if REWEIGH:
@@ -75,11 +86,19 @@ def _ce_ntl_forward_kernel(
     tl.store(ce_ptr + rows, tl.where(bad, float("nan"), tl.where(in_range & active, ce, 0.0)), mask=row_mask)
     tl.store(ntl_ptr + rows, tl.where(bad, float("nan"), tl.where(valid & active, ntl, 0.0)), mask=row_mask)
     if GRAD:
-        store_row_gradient(
-            row_ptrs, grad_ptr + rows * stride_gm, row_mask, active, V, label, in_range, valid, shift, log_sum,
-            log_text, ids, k_mask, zn, z_label, lse_n, loss, dloss, target, upstream_ce, upstream_ntl,
-            reweigh_constant, REWEIGH, INPLACE, BLOCK_V,
-        )
+        if TILED:
+            store_row_gradient_tiled(
+                row_ptrs, grad_ptr + rows * stride_gm, row_mask, active, V, label, in_range, valid, shift, log_sum,
+                log_text, z_label, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, is_number_ptr, K,
+                squash_min, squash_scale, sigma, z_max, total, lse_n, g_max, g_sum, loss, diff, kstar, a_total, a_ref,
+                upstream_ce, upstream_ntl, reweigh_constant, LOSS, SQUASH, GAUSSIAN, REWEIGH, INPLACE, BLOCK_V, BLOCK_K,
+            )
+        else:
+            store_row_gradient(
+                row_ptrs, grad_ptr + rows * stride_gm, row_mask, active, V, label, in_range, valid, shift, log_sum,
+                log_text, ids, k_mask, zn, z_label, lse_n, loss, dloss, target, upstream_ce, upstream_ntl,
+                reweigh_constant, REWEIGH, INPLACE, BLOCK_V,
+            )
     else:
         tl.store(stats_ptr + rows, shift, mask=row_mask)
         tl.store(stats_ptr + M + rows, log_sum, mask=row_mask)
@@ -93,6 +112,7 @@ def _ce_ntl_backward_kernel(
     is_number_ptr, M, V, K, ignore_index, squash_min, squash_scale, reweigh_constant, sigma,
     LOSS: tl.constexpr, SQUASH: tl.constexpr, REWEIGH: tl.constexpr, GAUSSIAN: tl.constexpr,
     INPLACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    TILED: tl.constexpr,
 ):
     rows, row_mask, label, in_range, bad, valid, rank, y = row_labels(
         labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, M, V, ignore_index, BLOCK_M
@@ -103,17 +123,31 @@ def _ce_ntl_backward_kernel(
     shift = tl.load(stats_ptr + rows)
     log_sum = tl.load(stats_ptr + M + rows)
     log_text = tl.load(stats_ptr + 2 * M + rows)
-    # every logit this program needs besides the streamed row, read before any gradient write
-    ids, k_mask, zn, lse_n, loss, dloss, target = row_number_terms(
-        row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
-        squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
-    )
-    z_label = tl.load(row_ptrs + label, mask=active, other=0.0).to(log_sum.dtype) - shift
-    store_row_gradient(
-        row_ptrs, grad_ptr + rows * stride_gm, row_mask, active, V, label, in_range, valid, shift, log_sum,
-        log_text, ids, k_mask, zn, z_label, lse_n, loss, dloss, target, upstream_ce, upstream_ntl,
-        reweigh_constant, REWEIGH, INPLACE, BLOCK_V,
-    )
+    if TILED:  # the number columns are skipped by the dense write and gathered again per tile
+        y = y.to(shift.dtype)
+        z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref = tiled_number_summary(
+            row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+            squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
+        )
+        z_label = tl.load(row_ptrs + label, mask=active, other=0.0).to(log_sum.dtype) - shift
+        store_row_gradient_tiled(
+            row_ptrs, grad_ptr + rows * stride_gm, row_mask, active, V, label, in_range, valid, shift, log_sum,
+            log_text, z_label, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, is_number_ptr, K,
+            squash_min, squash_scale, sigma, z_max, total, lse_n, g_max, g_sum, loss, diff, kstar, a_total, a_ref,
+            upstream_ce, upstream_ntl, reweigh_constant, LOSS, SQUASH, GAUSSIAN, REWEIGH, INPLACE, BLOCK_V, BLOCK_K,
+        )
+    else:
+        # every logit this program needs besides the streamed row, read before any gradient write
+        ids, k_mask, zn, lse_n, loss, dloss, target = row_number_terms(
+            row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+            squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
+        )
+        z_label = tl.load(row_ptrs + label, mask=active, other=0.0).to(log_sum.dtype) - shift
+        store_row_gradient(
+            row_ptrs, grad_ptr + rows * stride_gm, row_mask, active, V, label, in_range, valid, shift, log_sum,
+            log_text, ids, k_mask, zn, z_label, lse_n, loss, dloss, target, upstream_ce, upstream_ntl,
+            reweigh_constant, REWEIGH, INPLACE, BLOCK_V,
+        )
 
 
 def launch_ce_ntl_forward(logits: Tensor, labels: Tensor, tables, options, ce: Tensor, ntl: Tensor,
