@@ -418,6 +418,20 @@ void backward_row(const scalar_t* z, scalar_t* o, int64_t V, const RowLabel& lab
   scratch.keep_exps = true;
 }
 
+// Calls `row(r, label, scratch)` for every row: rows split into tasks of about row_grain(V) rows,
+// one scratch per task, each row's label read and classified. Every row is computed on its own,
+// so the split never changes a result.
+template <typename acc_t, typename RowFn>
+void parallel_rows(const Tensor& labels, int64_t M, int64_t V, const CpuTable& table, const Options& opt,
+                   const RowFn& row) {
+  const void* label_data = labels.const_data_ptr();
+  at::parallel_for(0, M, row_grain(V), [&](int64_t begin, int64_t end) {
+    RowScratch<acc_t> scratch(table);
+    for (int64_t r = begin; r < end; ++r)
+      row(r, classify_label(read_label(labels, label_data, r), V, table.K, table.index, opt.ignore_index), scratch);
+  });
+}
+
 // The forward of every row: ce (when with_ce), ntl and the saved statistics.
 void forward_cpu(const Tensor& logits, const Tensor& labels, const CpuTable& table, const Options& opt, bool with_ce,
                  const Tensor& ce, const Tensor& ntl, const Tensor& row_stats) {
@@ -425,20 +439,14 @@ void forward_cpu(const Tensor& logits, const Tensor& labels, const CpuTable& tab
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "ntl_fast_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* z_all = logits.const_data_ptr<scalar_t>();
-    const void* label_data = labels.const_data_ptr();
     acc_t* ce_out = with_ce ? ce.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* ntl_out = ntl.mutable_data_ptr<acc_t>();
     acc_t* stats_out = row_stats.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, M, row_grain(V), [&](int64_t begin, int64_t end) {
-      RowScratch<acc_t> scratch(table);
-      for (int64_t r = begin; r < end; ++r) {
-        const RowLabel lab =
-            classify_label(read_label(labels, label_data, r), V, table.K, table.index, opt.ignore_index);
-        const RowLosses<acc_t> f = forward_row(z_all + r * V, V, lab, table, scratch, with_ce, opt);
-        if (with_ce) ce_out[r] = f.ce;
-        ntl_out[r] = f.ntl;
-        f.stats.store(stats_out + r * RowStats<acc_t>::kSize);
-      }
+    parallel_rows<acc_t>(labels, M, V, table, opt, [&](int64_t r, const RowLabel& lab, RowScratch<acc_t>& scratch) {
+      const RowLosses<acc_t> f = forward_row(z_all + r * V, V, lab, table, scratch, with_ce, opt);
+      if (with_ce) ce_out[r] = f.ce;
+      ntl_out[r] = f.ntl;
+      f.stats.store(stats_out + r * RowStats<acc_t>::kSize);
     });
   });
 }
@@ -452,19 +460,13 @@ void backward_cpu(const Tensor& logits, const Tensor& labels, const CpuTable& ta
     using acc_t = acc_type<scalar_t>;
     const scalar_t* z_all = logits.const_data_ptr<scalar_t>();
     scalar_t* out_all = out.mutable_data_ptr<scalar_t>();
-    const void* label_data = labels.const_data_ptr();
     const acc_t* g_ce = with_ce ? grad_ce.const_data_ptr<acc_t>() : nullptr;
     const acc_t* g_ntl = grad_ntl.const_data_ptr<acc_t>();
     const acc_t* stats = row_stats.const_data_ptr<acc_t>();
-    at::parallel_for(0, M, row_grain(V), [&](int64_t begin, int64_t end) {
-      RowScratch<acc_t> scratch(table);
-      for (int64_t r = begin; r < end; ++r) {
-        const RowLabel lab =
-            classify_label(read_label(labels, label_data, r), V, table.K, table.index, opt.ignore_index);
-        backward_row(z_all + r * V, out_all + r * V, V, lab, table, scratch,
-                     RowStats<acc_t>::load(stats + r * RowStats<acc_t>::kSize), with_ce ? g_ce[r] : acc_t(0),
-                     g_ntl[r], with_ce, opt);
-      }
+    parallel_rows<acc_t>(labels, M, V, table, opt, [&](int64_t r, const RowLabel& lab, RowScratch<acc_t>& scratch) {
+      backward_row(z_all + r * V, out_all + r * V, V, lab, table, scratch,
+                   RowStats<acc_t>::load(stats + r * RowStats<acc_t>::kSize), with_ce ? g_ce[r] : acc_t(0), g_ntl[r],
+                   with_ce, opt);
     });
   });
 }
@@ -494,22 +496,16 @@ void loss_and_grad_cpu(const Tensor& logits, const Tensor& labels, const CpuTabl
     using acc_t = acc_type<scalar_t>;
     const scalar_t* z_all = logits.const_data_ptr<scalar_t>();
     scalar_t* grad_all = grad.mutable_data_ptr<scalar_t>();
-    const void* label_data = labels.const_data_ptr();
     const acc_t* g_ce = ce_scale.const_data_ptr<acc_t>();
     const acc_t* g_ntl = ntl_scale.const_data_ptr<acc_t>();
     acc_t* ce_out = ce.mutable_data_ptr<acc_t>();
     acc_t* ntl_out = ntl.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, M, row_grain(V), [&](int64_t begin, int64_t end) {
-      RowScratch<acc_t> scratch(table);
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* z = z_all + r * V;
-        const RowLabel lab =
-            classify_label(read_label(labels, label_data, r), V, table.K, table.index, opt.ignore_index);
-        const RowLosses<acc_t> f = forward_row(z, V, lab, table, scratch, true, opt);
-        ce_out[r] = f.ce;
-        ntl_out[r] = f.ntl;
-        backward_row(z, grad_all + r * V, V, lab, table, scratch, f.stats, g_ce[r], g_ntl[r], true, opt);
-      }
+    parallel_rows<acc_t>(labels, M, V, table, opt, [&](int64_t r, const RowLabel& lab, RowScratch<acc_t>& scratch) {
+      const scalar_t* z = z_all + r * V;
+      const RowLosses<acc_t> f = forward_row(z, V, lab, table, scratch, true, opt);
+      ce_out[r] = f.ce;
+      ntl_out[r] = f.ntl;
+      backward_row(z, grad_all + r * V, V, lab, table, scratch, f.stats, g_ce[r], g_ntl[r], true, opt);
     });
   });
 }
