@@ -41,6 +41,10 @@ MSE = tl.constexpr(LossKind.MSE.value)
 MAE = tl.constexpr(LossKind.MAE.value)
 HUBER = tl.constexpr(LossKind.HUBER.value)
 WAS_CDF = tl.constexpr(LossKind.WAS_CDF.value)
+# what a sweep over WAS_CDF's suffix-side tiles does (:func:`cdf_suffix_sweep`)
+SUFFIX_LOSS = tl.constexpr(0)
+SUFFIX_OFFSET = tl.constexpr(1)
+SUFFIX_GRADIENT = tl.constexpr(2)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -580,6 +584,44 @@ def cdf_suffix_tile(row_ptrs, active, start, shift, rank, y, number_ids_ptr, num
 
 
 @triton.jit
+def cdf_suffix_sweep(row_ptrs, active, shift, rank, y, likeliest, a_ref, number_ids_ptr, number_values_ptr,
+                     value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, MODE: tl.constexpr,
+                     GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr, grad_row_ptrs=None, row_mask=None, offset=None,
+                     valid=None, log_sum=None, mass=None, text_mass=None, spread=None, upstream_ce=None,
+                     upstream_ntl=None, REWEIGH: tl.constexpr = False):
+    """The suffix-side tiles of WAS_CDF (``k >= kstar``), from the last tile backwards (a tile
+    never reads a column of the tile after it, which a gradient sweep may have overwritten).
+    Returns ``(s, at_likeliest, Σ slope)`` over them, where by ``MODE``:
+
+    * ``SUFFIX_LOSS``: ``s = Σ |F_q - F_t| gap`` and ``at_likeliest`` is ``a`` at the likeliest;
+    * ``SUFFIX_OFFSET``: ``s = Σ q_j (a_j - a_ref)`` (:func:`cdf_gradient_offset`);
+    * ``SUFFIX_GRADIENT``: the tiles' gradient columns are written (the keyword arguments, as in
+      :func:`number_gradient`).
+    """
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    carry_s = tl.zeros_like(shift)
+    carry_a = tl.zeros_like(shift)
+    carry_first = tl.zeros_like(shift)
+    total_sum = tl.zeros_like(shift)
+    at_likeliest = tl.zeros_like(shift)
+    for i in range(0, num_tiles):
+        k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a, carry_first = cdf_suffix_tile(
+            row_ptrs, active, (num_tiles - 1 - i) * BLOCK_K, shift, rank, y, number_ids_ptr, number_values_ptr,
+            value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, carry_first, GAUSSIAN,
+            BLOCK_K,
+        )
+        if MODE == SUFFIX_LOSS:
+            total_sum += tl.sum(tl.where(inside, tl.abs(suffix) * gaps[None, :], 0.0), axis=1)
+            at_likeliest += tl.sum(tl.where(inside & (k[None, :] == likeliest[:, None]), a, 0.0), axis=1)
+        elif MODE == SUFFIX_OFFSET:
+            total_sum += tl.sum(tl.where(inside, q * (a - a_ref[:, None]), 0.0), axis=1)
+        else:
+            store_cdf_gradient(grad_row_ptrs, row_mask, ids, inside, zn, q, t, a, a_ref, offset, valid, log_sum, mass,
+                               text_mass, spread, upstream_ce, upstream_ntl, REWEIGH)
+    return total_sum, at_likeliest, carry_a
+
+
+@triton.jit
 def cdf_loss_tiled(row_ptrs, active, shift, rank, y, likeliest, number_ids_ptr, number_values_ptr, value_order_ptr,
                    K, sigma, z_max, total, g_max, g_sum, GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
     """WAS_CDF over tiles (docs/math.md §2.3): ``F_q(k) - F_t(k)`` from its lighter side, as in
@@ -589,7 +631,6 @@ def cdf_loss_tiled(row_ptrs, active, shift, rank, y, likeliest, number_ids_ptr, 
 
     Returns ``(loss, kstar, a_total, a_ref)``: L, the first suffix-side position, ``Σ_k slope_k``
     and ``a`` at the likeliest position (the gradient's origin, see :func:`cdf_gradient_offset`)."""
-    num_tiles = tl.cdiv(K, BLOCK_K)
     loss = tl.zeros_like(shift)
     kstar = tl.zeros_like(rank)
     carry_p = tl.zeros_like(shift)
@@ -612,18 +653,11 @@ def cdf_loss_tiled(row_ptrs, active, shift, rank, y, likeliest, number_ids_ptr, 
         carry_p += tl.sum(q - t, axis=1)
         carry_w += tl.sum(q + t, axis=1)
         carry_slope += tl.sum(slope, axis=1)
-    carry_s = tl.zeros_like(shift)
-    carry_a = tl.zeros_like(shift)
-    carry_first = tl.zeros_like(shift)
-    a_hi_ref = tl.zeros_like(shift)
-    for i in range(0, num_tiles):
-        k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a, carry_first = cdf_suffix_tile(
-            row_ptrs, active, (num_tiles - 1 - i) * BLOCK_K, shift, rank, y, number_ids_ptr, number_values_ptr,
-            value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, carry_first, GAUSSIAN,
-                BLOCK_K,
-        )
-        loss += tl.sum(tl.where(inside, tl.abs(suffix) * gaps[None, :], 0.0), axis=1)
-        a_hi_ref += tl.sum(tl.where(inside & (k[None, :] == likeliest[:, None]), a, 0.0), axis=1)
+    suffix_loss, a_hi_ref, carry_a = cdf_suffix_sweep(
+        row_ptrs, active, shift, rank, y, likeliest, shift, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+        sigma, z_max, total, g_max, g_sum, kstar, SUFFIX_LOSS, GAUSSIAN, BLOCK_K,
+    )
+    loss += suffix_loss
     a_total = carry_slope + carry_a
     a_ref = tl.where(likeliest < kstar, a_total - excl_ref, a_hi_ref)
     return loss, kstar, a_total, a_ref
@@ -636,7 +670,6 @@ def cdf_gradient_offset(row_ptrs, active, shift, rank, y, number_ids_ptr, number
     """``Σ_j q_j (a_j - a_ref)``: ``∂L/∂z_j = q_j (a_j - a_ref - Σ_i q_i (a_i - a_ref))`` with
     ``a_j = Σ_{k >= j} slope_k`` measured from the likeliest position's (whose own term is then
     exactly 0), as in :func:`number_token_terms`."""
-    num_tiles = tl.cdiv(K, BLOCK_K)
     offset = tl.zeros_like(shift)
     carry_p = tl.zeros_like(shift)
     carry_slope = tl.zeros_like(shift)
@@ -646,17 +679,11 @@ def cdf_gradient_offset(row_ptrs, active, shift, rank, y, number_ids_ptr, number
             z_max, total, g_max, g_sum, kstar, a_total, carry_p, carry_slope, GAUSSIAN, BLOCK_K,
         )
         offset += tl.sum(tl.where(inside, q * (a - a_ref[:, None]), 0.0), axis=1)
-    carry_s = tl.zeros_like(shift)
-    carry_a = tl.zeros_like(shift)
-    carry_first = tl.zeros_like(shift)
-    for i in range(0, num_tiles):
-        k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a, carry_first = cdf_suffix_tile(
-            row_ptrs, active, (num_tiles - 1 - i) * BLOCK_K, shift, rank, y, number_ids_ptr, number_values_ptr,
-            value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, carry_first, GAUSSIAN,
-                BLOCK_K,
-        )
-        offset += tl.sum(tl.where(inside, q * (a - a_ref[:, None]), 0.0), axis=1)
-    return offset
+    suffix_offset, _, _ = cdf_suffix_sweep(
+        row_ptrs, active, shift, rank, y, kstar, a_ref, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+        sigma, z_max, total, g_max, g_sum, kstar, SUFFIX_OFFSET, GAUSSIAN, BLOCK_K,
+    )
+    return offset + suffix_offset
 
 
 @triton.jit
@@ -721,6 +748,32 @@ def store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, lo
 
 
 @triton.jit
+def gradient_coefficients(loss, lse_n, log_sum, log_text, upstream_ce, upstream_ntl, reweigh_constant,
+                          REWEIGH: tl.constexpr):
+    """Per row: the number mass ``m``, the text mass ``1 - m``, ``L - c`` (reweigh only; other
+    values are placeholders) and the coefficient ``a`` of the dense part ``a p_k``."""
+    if REWEIGH:
+        mass = tl.exp(lse_n - log_sum)
+        text_mass = tl.exp(log_text - log_sum)
+        spread = loss - reweigh_constant
+        dense = upstream_ce - scaled(upstream_ntl, spread * mass)
+    else:
+        mass = lse_n
+        text_mass = lse_n
+        spread = lse_n
+        dense = upstream_ce
+    return mass, text_mass, spread, dense
+
+
+@triton.jit
+def store_label_gradient(grad_row_ptrs, row_mask, label, in_range, valid, label_grad):
+    """The label column of a label outside N (``dense p_l - upstream_ce``); a number label is one
+    of the K columns."""
+    tl.store(grad_row_ptrs + label, label_grad.to(grad_row_ptrs.dtype.element_ty),
+             mask=row_mask & in_range & (valid == 0))
+
+
+@triton.jit
 def store_row_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_range, valid, shift, log_sum,
                        log_text, ids, k_mask, zn, z_label, lse_n, loss, dloss, target, upstream_ce, upstream_ntl,
                        reweigh_constant, REWEIGH: tl.constexpr, INPLACE: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -732,23 +785,10 @@ def store_row_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_r
     columns and the label column are overwritten with their exact values, computed from logits
     (``zn``, ``z_label``) read before any write, so the gradient may overwrite the logits.
     """
-    p_n = tl.exp(zn - log_sum[:, None])
-    # CE target over N: Gaussian (§2.5) or one-hot at a number label; 0 for other labels
-    ce_target = tl.where(valid[:, None], target, 0.0)
-    number_grad = scaled(upstream_ce[:, None], p_n - ce_target)
-    if REWEIGH:
-        # ∂L'/∂z_k = m ∂L/∂z_k + (L - c) p_k (1[k∈N] - m), with 1 - m the text mass
-        mass = tl.exp(lse_n - log_sum)
-        text_mass = tl.exp(log_text - log_sum)
-        spread = loss - reweigh_constant
-        dense = upstream_ce - scaled(upstream_ntl, spread * mass)
-        number_grad += scaled(
-            upstream_ntl[:, None], mass[:, None] * dloss + (spread * text_mass)[:, None] * p_n
-        )
-    else:
-        dense = upstream_ce
-        number_grad += scaled(upstream_ntl[:, None], dloss)
-    # a label outside N: p_l - 1 (a number label is one of the K columns)
+    mass, text_mass, spread, dense = gradient_coefficients(loss, lse_n, log_sum, log_text, upstream_ce,
+                                                           upstream_ntl, reweigh_constant, REWEIGH)
+    number_grad = number_gradient(zn, dloss, target, valid, log_sum, mass, text_mass, spread, upstream_ce,
+                                  upstream_ntl, REWEIGH)
     label_grad = scaled(dense, tl.exp(z_label - log_sum)) - upstream_ce
     if INPLACE:
         tl.debug_barrier()  # the gathers complete before the row is overwritten
@@ -759,11 +799,7 @@ def store_row_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_r
         number_grad.to(grad_row_ptrs.dtype.element_ty),
         mask=row_mask[:, None] & k_mask[None, :],
     )
-    tl.store(
-        grad_row_ptrs + label,
-        label_grad.to(grad_row_ptrs.dtype.element_ty),
-        mask=row_mask & in_range & (valid == 0),
-    )
+    store_label_gradient(grad_row_ptrs, row_mask, label, in_range, valid, label_grad)
 
 
 @triton.jit
@@ -777,16 +813,8 @@ def store_row_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, V, label
     """:func:`store_row_gradient` for K > BLOCK_K: the dense part skips the number columns (so
     their logits survive an in-place write), then :func:`store_number_gradient_tiled` writes them
     tile by tile; the label column last."""
-    if REWEIGH:
-        mass = tl.exp(lse_n - log_sum)
-        text_mass = tl.exp(log_text - log_sum)
-        spread = loss - reweigh_constant
-        dense = upstream_ce - scaled(upstream_ntl, spread * mass)
-    else:
-        mass = lse_n
-        text_mass = lse_n
-        spread = lse_n
-        dense = upstream_ce
+    mass, text_mass, spread, dense = gradient_coefficients(loss, lse_n, log_sum, log_text, upstream_ce,
+                                                           upstream_ntl, reweigh_constant, REWEIGH)
     label_grad = scaled(dense, tl.exp(z_label - log_sum)) - upstream_ce
     if INPLACE:
         tl.debug_barrier()  # the label gather completes before the row is overwritten
@@ -799,11 +827,7 @@ def store_row_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, V, label
         BLOCK_K,
     )
     tl.debug_barrier()  # the label column lands after the dense write
-    tl.store(
-        grad_row_ptrs + label,
-        label_grad.to(grad_row_ptrs.dtype.element_ty),
-        mask=row_mask & in_range & (valid == 0),
-    )
+    store_label_gradient(grad_row_ptrs, row_mask, label, in_range, valid, label_grad)
 
 
 @triton.jit
@@ -820,6 +844,17 @@ def number_gradient(zn, dloss, target, valid, log_sum, mass, text_mass, spread, 
 
 
 @triton.jit
+def store_cdf_gradient(grad_row_ptrs, row_mask, ids, inside, zn, q, t, a, a_ref, offset, valid, log_sum, mass,
+                       text_mass, spread, upstream_ce, upstream_ntl, REWEIGH: tl.constexpr):
+    """Writes a WAS_CDF tile's number columns: ``∂L/∂z_j = q_j (a_j - a_ref - offset)``."""
+    dloss = q * ((a - a_ref[:, None]) - offset[:, None])
+    number_grad = number_gradient(zn, dloss, t, valid, log_sum, mass, text_mass, spread, upstream_ce, upstream_ntl,
+                                  REWEIGH)
+    tl.store(grad_row_ptrs[:, None] + ids[None, :], number_grad.to(grad_row_ptrs.dtype.element_ty),
+             mask=row_mask[:, None] & inside)
+
+
+@triton.jit
 def store_number_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, shift, rank, y, number_ids_ptr,
                                 number_values_ptr, value_order_ptr, K, squash_min, squash_scale, sigma, z_max, total,
                                 g_max, g_sum, loss, diff, kstar, a_total, a_ref, valid, log_sum, mass, text_mass,
@@ -833,7 +868,6 @@ def store_number_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, shift
             row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K, sigma,
             z_max, total, g_max, g_sum, kstar, a_total, a_ref, GAUSSIAN, BLOCK_K,
         )
-        num_tiles = tl.cdiv(K, BLOCK_K)
         carry_p = tl.zeros_like(shift)
         carry_slope = tl.zeros_like(shift)
         for start in range(0, K, BLOCK_K):
@@ -841,25 +875,13 @@ def store_number_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, shift
                 row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
                 sigma, z_max, total, g_max, g_sum, kstar, a_total, carry_p, carry_slope, GAUSSIAN, BLOCK_K,
             )
-            dloss = q * ((a - a_ref[:, None]) - offset[:, None])
-            number_grad = number_gradient(zn, dloss, t, valid, log_sum, mass, text_mass, spread, upstream_ce,
-                                          upstream_ntl, REWEIGH)
-            tl.store(grad_row_ptrs[:, None] + ids[None, :], number_grad.to(grad_row_ptrs.dtype.element_ty),
-                     mask=row_mask[:, None] & inside)
-        carry_s = tl.zeros_like(shift)
-        carry_a = tl.zeros_like(shift)
-        carry_first = tl.zeros_like(shift)
-        for i in range(0, num_tiles):
-            k, ids, inside, zn, q, t, suffix, gaps, a, carry_s, carry_a, carry_first = cdf_suffix_tile(
-                row_ptrs, active, (num_tiles - 1 - i) * BLOCK_K, shift, rank, y, number_ids_ptr, number_values_ptr,
-                value_order_ptr, K, sigma, z_max, total, g_max, g_sum, kstar, carry_s, carry_a, carry_first, GAUSSIAN,
-                BLOCK_K,
-            )
-            dloss = q * ((a - a_ref[:, None]) - offset[:, None])
-            number_grad = number_gradient(zn, dloss, t, valid, log_sum, mass, text_mass, spread, upstream_ce,
-                                          upstream_ntl, REWEIGH)
-            tl.store(grad_row_ptrs[:, None] + ids[None, :], number_grad.to(grad_row_ptrs.dtype.element_ty),
-                     mask=row_mask[:, None] & inside)
+            store_cdf_gradient(grad_row_ptrs, row_mask, ids, inside, zn, q, t, a, a_ref, offset, valid, log_sum, mass,
+                               text_mass, spread, upstream_ce, upstream_ntl, REWEIGH)
+        cdf_suffix_sweep(
+            row_ptrs, active, shift, rank, y, kstar, a_ref, number_ids_ptr, number_values_ptr, value_order_ptr, K,
+            sigma, z_max, total, g_max, g_sum, kstar, SUFFIX_GRADIENT, GAUSSIAN, BLOCK_K, grad_row_ptrs, row_mask,
+            offset, valid, log_sum, mass, text_mass, spread, upstream_ce, upstream_ntl, REWEIGH,
+        )
     else:
         for start in range(0, K, BLOCK_K):
             ids, k_mask, zn, dloss, target = number_tile_terms(

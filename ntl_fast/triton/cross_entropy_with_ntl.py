@@ -41,26 +41,15 @@ __all__ = ["launch_ce_ntl_forward", "launch_ce_ntl_backward"]
 
 
 @triton.jit
-def _ce_ntl_forward_kernel(
-    logits_ptr, stride_m, labels_ptr, stride_label,
-    number_ids_ptr, number_values_ptr, number_index_ptr, value_order_ptr, value_rank_ptr, sorted_gaps_ptr,
-    is_number_ptr, ce_ptr, ntl_ptr, stats_ptr, grad_ptr, stride_gm, ce_scale_ptr, ntl_scale_ptr,
-    M, V, K, ignore_index, squash_min, squash_scale, reweigh_constant, sigma,
-    LOSS: tl.constexpr, SQUASH: tl.constexpr, REWEIGH: tl.constexpr, GAUSSIAN: tl.constexpr,
-    GRAD: tl.constexpr, INPLACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr, TILED: tl.constexpr,
-):
-    rows, row_mask, label, in_range, bad, valid, rank, y = row_labels(
-        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, M, V, ignore_index, BLOCK_M
-    )
-    row_ptrs = logits_ptr + rows * stride_m
-    if GRAD:  # a row whose scales are both 0 counts for nothing: no read, zero losses and gradient
-        upstream_ce, upstream_ntl, active = row_upstream(
-            ce_scale_ptr, ntl_scale_ptr, rows, row_mask, in_range, valid, ntl_ptr
-        )
-    else:
-        active = row_mask & in_range
-    shift, log_sum, log_text = row_logsumexp(row_ptrs, active, V, is_number_ptr, ntl_ptr, BLOCK_M, BLOCK_V, REWEIGH)
+def row_losses(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_range, valid, rank, y, shift, log_sum, log_text,
+               number_ids_ptr, number_values_ptr, value_order_ptr, is_number_ptr, K, squash_min, squash_scale, sigma,
+               reweigh_constant, upstream_ce, upstream_ntl, LOSS: tl.constexpr, SQUASH: tl.constexpr,
+               GAUSSIAN: tl.constexpr, REWEIGH: tl.constexpr, GRAD: tl.constexpr, INPLACE: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, TILED: tl.constexpr):
+    """CE and NTL of each row from its statistics (``shift``, ``log_sum``, ``log_text``) and, with
+    ``GRAD``, its gradient written to ``grad_row_ptrs``: what the forward and the backward kernels
+    share. Every logit it needs besides the streamed row (number columns, label) is read before
+    any gradient write, so the gradient may overwrite the logits."""
     if TILED:  # K > BLOCK_K: the number tokens in tiles, their per-k terms formed again by the gradient
         y = y.to(shift.dtype)
         z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref = tiled_number_summary(
@@ -83,23 +72,59 @@ def _ce_ntl_forward_kernel(
     ntl = loss
     if REWEIGH:
         ntl = reweighed(loss, lse_n, log_sum, log_text, reweigh_constant)
-    tl.store(ce_ptr + rows, tl.where(bad, float("nan"), tl.where(in_range & active, ce, 0.0)), mask=row_mask)
-    tl.store(ntl_ptr + rows, tl.where(bad, float("nan"), tl.where(valid & active, ntl, 0.0)), mask=row_mask)
     if GRAD:
         if TILED:
             store_row_gradient_tiled(
-                row_ptrs, grad_ptr + rows * stride_gm, row_mask, active, V, label, in_range, valid, shift, log_sum,
-                log_text, z_label, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, is_number_ptr, K,
-                squash_min, squash_scale, sigma, z_max, total, lse_n, g_max, g_sum, loss, diff, kstar, a_total, a_ref,
+                row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_range, valid, shift, log_sum, log_text,
+                z_label, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, is_number_ptr, K, squash_min,
+                squash_scale, sigma, z_max, total, lse_n, g_max, g_sum, loss, diff, kstar, a_total, a_ref,
                 upstream_ce, upstream_ntl, reweigh_constant, LOSS, SQUASH, GAUSSIAN, REWEIGH, INPLACE, BLOCK_V, BLOCK_K,
             )
         else:
             store_row_gradient(
-                row_ptrs, grad_ptr + rows * stride_gm, row_mask, active, V, label, in_range, valid, shift, log_sum,
-                log_text, ids, k_mask, zn, z_label, lse_n, loss, dloss, target, upstream_ce, upstream_ntl,
-                reweigh_constant, REWEIGH, INPLACE, BLOCK_V,
+                row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_range, valid, shift, log_sum, log_text, ids,
+                k_mask, zn, z_label, lse_n, loss, dloss, target, upstream_ce, upstream_ntl, reweigh_constant,
+                REWEIGH, INPLACE, BLOCK_V,
             )
+    return ce, ntl
+
+
+@triton.jit
+def _ce_ntl_forward_kernel(
+    logits_ptr, stride_m, labels_ptr, stride_label,
+    number_ids_ptr, number_values_ptr, number_index_ptr, value_order_ptr, value_rank_ptr, sorted_gaps_ptr,
+    is_number_ptr, ce_ptr, ntl_ptr, stats_ptr, grad_ptr, stride_gm, ce_scale_ptr, ntl_scale_ptr,
+    M, V, K, ignore_index, squash_min, squash_scale, reweigh_constant, sigma,
+    LOSS: tl.constexpr, SQUASH: tl.constexpr, REWEIGH: tl.constexpr, GAUSSIAN: tl.constexpr,
+    GRAD: tl.constexpr, INPLACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, TILED: tl.constexpr,
+):
+    rows, row_mask, label, in_range, bad, valid, rank, y = row_labels(
+        labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, M, V, ignore_index, BLOCK_M
+    )
+    row_ptrs = logits_ptr + rows * stride_m
+    if GRAD:  # a row whose scales are both 0 counts for nothing: no read, zero losses and gradient
+        upstream_ce, upstream_ntl, active = row_upstream(
+            ce_scale_ptr, ntl_scale_ptr, rows, row_mask, in_range, valid, ntl_ptr
+        )
     else:
+        active = row_mask & in_range
+    shift, log_sum, log_text = row_logsumexp(row_ptrs, active, V, is_number_ptr, ntl_ptr, BLOCK_M, BLOCK_V, REWEIGH)
+    if GRAD:
+        grad_row_ptrs = grad_ptr + rows * stride_gm
+    else:  # no gradient: the upstream scales are never read
+        grad_row_ptrs = row_ptrs
+        upstream_ce = log_sum
+        upstream_ntl = log_sum
+    ce, ntl = row_losses(
+        row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_range, valid, rank, y, shift, log_sum, log_text,
+        number_ids_ptr, number_values_ptr, value_order_ptr, is_number_ptr, K, squash_min, squash_scale, sigma,
+        reweigh_constant, upstream_ce, upstream_ntl, LOSS, SQUASH, GAUSSIAN, REWEIGH, GRAD, INPLACE, BLOCK_V,
+        BLOCK_K, TILED,
+    )
+    tl.store(ce_ptr + rows, tl.where(bad, float("nan"), tl.where(in_range & active, ce, 0.0)), mask=row_mask)
+    tl.store(ntl_ptr + rows, tl.where(bad, float("nan"), tl.where(valid & active, ntl, 0.0)), mask=row_mask)
+    if not GRAD:
         tl.store(stats_ptr + rows, shift, mask=row_mask)
         tl.store(stats_ptr + M + rows, log_sum, mask=row_mask)
         tl.store(stats_ptr + 2 * M + rows, log_text, mask=row_mask)
@@ -123,31 +148,12 @@ def _ce_ntl_backward_kernel(
     shift = tl.load(stats_ptr + rows)
     log_sum = tl.load(stats_ptr + M + rows)
     log_text = tl.load(stats_ptr + 2 * M + rows)
-    if TILED:  # the number columns are skipped by the dense write and gathered again per tile
-        y = y.to(shift.dtype)
-        z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref = tiled_number_summary(
-            row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
-            squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
-        )
-        z_label = tl.load(row_ptrs + label, mask=active, other=0.0).to(log_sum.dtype) - shift
-        store_row_gradient_tiled(
-            row_ptrs, grad_ptr + rows * stride_gm, row_mask, active, V, label, in_range, valid, shift, log_sum,
-            log_text, z_label, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, is_number_ptr, K,
-            squash_min, squash_scale, sigma, z_max, total, lse_n, g_max, g_sum, loss, diff, kstar, a_total, a_ref,
-            upstream_ce, upstream_ntl, reweigh_constant, LOSS, SQUASH, GAUSSIAN, REWEIGH, INPLACE, BLOCK_V, BLOCK_K,
-        )
-    else:
-        # every logit this program needs besides the streamed row, read before any gradient write
-        ids, k_mask, zn, lse_n, loss, dloss, target = row_number_terms(
-            row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
-            squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
-        )
-        z_label = tl.load(row_ptrs + label, mask=active, other=0.0).to(log_sum.dtype) - shift
-        store_row_gradient(
-            row_ptrs, grad_ptr + rows * stride_gm, row_mask, active, V, label, in_range, valid, shift, log_sum,
-            log_text, ids, k_mask, zn, z_label, lse_n, loss, dloss, target, upstream_ce, upstream_ntl,
-            reweigh_constant, REWEIGH, INPLACE, BLOCK_V,
-        )
+    row_losses(
+        row_ptrs, grad_ptr + rows * stride_gm, row_mask, active, V, label, in_range, valid, rank, y, shift, log_sum,
+        log_text, number_ids_ptr, number_values_ptr, value_order_ptr, is_number_ptr, K, squash_min, squash_scale,
+        sigma, reweigh_constant, upstream_ce, upstream_ntl, LOSS, SQUASH, GAUSSIAN, REWEIGH, True, INPLACE, BLOCK_V,
+        BLOCK_K, TILED,
+    )
 
 
 def launch_ce_ntl_forward(logits: Tensor, labels: Tensor, tables, options, ce: Tensor, ntl: Tensor,
