@@ -10,7 +10,8 @@ NTL and either
   gradient from the same kernel, optionally into the logits' own buffer).
 
 Backward, per row: one more read of the row and one write of its gradient, ``grad_ce (p - target)
-+ grad_ntl ∂NTL/∂z`` (:func:`~ntl_fast.triton._common.store_row_gradient`, shared with ``GRAD``).
++ grad_ntl ∂NTL/∂z``. Both kernels call :func:`row_losses` for the per-row losses and gradient
+(:func:`~ntl_fast.triton._common.store_row_gradient`).
 
 DRAM traffic of the one-pass form: the row is read once for its statistics, then the gradient
 sweep reads it again to form ``p_k`` (its number columns and label were gathered before). That
