@@ -494,8 +494,10 @@ NTL_HD acc_t scaled(acc_t g, acc_t x) {
 }
 
 // The gradient of one row, in the form the kernels write it:
-//   every column k: coef * p_k, then the number columns overwritten by fix[k] in the order
-//   k = 0..K-1 and the label column (when it is not a number token) by label_fix. Both fixes are
+//   every column k: coef * p_k, then each number column ids[k] overwritten by fix[k] (on CUDA only
+//   by the k that number_index names for it: one writer per column even when a table given to a
+//   raw operator repeats an id) and the label column (when it is not a number token) by
+//   label_fix. Both fixes are
 //   computed in acc_t from the logits before the dense write, so the dense write may overwrite
 //   the logits (in place).
 template <typename acc_t>
@@ -627,13 +629,15 @@ NTL_HD void row_forward_finish(const Row& row, const RowLabel& lab, acc_t z_labe
 }
 
 // Stage 2 of a backward: `terms` and `dloss` from number_gradient_terms (read only for NTL-valid
-// rows). dloss may be fix itself: each dloss[k] is read just before fix[k] is written.
+// rows). dloss may be fix itself: each dloss[k] is read just before fix[k] is written. The fixes
+// k = k_first, k_first + k_step, ... are written (all of them by default; a CUDA block splits them
+// over its threads, each of which forms the same RowGradient).
 template <typename acc_t, typename Row>
 NTL_HD RowGradient<acc_t> row_backward_finish(const Row& row, const RowLabel& lab, acc_t z_label,
                                               const RowStats<acc_t>& st, acc_t grad_ce, acc_t grad_ntl,
                                               bool with_ce, const Options& opt,
                                               const NumberGradientTerms<acc_t>& terms, const acc_t* dloss,
-                                              acc_t* fix) {
+                                              acc_t* fix, int64_t k_first = 0, int64_t k_step = 1) {
   RowGradient<acc_t> r{0, 0, -1, false};
   if (lab.bad) return r;  // the losses are NaN constants there: zero gradient, like torch.where
   grad_ce = (with_ce && lab.in_range) ? grad_ce : acc_t(0);
@@ -650,7 +654,7 @@ NTL_HD RowGradient<acc_t> row_backward_finish(const Row& row, const RowLabel& la
                                           terms.loss - acc_t(opt.reweigh_constant), terms.y, terms.log_norm,
                                           st.vocab, lab.number, with_ce || opt.reweigh, opt.reweigh,
                                           with_ce && opt.gaussian, opt};
-    for (int64_t k = 0; k < row.K; ++k) emit(k, dloss[k]);
+    for (int64_t k = k_first; k < row.K; k += k_step) emit(k, dloss[k]);
     r.number_fix = true;
   } else if (with_ce && lab.in_range) {
     r.label_column = lab.label;

@@ -4,10 +4,11 @@
 // online max + sum (one read of the row), then thread 0 scores the K number tokens with the shared
 // math of ntl_math.h. Backward: a small kernel first runs the number-token part of the gradient
 // that needs no LSE_V (number_gradient_terms: one thread per row) and leaves ∂L/∂z_k and a few
-// scalars per row in a workspace; then, per row, thread 0 finishes the gradient of the number
-// columns and of the label column into shared memory (row_backward_finish, reading the logits it
-// needs first), the block writes coef * p_k over the row (one read, one write per element), and
-// thread 0 writes the fixed columns in order, so that a table with a repeated id still gives one
+// scalars per row in a workspace; then, per row, the block's threads finish the gradient of the
+// number columns into shared memory, each its share of the K columns, and of the label column
+// (row_backward_finish, reading the logits it needs first), the block writes coef * p_k over the
+// row (one read, one write per element), and the threads write the fixed columns, each column by
+// the one k the table's inverse map names, so that a table with a repeated id still gives one
 // deterministic result. Reading before writing lets the backward run in place. Loss and gradient
 // in one pass: the same number-terms kernel, then per row the forward and, while the row is still
 // in cache, its backward, so the logits come from memory once. With the heaviest number-token
@@ -420,8 +421,9 @@ struct BlockRow {
 // so the dense write may overwrite them (in place).
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_row_gradient(const scalar_t* z, scalar_t* out, int64_t V, int64_t K,
-                                                   const int64_t* number_ids, const RowGradient<acc_t>& g,
-                                                   const LogSumExp<acc_t>& vocab, const acc_t* fix) {
+                                                   const int64_t* number_ids, const int64_t* number_index,
+                                                   const RowGradient<acc_t>& g, const LogSumExp<acc_t>& vocab,
+                                                   const acc_t* fix) {
   const acc_t coef = g.coef;
   if (coef != acc_t(0)) {
     // coef * exp(z - LSE_V) as (coef / Σ) * exp(z - max): shift-invariant, one exp per element.
@@ -430,14 +432,15 @@ __device__ __forceinline__ void write_row_gradient(const scalar_t* z, scalar_t* 
     write_zeros(out, V);
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
   if (g.number_fix) {
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
       const int64_t id = number_ids[k];
-      if (id >= 0 && id < V) out[id] = store_as<scalar_t>(fix[k]);
+      // one writer per column, the k its inverse names (a raw operator's table may repeat an id)
+      if (id >= 0 && id < V && number_index[id] == k) out[id] = store_as<scalar_t>(fix[k]);
     }
   }
-  if (g.label_column >= 0) out[g.label_column] = store_as<scalar_t>(g.label_fix);
+  // not a number column (number_index[label] < 0), so no k above writes it
+  if (threadIdx.x == 0 && g.label_column >= 0) out[g.label_column] = store_as<scalar_t>(g.label_fix);
 }
 
 // ------------------------------------------------------------------------------- number-token terms
@@ -501,25 +504,31 @@ __device__ __forceinline__ NumberGradientTerms<acc_t> load_terms(const CudaRows&
                          : NumberGradientTerms<acc_t>{0, 0, 0, {0, 0}};
 }
 
-// The row's gradient coefficients and fixes from its number-token terms (read for NTL-valid rows only).
+// Every thread of the block: the row's gradient coefficients (the same in each thread; thread 0
+// stores them in g) and its share of the K fixes, k = threadIdx.x + i blockDim.x, from the
+// number-token terms (read for NTL-valid rows only) and logits read before any gradient write.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ RowGradient<acc_t> finish_row_gradient(const CudaRows& a,
-                                                                  const GlobalRow<scalar_t, acc_t>& row,
-                                                                  const RowLabel& lab, acc_t z_label,
-                                                                  const RowStats<acc_t>& stats, acc_t grad_ce,
-                                                                  acc_t grad_ntl, acc_t* fix) {
-  return row_backward_finish(row, lab, z_label, stats, grad_ce, grad_ntl, a.with_ce, a.options,
-                             load_terms<acc_t>(a, lab), workspace_row<acc_t>(a, blockIdx.x) + kTerms, fix);
+__device__ __forceinline__ void finish_row_gradient(const CudaRows& a, const scalar_t* z, const RowLabel& lab,
+                                                    const RowStats<acc_t>& stats,
+                                                    const NumberGradientTerms<acc_t>& terms, acc_t grad_ce,
+                                                    acc_t grad_ntl, acc_t* fix, RowGradient<acc_t>& g) {
+  const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
+  const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
+  const RowGradient<acc_t> mine =
+      row_backward_finish(row, lab, z_label, stats, grad_ce, grad_ntl, a.with_ce, a.options, terms,
+                          workspace_row<acc_t>(a, blockIdx.x) + kTerms, fix, threadIdx.x, blockDim.x);
+  if (threadIdx.x == 0) g = mine;
 }
 
 // write_row_gradient behind a call (see block_logsumexp_apart), its inputs by address: g in shared
 // memory, LSE_V's max and log-sum wherever the kernel holds them.
 template <typename scalar_t, typename acc_t>
 __device__ __noinline__ void write_row_gradient_apart(const scalar_t* z, scalar_t* out, int64_t V, int64_t K,
-                                                      const int64_t* number_ids, const RowGradient<acc_t>* g,
-                                                      const acc_t* vocab_max, const acc_t* vocab_log_sum,
-                                                      const acc_t* fix) {
-  write_row_gradient(z, out, V, K, number_ids, *g, LogSumExp<acc_t>{*vocab_max, *vocab_log_sum}, fix);
+                                                      const int64_t* number_ids, const int64_t* number_index,
+                                                      const RowGradient<acc_t>* g, const acc_t* vocab_max,
+                                                      const acc_t* vocab_log_sum, const acc_t* fix) {
+  write_row_gradient(z, out, V, K, number_ids, number_index, *g, LogSumExp<acc_t>{*vocab_max, *vocab_log_sum},
+                     fix);
 }
 
 // Rows [first, first + gridDim.x), block i on row first + i (workspace row i), after
@@ -528,20 +537,24 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
     backward_kernel(const CudaRows a, int64_t first) {
   const auto [r, z, out, fix] = BlockRow<scalar_t, acc_t>(a, first);
+  __shared__ RowLabel lab;
+  __shared__ RowStats<acc_t> stats;
+  __shared__ NumberGradientTerms<acc_t> terms;
+  __shared__ acc_t grad_ce, grad_ntl;
   __shared__ RowGradient<acc_t> g;
   const acc_t* saved = static_cast<const acc_t*>(a.row_stats) + r * RowStats<acc_t>::kSize;
   if (threadIdx.x == 0) {
-    const RowStats<acc_t> stats = RowStats<acc_t>::load(saved);
-    const RowLabel lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
-    const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
-    const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
-    const acc_t grad_ce = a.with_ce ? static_cast<const acc_t*>(a.grad_ce)[r] : acc_t(0);
-    const acc_t grad_ntl = static_cast<const acc_t*>(a.grad_ntl)[r];
-    g = finish_row_gradient(a, row, lab, z_label, stats, grad_ce, grad_ntl, fix);
+    stats = RowStats<acc_t>::load(saved);
+    lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
+    terms = load_terms<acc_t>(a, lab);
+    grad_ce = a.with_ce ? static_cast<const acc_t*>(a.grad_ce)[r] : acc_t(0);
+    grad_ntl = static_cast<const acc_t*>(a.grad_ntl)[r];
   }
   __syncthreads();
+  finish_row_gradient<scalar_t, acc_t>(a, z, lab, stats, terms, grad_ce, grad_ntl, fix, g);
+  __syncthreads();  // g and every fix (and each logit they read) before the dense write
   // LSE_V as RowStats::store saved it: max, then log-sum.
-  write_row_gradient_apart(z, out, a.V, a.K, a.number_ids, &g, saved, saved + 1, fix);
+  write_row_gradient_apart(z, out, a.V, a.K, a.number_ids, a.number_index, &g, saved, saved + 1, fix);
 }
 
 // Loss and gradient in one pass (after loss_and_grad_terms_kernel on the same rows): the
@@ -555,8 +568,10 @@ __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
   const auto [r, z, out, fix] = BlockRow<scalar_t, acc_t>(a, first);
   __shared__ RowLabel lab;
   __shared__ int dense_kind;
+  __shared__ RowStats<acc_t> stats;
+  __shared__ NumberGradientTerms<acc_t> terms;
+  __shared__ acc_t ce_scale, ntl_scale;
   __shared__ RowGradient<acc_t> g;
-  __shared__ LogSumExp<acc_t> vocab;
   if (threadIdx.x == 0) {
     lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
     dense_kind = dense_lse_kind(lab, true, a.options);
@@ -575,23 +590,24 @@ __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
       block_logsumexp_apart<scalar_t, acc_t>(z, a.V, dense_kind == kDenseText, a.number_index);
   if (threadIdx.x == 0) {
     const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
-    const NumberGradientTerms<acc_t> terms = load_terms<acc_t>(a, lab);
-    const RowStats<acc_t> stats = row_stats_with_number(lab, dense_kind, dense, terms.number);
+    terms = load_terms<acc_t>(a, lab);
+    stats = row_stats_with_number(lab, dense_kind, dense, terms.number);
     const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
     acc_t ce = 0, ntl = 0;
     row_forward_finish(row, lab, z_label, stats, terms, true, a.options, &ce, &ntl);
     static_cast<acc_t*>(a.ce)[r] = ce;
     static_cast<acc_t*>(a.ntl)[r] = ntl;
-    const acc_t ce_scale = static_cast<const acc_t*>(a.ce_scale)[r];
-    const acc_t ntl_scale = static_cast<const acc_t*>(a.ntl_scale)[r];
-    g = (ce_scale != acc_t(0) || ntl_scale != acc_t(0))
-            ? row_backward_finish(row, lab, z_label, stats, ce_scale, ntl_scale, true, a.options, terms,
-                                  workspace_row<acc_t>(a, blockIdx.x) + kTerms, fix)
-            : RowGradient<acc_t>{0, 0, -1, false};
-    vocab = stats.vocab;
+    ce_scale = static_cast<const acc_t*>(a.ce_scale)[r];
+    ntl_scale = static_cast<const acc_t*>(a.ntl_scale)[r];
+    g = RowGradient<acc_t>{0, 0, -1, false};
   }
   __syncthreads();
-  write_row_gradient_apart(z, out, a.V, a.K, a.number_ids, &g, &vocab.max, &vocab.log_sum, fix);
+  if (ce_scale != acc_t(0) || ntl_scale != acc_t(0)) {
+    finish_row_gradient<scalar_t, acc_t>(a, z, lab, stats, terms, ce_scale, ntl_scale, fix, g);
+    __syncthreads();  // g and every fix (and each logit they read) before the dense write
+  }
+  write_row_gradient_apart(z, out, a.V, a.K, a.number_ids, a.number_index, &g, &stats.vocab.max,
+                           &stats.vocab.log_sum, fix);
 }
 
 // grad *= *grad_output over a flat buffer; every block returns before touching it when the
