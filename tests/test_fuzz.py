@@ -7,6 +7,8 @@ examples per backend plus a pairwise covering array of the options. A long rando
     NTL_FUZZ_PROFILE=long NTL_FUZZ_EXAMPLES=20000 python -m pytest tests/test_fuzz.py
 
 (``NTL_FUZZ_BACKENDS=cpp,triton`` restricts the backends). Every failure prints a reproduction.
+Every valid option combination is drawn, reweighed MSE on multi-digit tables included: its
+gradients are judged on docs/math.md §6's conditioned scale (see tests/fuzz_cases.py).
 """
 
 import itertools
