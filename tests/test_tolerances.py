@@ -8,6 +8,8 @@
   ~1e4 times smaller (MSE on values 0-999: c ≈ 1e6). From float32, bfloat16 or float16 logits it is
   accurate relative to those terms, its condition, and is judged on the scale
   max(max|b|, max|∇(mL)|, max|c∇m|); from float64 logits on the plain max|b|.
+- A float16 gradient whose exact value lies beyond float16's largest value (65504) rounds to the
+  infinity of its sign (reweighed MSE on values 0-999 gets there).
 """
 
 import math
@@ -159,3 +161,25 @@ def test_the_plain_float32_bound_is_out_of_reach_for_a_reweighed_gradient(evalua
     error = (gradient.double() - exact).abs().max().item()
     assert error > 10 * (rtol * exact.abs().max().item() + atol)
     assert_spec_close(gradient, exact, torch.float32, gradient=True, what=evaluation, scale=scale)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_float16_gradient_beyond_65504_is_the_infinity_of_its_sign(backend):
+    """Reweighed MSE on values 0-999 (c ≈ 1e6), the mass shared by the label 500 and one text token:
+    their exact gradients, ±c/4 ≈ ±2.5e5, lie beyond float16's range; ±inf is their rounding."""
+    backend = _backend_or_skip(backend)
+    numbers = 1000
+    table = NumberTokenTable.from_values({i: float(i) for i in range(numbers)}, vocab_size=numbers + 8)
+    logits = torch.full((1, numbers + 8), -30.0)
+    logits[0, 500] = 0.0
+    logits[0, numbers] = 0.0  # one text token as likely as the number 500
+    logits, labels = logits.half(), torch.tensor([500])
+    exact = _reweighed_mse_gradient(logits.double(), labels, table)
+    gradient = _reweighed_mse_gradient(logits, labels, table, backend)
+    beyond = exact.abs() > torch.finfo(torch.float16).max
+    assert beyond.sum() == 2 and (exact[beyond].abs() > 2e5).all()  # the case is what it claims
+    assert torch.isinf(gradient[beyond]).all() and torch.equal(gradient[beyond].sign(), exact[beyond].sign().half())
+    with without_reweigh_constant(table):
+        mass = _reweighed_mse_gradient(logits.double(), labels, table)
+    assert_spec_close(gradient[~beyond], exact[~beyond], torch.float16, gradient=True, what=backend,
+                      scale=reweighed_scale(exact[~beyond], mass[~beyond]))
