@@ -1,6 +1,8 @@
 """Tables, inputs and the tolerance rule (docs/math.md §6) shared by the test modules."""
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
+from unittest import mock
 
 import torch
 
@@ -49,15 +51,42 @@ def half_subnormal(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps / 2
 
 
+@contextlib.contextmanager
+def without_reweigh_constant(table) -> Iterator[None]:
+    """Within it, the reference reweighs with c = 0 on ``table`` (docs/math.md §2.4): it scores
+    ``m L`` instead of ``m L + c (1 - m)``. A test-only patch of ``table.reweigh_constant`` (where
+    the reference takes c from), for the two terms of a reweighed gradient (§6)."""
+    with mock.patch.object(table, "reweigh_constant", lambda loss, squash_factor=None: 0.0):
+        yield
+
+
+def _finite_max(tensor: torch.Tensor) -> float:
+    values = tensor.detach().double().abs()
+    values = values[torch.isfinite(values)]
+    return values.max().item() if values.numel() else 0.0
+
+
+def reweighed_scale(exact: torch.Tensor, without_constant: torch.Tensor) -> float:
+    """The scale of docs/math.md §6 for a reweighed gradient from non-float64 logits:
+    ``max(max|b|, max|∇(mL)|, max|c ∇m|)`` over the finite elements, from two float64 reference
+    gradients of the same call: ``exact`` = ∇L' and ``without_constant`` = ∇(mL) (the call under
+    :func:`without_reweigh_constant`); ``c ∇m = ∇(mL) - ∇L'``."""
+    exact, without_constant = exact.detach().double(), without_constant.detach().double()
+    return max(_finite_max(exact), _finite_max(without_constant), _finite_max(without_constant - exact))
+
+
 def assert_spec_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
-                      gradient: bool = False, what: str = "") -> None:
-    """``|a - b| <= rtol * max|b| + atol`` per tensor (docs/math.md §6); NaN never passes."""
+                      gradient: bool = False, what: str = "", scale: Optional[float] = None) -> None:
+    """``|a - b| <= rtol * max|b| + atol`` per tensor (docs/math.md §6); NaN never passes.
+
+    ``scale`` replaces ``max|b|`` where §6 conditions the bound (a reweighed gradient from
+    non-float64 logits: :func:`reweighed_scale`); it never goes below ``max|b|``."""
     rtol, atol = tolerances(dtype, gradient)
     actual = actual.detach().double().cpu()
     expected = expected.detach().double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert not torch.isnan(actual).any(), f"{what}: NaN in the result"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
+    scale = max(scale or 0.0, expected.abs().max().item() if expected.numel() else 0.0)
     error = (actual - expected).abs().max().item() if expected.numel() else 0.0
     bound = rtol * scale + atol
     assert error <= bound, f"{what}: max error {error:.3e} > {bound:.3e} (rtol {rtol}, scale {scale:.3e})"
