@@ -6,6 +6,7 @@ from unittest import mock
 
 import torch
 
+import ntl_fast
 from ntl_fast import NumberTokenTable
 
 
@@ -90,3 +91,51 @@ def assert_spec_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch
     error = (actual - expected).abs().max().item() if expected.numel() else 0.0
     bound = rtol * scale + atol
     assert error <= bound, f"{what}: max error {error:.3e} > {bound:.3e} (rtol {rtol}, scale {scale:.3e})"
+
+
+def check_one_pass_under_cuda_graph(backend: str, dtype: torch.dtype) -> None:
+    """Captures a training step's CE + NTL on the one-pass path (loss and gradient from one kernel,
+    a 0.5 loss scale applied in place on the device) in a CUDA graph, replays it on new inputs
+    copied into the captured tensors, and checks the replay against an eager step: bitwise equal
+    loss and gradient (the kernels are deterministic). ``validate=False``: validation reads the
+    labels on the host, which capture forbids."""
+    device = torch.device("cuda")
+    cpu_table = digit_table(vocab_size=300)
+    table = cpu_table.to(device)
+    generator = torch.Generator().manual_seed(0)
+
+    def fresh_inputs():
+        logits = (3 * torch.randn(6, 7, 300, generator=generator)).to(dtype).to(device)
+        return logits, random_labels((6, 7), cpu_table, generator=generator).to(device)
+
+    def step(logits, labels):
+        out = ntl_fast.cross_entropy_with_ntl(logits, labels, table, backend=backend, reweigh=True,
+                                              shift_labels=True, validate=False)
+        (0.5 * out.loss).backward()
+        return out.loss.detach()
+
+    static_logits, static_labels = fresh_inputs()
+    static_logits.requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation, allocator) off the capturing stream
+        for _ in range(3):
+            static_logits.grad = None
+            step(static_logits, static_labels)
+    torch.cuda.current_stream().wait_stream(side)
+    static_logits.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(static_logits, static_labels)
+    for _ in range(2):
+        logits, labels = fresh_inputs()
+        with torch.no_grad():
+            static_logits.copy_(logits)
+        static_labels.copy_(labels)
+        graph.replay()
+        eager_logits = logits.clone().requires_grad_()
+        eager_loss = step(eager_logits, labels)
+        torch.cuda.synchronize()
+        assert torch.isfinite(eager_loss) and eager_loss > 0
+        assert torch.equal(static_loss, eager_loss), (static_loss, eager_loss)
+        assert torch.equal(static_logits.grad, eager_logits.grad)

@@ -17,7 +17,9 @@ import ntl_fast  # noqa: E402
 from ntl_fast import NumberTokenTable, reference  # noqa: E402
 from ntl_fast.config import LossConfig, accumulation_dtype  # noqa: E402
 
-from helpers import assert_spec_close, digit_table, irregular_table, random_labels  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_spec_close, check_one_pass_under_cuda_graph, digit_table, irregular_table, random_labels,
+)
 
 ops = torch.ops.ntl_fast
 
@@ -579,6 +581,13 @@ def test_torch_compile_fullgraph(device, reduction, scale):
     assert_spec_close(loss, eager, torch.float32, what="compiled loss")
     for got, param in zip(grads, model.parameters()):
         assert_spec_close(got, param.grad, torch.float32, gradient=True, what="compiled gradient")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_pass_replays_under_cuda_graph_capture(dtype):
+    check_one_pass_under_cuda_graph("cpp", dtype)
 
 
 # --------------------------------------------------------------------------------- bad input

@@ -24,7 +24,7 @@ import ntl_fast
 from ntl_fast import LossConfig, NumberTokenTable, reference
 from ntl_fast.config import LossKind
 
-from helpers import assert_spec_close, digit_table, irregular_table, random_labels
+from helpers import assert_spec_close, check_one_pass_under_cuda_graph, digit_table, irregular_table, random_labels
 
 triton_backend = pytest.importorskip("ntl_fast.triton")
 from ntl_fast.triton import _common  # noqa: E402
@@ -521,6 +521,13 @@ def test_compiles_without_graph_break(checked_device):
     eager.backward()
     assert_spec_close(loss, eager, torch.float32)
     assert_spec_close(compiled_grad, model.weight.grad, torch.float32, gradient=True)
+
+
+@CUDA_ONLY
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_pass_replays_under_cuda_graph_capture_gpu(dtype):
+    check_one_pass_under_cuda_graph("triton", dtype)
 
 
 # --------------------------------------------------------------------------------- properties
