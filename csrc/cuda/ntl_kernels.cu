@@ -415,10 +415,10 @@ struct BlockRow {
 };
 
 // The dense part of a row's gradient, coef * p_k on every column (zeros when coef is 0, without
-// reading the row), then the fixed columns by thread 0 in the order of the CPU kernels: a
-// repeated id (or a label column that is also a number id, in a corrupt table) is written
-// last-wins, never raced. g and fix were computed from the logits before the first barrier here,
-// so the dense write may overwrite them (in place).
+// reading the row), then the fixed columns, spread over the block's threads: column ids[k] only by
+// the k that number_index names for it, so a repeated id (or a label column that is also a number
+// id, in a corrupt table) has one writer, never a race. g and fix were computed from the logits
+// before the first barrier here, so the dense write may overwrite them (in place).
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_row_gradient(const scalar_t* z, scalar_t* out, int64_t V, int64_t K,
                                                    const int64_t* number_ids, const int64_t* number_index,
