@@ -148,3 +148,26 @@ def test_the_covering_array_covers_every_valid_pair():
                 probe = Spec(**{a: x, b: y})
                 if invalid_reason(probe) is None:
                     assert (a, x, b, y) in seen, (a, x, b, y)
+
+
+# Cases the long profile found, kept as explicit examples: each failed once (the fix, or the §6
+# decision it led to, is named in the id).
+FOUND = [
+    # the CUDA emulation's case file refused a one-element label view of stride 2 (the last label
+    # of a sliced row after the causal shift): contiguous() keeps such a view's stride
+    pytest.param("cuda-emulation", Spec(vocab_size=11, batch=1, length=2, scale=0.5, labels_layout="sliced",
+                                        loss="mse", shift_labels=True), id="emulation-one-element-label-view"),
+    # float16 gradients whose exact value exceeds 65504 (MSE on values 0-999) are the infinity of
+    # their sign (docs/math.md §6)
+    pytest.param("cpp", Spec(seed=1, function="ntl", table="multi", num_numbers=1000, vocab_size=1001, batch=1,
+                             length=2, dtype="float16", scale=8.0, loss="mse"), id="float16-logits-gradient-overflow"),
+    pytest.param("cpp", Spec(seed=3, function="linear", table="multi", num_numbers=1110, vocab_size=1127, batch=3,
+                             length=3, dtype="float16", scale=0.5, loss="mse", reduction="sum",
+                             weights="zero_some"), id="float16-weight-gradient-overflow"),
+]
+
+
+@pytest.mark.parametrize("backend_name, spec", FOUND)
+def test_cases_the_long_profile_found(backend_name, spec):
+    _backend_or_skip(backend_name)
+    run_case(spec, backend_name)

@@ -357,7 +357,10 @@ def _write(path: Path, records: Sequence[Dict[str, Tensor]]) -> None:
         for record in records:
             f.write(struct.pack("<I", len(record)))
             for name, tensor in record.items():
-                tensor = tensor.detach().cpu().contiguous().flatten()
+                # a fresh 1-D buffer: contiguous() keeps the stride of a one-element view (e.g. the
+                # last label of a sliced row), which view(torch.uint8) refuses
+                flat = tensor.detach().cpu().reshape(-1)
+                tensor = torch.empty(flat.numel(), dtype=flat.dtype).copy_(flat)
                 f.write(struct.pack("<H", len(name)) + name.encode())
                 f.write(struct.pack("<BQ", _DTYPE_CODES[tensor.dtype], tensor.numel()))
                 f.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
