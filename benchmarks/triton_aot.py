@@ -132,7 +132,7 @@ def record_launches(plan: Dict, rows: int) -> List[Dict]:
                 labels = torch.randint(0, V, (rows,))
                 upstream = torch.ones(rows, dtype=torch.float64 if dtype == "fp64" else torch.float32)
                 for loss, squash, reweigh, gaussian in itertools.product(
-                        LOSSES, plan["squash"], (False, True), (False, True)):
+                        plan.get("losses", LOSSES), plan["squash"], (False, True), (False, True)):
                     config = ntl_fast.LossConfig(loss, squash_factor=2.0 if squash else None,
                                                  reweigh=reweigh, gaussian_sigma=1.0 if gaussian else None)
                     launches = [(False, False, lambda z: backend.ntl_rows(z, labels, table, config))]
@@ -315,6 +315,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", help="compute capabilities (default: 90 80)")
     parser.add_argument("--K", type=int, nargs="+", help="table sizes (default: the plan's)")
     parser.add_argument("--V", type=int, nargs="+", help="vocabulary sizes (default: the plan's)")
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, help="loss variants (default: all)")
     parser.add_argument("--rows", type=int, default=64, help="rows of the logits handed to the wrappers")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     parser.add_argument("--table", default=TABLE, help="the committed table (CSV) to compare with")
@@ -327,6 +328,8 @@ def main(argv=None) -> int:
         plan["K"] = args.K
     if args.V:
         plan["V"] = args.V
+    if args.losses:
+        plan["losses"] = args.losses
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="triton_aot_") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # fresh: every compile runs ptxas and logs its report
