@@ -64,12 +64,11 @@ CUDA_TILED_NUMBER_TILE = 512  # rows x BLOCK_K elements per program of a tiled n
 # programs take half the rows, and its launches cap ptxas's registers (.maxnreg). Triton declares
 # the exact block size (.reqntid); without a cap ptxas then picks its own occupancy target and
 # spills the values a sweep leaves idle (row statistics, the label logit, the losses) to reach it,
-# while under a cap it keeps them in registers. 64 (4 programs of 8 warps per SM) for a full-row
-# forward, whose gradient sweeps also hold the row's losses; 56 for the backward and the
-# number-token-only kernels (the least that ptxas fits without a spill; benchmarks/triton_aot.py).
+# while under a cap it keeps them in registers. Per kernel, a cap ptxas fits without a spill
+# (benchmarks/triton_aot.py checks it): 64 (4 programs of 8 warps per SM) for the full-row
+# forward, 72 for the CE + NTL backward, 56 for the NTL backward and the number-token-only kernels.
 CUDA_CDF_TILED_NUMBER_TILE = 256
-CUDA_CDF_TILED_FORWARD_MAX_REGISTERS = 64
-CUDA_CDF_TILED_MAX_REGISTERS = 56
+CUDA_CDF_TILED_MAX_REGISTERS = dict(forward=64, ce_ntl_backward=72, ntl_backward=56, number_only=56)
 
 # Which settings launches take: the interpreter's, or a CUDA launch's. Tests switch to "cuda"
 # under the interpreter (use_launch_settings) to run the exact tiling a GPU runs.
@@ -113,10 +112,10 @@ def cuda_row_blocks(vocab_size: int) -> tuple:
 
 
 def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: bool, cdf: bool = False,
-                    backward: bool = False) -> dict:
+                    backward: Optional[str] = None) -> dict:
     """``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K``, ``TILED`` and ``num_warps`` for one launch (shapes only,
-    but for ``cdf``: a tiled CUDA WAS_CDF launch also gets ``maxnreg``, higher for a full-row forward
-    than for a ``backward``, and its number-token-only programs take fewer rows).
+    but for ``cdf``: a tiled CUDA WAS_CDF launch also gets ``maxnreg``, by kernel kind: ``backward``
+    is None, "ce_ntl_backward" or "ntl_backward"; its number-token-only programs take fewer rows).
 
     ``BLOCK_K`` is ``next_pow2(K)`` capped at MAX_BLOCK_K; ``TILED`` says whether the K number tokens
     take several tiles (``K <= MAX_BLOCK_K`` is one tile: the kernels' untiled code)."""
@@ -129,8 +128,8 @@ def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: 
         return dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=1)
     block_v, warps = cuda_row_blocks(vocab_size)
     cdf = cdf and tiled
-    cap = CUDA_CDF_TILED_FORWARD_MAX_REGISTERS if full_row and not backward else CUDA_CDF_TILED_MAX_REGISTERS
-    cap = dict(maxnreg=cap) if cdf else {}
+    kind = (backward or "forward") if full_row else "number_only"
+    cap = dict(maxnreg=CUDA_CDF_TILED_MAX_REGISTERS[kind]) if cdf else {}
     if full_row:
         return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps, **cap)
     tile = (CUDA_CDF_TILED_NUMBER_TILE if cdf else CUDA_TILED_NUMBER_TILE) if tiled else CUDA_NUMBER_TILE
@@ -138,11 +137,10 @@ def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: 
     return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=4, **cap)
 
 
-def launch_rows(kernel, logits: Tensor, num_numbers: int, full_row: bool, *args, backward: bool = False,
+def launch_rows(kernel, logits: Tensor, num_numbers: int, full_row: bool, *args, backward: Optional[str] = None,
                 **constants) -> None:
     """Launches ``kernel`` over the rows of ``logits`` (nothing for M = 0) with this profile's
-    settings (:func:`launch_settings`; ``backward``: a gradient-only kernel): one program per
-    ``BLOCK_M`` rows."""
+    settings (:func:`launch_settings`): one program per ``BLOCK_M`` rows."""
     num_rows, vocab_size = logits.shape
     if num_rows == 0:
         return
