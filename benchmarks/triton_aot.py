@@ -17,13 +17,21 @@ through Triton's integer specialisation (divisible by 16, equal to 1).
 
 Exit status 1 on a compile error, a ``*_kernel`` of the package that no case launched, any
 spill with K <= 16, or, for a larger table (the kernels tile K), any spill or more than 16
-registers above the same specialisation at K <= 16 (enforced on sm_90 except for WAS_CDF, whose
-tiled sweeps still spill a few bytes at K = 1110; the other rows over it are listed). Drift
-from the committed table is printed, never fatal (``--write`` records this run's rows for this
-triton version, keeping the other versions' rows).
+registers above the same specialisation at K <= 16 (enforced on sm_90; the two-pass CE + WAS_CDF
+backward is held to no spill only, its tiled sweeps taking 69-72 registers against 28-48 at
+K = 10; the other rows over it, sm_80's, are listed). Drift from the committed table is
+printed, never fatal (``--write`` records this run's rows for this triton version, keeping the
+other versions' rows and this version's rows the run did not compile).
+
+A spill of a few bytes at 32-48 registers is not register pressure: Triton declares the exact
+block size (``.reqntid``), and ptxas then picks an occupancy target and spills values a sweep
+leaves idle to reach it (under triton 3.8, WAS_CDF at K = 1110 spilled 4-8 bytes at 40-48
+registers in 12 of its 56 sm_90 specialisations at V = 32128). The WAS_CDF launches that tile
+pass ``maxnreg`` (ntl_fast/triton/_common.py): under a cap ptxas keeps those values in registers.
 
     python benchmarks/triton_aot.py                 # CI subset, diff against the committed table
     python benchmarks/triton_aot.py --full --write  # the full product, recorded
+    python benchmarks/triton_aot.py --K 10 1110 --V 32128 --arch 90 --losses was_cdf  # one loss, narrowed
 
 Runs in its own process: the tool unsets TRITON_INTERPRET, which must not be set when the
 kernels are defined (the test suite sets it for the interpreter).
@@ -67,10 +75,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 LOSSES = ("was", "mse", "mae", "huber", "was_cdf")
 SPILL_FREE_MAX_K = 16
 TILED_REGISTER_MARGIN = 16  # registers a K > SPILL_FREE_MAX_K specialisation may use above the small table's
-# Where that budget is enforced (measured to hold under triton 3.8); elsewhere it is reported only:
-# WAS_CDF's tiled sweeps still spill a few bytes at K = 1110, and sm_80 has not been measured yet.
+# Where that budget is enforced (measured to hold under triton 3.8); elsewhere it is reported only.
 BUDGET_ARCHS = (90,)
-BUDGET_EXEMPT_LOSSES = ("was_cdf",)
+# (kernel, loss) held to "no spill" but not to the register margin: the two-pass CE + WAS_CDF
+# backward takes 28-48 registers at K = 10, its tiled gradient sweeps 69-72 under their cap of 72
+# (below it ptxas spills some variant; ntl_fast/triton/_common.py).
+MARGIN_EXEMPT = (("_ce_ntl_backward_kernel", "was_cdf"),)
 CI = dict(dtypes=["bf16", "fp32"], V=[32128, 128256], K=[10, 1110], squash=[False], archs=[90, 80])
 FULL = dict(dtypes=["bf16", "fp16", "fp32", "fp64"], V=[1000, 32128, 128256, 151936], K=[10, 100, 1110],
             squash=[False, True], archs=[90, 80])
@@ -132,7 +142,7 @@ def record_launches(plan: Dict, rows: int) -> List[Dict]:
                 labels = torch.randint(0, V, (rows,))
                 upstream = torch.ones(rows, dtype=torch.float64 if dtype == "fp64" else torch.float32)
                 for loss, squash, reweigh, gaussian in itertools.product(
-                        LOSSES, plan["squash"], (False, True), (False, True)):
+                        plan.get("losses", LOSSES), plan["squash"], (False, True), (False, True)):
                     config = ntl_fast.LossConfig(loss, squash_factor=2.0 if squash else None,
                                                  reweigh=reweigh, gaussian_sigma=1.0 if gaussian else None)
                     launches = [(False, False, lambda z: backend.ntl_rows(z, labels, table, config))]
@@ -283,7 +293,11 @@ def spilling(rows: List[Dict]) -> List[Dict]:
 
 
 def budget_enforced(row: Dict) -> bool:
-    return int(row["arch"]) in BUDGET_ARCHS and row["variant"].split("+")[0] not in BUDGET_EXEMPT_LOSSES
+    """Whether the gate fails on this over-budget row: on BUDGET_ARCHS, a spill always, registers
+    above the margin unless its kernel and loss are MARGIN_EXEMPT."""
+    spills = int(row["spill_stores"]) or int(row["spill_loads"])
+    exempt = (row["kernel"], row["variant"].split("+")[0]) in MARGIN_EXEMPT
+    return int(row["arch"]) in BUDGET_ARCHS and bool(spills or not exempt)
 
 
 def over_budget(rows: List[Dict], enforced_only: bool = True) -> List[Dict]:
@@ -300,12 +314,11 @@ def over_budget(rows: List[Dict], enforced_only: bool = True) -> List[Dict]:
     for row in rows:
         if int(row["K"]) <= SPILL_FREE_MAX_K:
             continue
-        if enforced_only and not budget_enforced(row):
-            continue
         base = smallest.get((row["kernel"], row["variant"], row["dtype"], str(row["V"]), str(row["arch"])))
         spills = int(row["spill_stores"]) or int(row["spill_loads"])
         if spills or (base is not None and int(row["regs"]) > int(base["regs"]) + TILED_REGISTER_MARGIN):
-            failing.append(dict(row, base_regs=None if base is None else base["regs"]))
+            if not enforced_only or budget_enforced(row):
+                failing.append(dict(row, base_regs=None if base is None else base["regs"]))
     return failing
 
 
@@ -315,6 +328,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", help="compute capabilities (default: 90 80)")
     parser.add_argument("--K", type=int, nargs="+", help="table sizes (default: the plan's)")
     parser.add_argument("--V", type=int, nargs="+", help="vocabulary sizes (default: the plan's)")
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, help="loss variants (default: all)")
     parser.add_argument("--rows", type=int, default=64, help="rows of the logits handed to the wrappers")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     parser.add_argument("--table", default=TABLE, help="the committed table (CSV) to compare with")
@@ -327,6 +341,8 @@ def main(argv=None) -> int:
         plan["K"] = args.K
     if args.V:
         plan["V"] = args.V
+    if args.losses:
+        plan["losses"] = args.losses
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="triton_aot_") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # fresh: every compile runs ptxas and logs its report

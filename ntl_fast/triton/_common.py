@@ -60,6 +60,15 @@ CUDA_NUMBER_TILE = 2048  # rows x BLOCK_K elements per program of the number-tok
 # so registers stop growing with K.
 MAX_BLOCK_K = 256
 CUDA_TILED_NUMBER_TILE = 512  # rows x BLOCK_K elements per program of a tiled number-token-only kernel
+# WAS_CDF's tiled sweeps carry about twice the state of the other variants': its number-token-only
+# programs take half the rows, and its launches cap ptxas's registers (.maxnreg). Triton declares
+# the exact block size (.reqntid); without a cap ptxas then picks its own occupancy target and
+# spills the values a sweep leaves idle (row statistics, the label logit, the losses) to reach it,
+# while under a cap it keeps them in registers. Per kernel, a cap ptxas fits without a spill
+# (benchmarks/triton_aot.py checks it): 64 (4 programs of 8 warps per SM) for the full-row
+# forward, 72 for the CE + NTL backward, 56 for the NTL backward and the number-token-only kernels.
+CUDA_CDF_TILED_NUMBER_TILE = 256
+CUDA_CDF_TILED_MAX_REGISTERS = dict(forward=64, ce_ntl_backward=72, ntl_backward=56, number_only=56)
 
 # Which settings launches take: the interpreter's, or a CUDA launch's. Tests switch to "cuda"
 # under the interpreter (use_launch_settings) to run the exact tiling a GPU runs.
@@ -102,8 +111,11 @@ def cuda_row_blocks(vocab_size: int) -> tuple:
     return block_v, max(1, block_v // (32 * LOGITS_PER_THREAD))
 
 
-def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: bool) -> dict:
-    """``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K``, ``TILED`` and ``num_warps`` for one launch (shapes only).
+def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: bool, cdf: bool = False,
+                    backward: Optional[str] = None) -> dict:
+    """``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K``, ``TILED`` and ``num_warps`` for one launch (shapes only,
+    but for ``cdf``: a tiled CUDA WAS_CDF launch also gets ``maxnreg``, by kernel kind: ``backward``
+    is None, "ce_ntl_backward" or "ntl_backward"; its number-token-only programs take fewer rows).
 
     ``BLOCK_K`` is ``next_pow2(K)`` capped at MAX_BLOCK_K; ``TILED`` says whether the K number tokens
     take several tiles (``K <= MAX_BLOCK_K`` is one tile: the kernels' untiled code)."""
@@ -115,19 +127,25 @@ def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: 
         block_v = min(INTERPRET_BLOCK_V, triton.next_power_of_2(vocab_size))
         return dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=1)
     block_v, warps = cuda_row_blocks(vocab_size)
+    cdf = cdf and tiled
+    kind = (backward or "forward") if full_row else "number_only"
+    cap = dict(maxnreg=CUDA_CDF_TILED_MAX_REGISTERS[kind]) if cdf else {}
     if full_row:
-        return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps)
-    block_m = max(1, min(32, (CUDA_TILED_NUMBER_TILE if tiled else CUDA_NUMBER_TILE) // block_k))
-    return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=4)
+        return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps, **cap)
+    tile = (CUDA_CDF_TILED_NUMBER_TILE if cdf else CUDA_TILED_NUMBER_TILE) if tiled else CUDA_NUMBER_TILE
+    block_m = max(1, min(32, tile // block_k))
+    return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=4, **cap)
 
 
-def launch_rows(kernel, logits: Tensor, num_numbers: int, full_row: bool, *args, **constants) -> None:
+def launch_rows(kernel, logits: Tensor, num_numbers: int, full_row: bool, *args, backward: Optional[str] = None,
+                **constants) -> None:
     """Launches ``kernel`` over the rows of ``logits`` (nothing for M = 0) with this profile's
-    settings: one program per ``BLOCK_M`` rows."""
+    settings (:func:`launch_settings`): one program per ``BLOCK_M`` rows."""
     num_rows, vocab_size = logits.shape
     if num_rows == 0:
         return
-    settings = launch_settings(num_rows, vocab_size, num_numbers, full_row)
+    cdf = constants.get("LOSS") == LossKind.WAS_CDF.value
+    settings = launch_settings(num_rows, vocab_size, num_numbers, full_row, cdf, backward)
     kernel[(triton.cdiv(num_rows, settings["BLOCK_M"]),)](*args, **constants, **settings)
 
 

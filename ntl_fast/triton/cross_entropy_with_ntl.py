@@ -180,4 +180,4 @@ def launch_ce_ntl_backward(grad: Tensor, grad_ce: Tensor, grad_ntl: Tensor, logi
     launch_rows(_ce_ntl_backward_kernel, logits, tables[0].numel(), True,
                 logits, logits.stride(0), grad, grad.stride(0), labels, labels.stride(0), stats.contiguous(),
                 grad_ce.contiguous(), grad_ntl.contiguous(), *tables, *logits.shape, tables[0].numel(), *scalars,
-                **switches, INPLACE=grad.data_ptr() == logits.data_ptr())
+                backward="ce_ntl_backward", **switches, INPLACE=grad.data_ptr() == logits.data_ptr())

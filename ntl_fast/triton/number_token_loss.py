@@ -133,4 +133,5 @@ def launch_ntl_backward(grad: Tensor, grad_ntl: Tensor, logits: Tensor, labels: 
     scalars, switches = kernel_options(*options)
     launch_rows(_ntl_backward_kernel, logits, tables[0].numel(), switches["REWEIGH"],
                 logits, logits.stride(0), grad, grad.stride(0), labels, labels.stride(0), stats.contiguous(),
-                grad_ntl.contiguous(), *tables, *logits.shape, tables[0].numel(), *scalars, **switches)
+                grad_ntl.contiguous(), *tables, *logits.shape, tables[0].numel(), *scalars, backward="ntl_backward",
+                **switches)
