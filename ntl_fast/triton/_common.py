@@ -768,8 +768,9 @@ def store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, lo
 @triton.jit
 def gradient_coefficients(loss, lse_n, log_sum, log_text, upstream_ce, upstream_ntl, reweigh_constant,
                           REWEIGH: tl.constexpr):
-    """Per row: the number mass ``m``, the text mass ``1 - m``, ``L - c`` (reweigh only; other
-    values are placeholders) and the coefficient ``a`` of the dense part ``a p_k``."""
+    """Per row: the number mass ``m``, the text mass ``1 - m`` and ``L - c`` (read only with
+    reweigh: without it the three are ``lse_n``, unused) and the coefficient ``a`` of the dense
+    part ``a p_k``."""
     if REWEIGH:
         mass = tl.exp(lse_n - log_sum)
         text_mass = tl.exp(log_text - log_sum)
