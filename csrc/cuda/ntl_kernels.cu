@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "../ntl_math.h"
 #include "ntl_kernels.h"
@@ -131,8 +132,7 @@ __device__ __forceinline__ uint32_t packed(const __half* v) {
 }
 
 template <typename scalar_t>
-__device__ __forceinline__ Pack<scalar_t> load_pack(const scalar_t* p) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ Pack<scalar_t> unpack_raw(const uint4& raw) {
   const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
   Pack<scalar_t> out;
   if constexpr (sizeof(scalar_t) == 8) {
@@ -144,6 +144,11 @@ __device__ __forceinline__ Pack<scalar_t> load_pack(const scalar_t* p) {
     for (int i = 0; i < 4; ++i) unpack(w[i], out.v + i * kPerWord);
   }
   return out;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t> load_pack(const scalar_t* p) {
+  return unpack_raw<scalar_t>(*reinterpret_cast<const uint4*>(p));
 }
 
 // p[u] = the pack base + u * stride of body, for the u < kFlight below `packs`: every load issued
@@ -224,10 +229,12 @@ struct RunningLse {
 };
 
 // The LSE of the row (text_only: of its columns off N, by number_index), returned to every thread
-// of the block. NaN logits give NaN.
-template <typename scalar_t, typename acc_t>
+// of the block. NaN logits give NaN. kStage: every element of the row is also copied, as loaded,
+// to stage[0, V) in shared memory (stage congruent to z modulo 16 bytes, so that its packs are
+// 16-byte aligned where z's are), for the gradient pass to read instead of global memory.
+template <typename scalar_t, typename acc_t, bool kStage = false>
 __device__ LogSumExp<acc_t> block_logsumexp(const scalar_t* z, int64_t V, bool text_only,
-                                            const int64_t* number_index) {
+                                            const int64_t* number_index, scalar_t* stage = nullptr) {
   __shared__ acc_t warp_m[32], warp_s[32];
   __shared__ LogSumExp<acc_t> result;
   // 8 values per thread and step (two float32 packs, one of the 2-byte types): enough loads in
@@ -236,29 +243,48 @@ __device__ LogSumExp<acc_t> block_logsumexp(const scalar_t* z, int64_t V, bool t
   RunningLse<acc_t> run{-INFINITY, 0, false};
   if (text_only) {  // reweighed NTL-valid rows: the columns off N, one by one through number_index
     for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-      const acc_t x[1] = {number_index[i] < 0 ? acc_t(load_acc(z[i])) : acc_t(-INFINITY)};
+      const bool text = number_index[i] < 0;
+      acc_t x[1] = {acc_t(-INFINITY)};
+      if (kStage) {  // the number columns too: the gradient pass reads every column from the stage
+        const scalar_t v = z[i];
+        stage[i] = v;
+        if (text) x[0] = acc_t(load_acc(v));
+      } else if (text) {
+        x[0] = acc_t(load_acc(z[i]));
+      }
       run.add(x);
     }
   } else {
     const Split split = split_at_alignment<scalar_t>(z, V);
     for (int64_t i = threadIdx.x; i < split.head; i += blockDim.x) {
-      const acc_t x[1] = {acc_t(load_acc(z[i]))};
+      const scalar_t v = z[i];
+      if (kStage) stage[i] = v;
+      const acc_t x[1] = {acc_t(load_acc(v))};
       run.add(x);
     }
     for (int64_t i = split.tail + threadIdx.x; i < V; i += blockDim.x) {
-      const acc_t x[1] = {acc_t(load_acc(z[i]))};
+      const scalar_t v = z[i];
+      if (kStage) stage[i] = v;
+      const acc_t x[1] = {acc_t(load_acc(v))};
       run.add(x);
     }
     const scalar_t* body = z + split.head;
     for (int64_t base = threadIdx.x; base < split.packs; base += int64_t(blockDim.x) * kFlight) {
-      Pack<scalar_t> p[kFlight];
-      load_packs(body, base, blockDim.x, split.packs, p);
+      uint4 raw[kFlight];
+#pragma unroll
+      for (int u = 0; u < kFlight; ++u) {  // every load issued before the first use
+        const int64_t pack = base + int64_t(u) * blockDim.x;
+        if (pack < split.packs) raw[u] = *reinterpret_cast<const uint4*>(body + pack * kSize);
+      }
 #pragma unroll
       for (int u = 0; u < kFlight; ++u) {  // the packs merged one by one: fewer values live at once
-        if (base + int64_t(u) * blockDim.x >= split.packs) break;
+        const int64_t pack = base + int64_t(u) * blockDim.x;
+        if (pack >= split.packs) break;
+        if (kStage) *reinterpret_cast<uint4*>(stage + split.head + pack * kSize) = raw[u];
+        const Pack<scalar_t> p = unpack_raw<scalar_t>(raw[u]);
         acc_t x[kSize];
 #pragma unroll
-        for (int j = 0; j < kSize; ++j) x[j] = acc_t(load_acc(p[u].v[j]));
+        for (int j = 0; j < kSize; ++j) x[j] = acc_t(load_acc(p.v[j]));
         run.add(x);
       }
     }
@@ -291,10 +317,10 @@ __device__ LogSumExp<acc_t> block_logsumexp(const scalar_t* z, int64_t V, bool t
 
 // block_logsumexp behind a call: the one-pass kernel's dense read and its gradient write are then
 // scheduled apart, and their registers do not add up.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kStage>
 __device__ __noinline__ LogSumExp<acc_t> block_logsumexp_apart(const scalar_t* z, int64_t V, bool text_only,
-                                                               const int64_t* number_index) {
-  return block_logsumexp<scalar_t, acc_t>(z, V, text_only, number_index);
+                                                               const int64_t* number_index, scalar_t* stage) {
+  return block_logsumexp<scalar_t, acc_t, kStage>(z, V, text_only, number_index, stage);
 }
 
 // out[i] = scale * exp(z[i] - mx) for i in [begin, end), by scalar accesses, each thread with
@@ -399,16 +425,16 @@ __global__ void __launch_bounds__(512) forward_kernel(const CudaRows a) {
 
 extern __shared__ __align__(16) unsigned char ntl_dynamic_smem[];
 
-// What a dense kernel's block works on: row first + blockIdx.x, its logits, its gradient, and the
-// fixes of its number columns in dynamic shared memory.
+// What a dense kernel's block works on: row first + i (workspace row i), its logits, its gradient,
+// and the fixes of its number columns at the start of dynamic shared memory.
 template <typename scalar_t, typename acc_t>
 struct BlockRow {
   int64_t r;
   const scalar_t* z;
   scalar_t* out;
   acc_t* fix;
-  __device__ __forceinline__ BlockRow(const CudaRows& a, int64_t first)
-      : r(first + blockIdx.x),
+  __device__ __forceinline__ BlockRow(const CudaRows& a, int64_t first, int64_t i)
+      : r(first + i),
         z(static_cast<const scalar_t*>(a.logits) + r * a.V),
         out(static_cast<scalar_t*>(a.grad_logits) + r * a.V),
         fix(reinterpret_cast<acc_t*>(ntl_dynamic_smem)) {}
@@ -498,8 +524,9 @@ __global__ void loss_and_grad_terms_kernel(const CudaRows a, int64_t first, int6
 }
 
 template <typename acc_t>
-__device__ __forceinline__ NumberGradientTerms<acc_t> load_terms(const CudaRows& a, const RowLabel& lab) {
-  const acc_t* w = workspace_row<acc_t>(a, blockIdx.x);
+__device__ __forceinline__ NumberGradientTerms<acc_t> load_terms(const CudaRows& a, int64_t chunk_row,
+                                                                 const RowLabel& lab) {
+  const acc_t* w = workspace_row<acc_t>(a, chunk_row);
   return lab.number >= 0 ? NumberGradientTerms<acc_t>{w[0], w[1], w[2], {w[3], w[4]}}
                          : NumberGradientTerms<acc_t>{0, 0, 0, {0, 0}};
 }
@@ -508,7 +535,8 @@ __device__ __forceinline__ NumberGradientTerms<acc_t> load_terms(const CudaRows&
 // stores them in g) and its share of the K fixes, k = threadIdx.x + i blockDim.x, from the
 // number-token terms (read for NTL-valid rows only) and logits read before any gradient write.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void finish_row_gradient(const CudaRows& a, const scalar_t* z, const RowLabel& lab,
+__device__ __forceinline__ void finish_row_gradient(const CudaRows& a, int64_t chunk_row, const scalar_t* z,
+                                                    const RowLabel& lab,
                                                     const RowStats<acc_t>& stats,
                                                     const NumberGradientTerms<acc_t>& terms, acc_t grad_ce,
                                                     acc_t grad_ntl, acc_t* fix, RowGradient<acc_t>& g) {
@@ -516,7 +544,7 @@ __device__ __forceinline__ void finish_row_gradient(const CudaRows& a, const sca
   const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
   const RowGradient<acc_t> mine =
       row_backward_finish(row, lab, z_label, stats, grad_ce, grad_ntl, a.with_ce, a.options, terms,
-                          workspace_row<acc_t>(a, blockIdx.x) + kTerms, fix, threadIdx.x, blockDim.x);
+                          workspace_row<acc_t>(a, chunk_row) + kTerms, fix, threadIdx.x, blockDim.x);
   if (threadIdx.x == 0) g = mine;
 }
 
@@ -536,7 +564,7 @@ __device__ __noinline__ void write_row_gradient_apart(const scalar_t* z, scalar_
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
     backward_kernel(const CudaRows a, int64_t first) {
-  const auto [r, z, out, fix] = BlockRow<scalar_t, acc_t>(a, first);
+  const auto [r, z, out, fix] = BlockRow<scalar_t, acc_t>(a, first, blockIdx.x);
   __shared__ RowLabel lab;
   __shared__ RowStats<acc_t> stats;
   __shared__ NumberGradientTerms<acc_t> terms;
@@ -546,38 +574,67 @@ __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
   if (threadIdx.x == 0) {
     stats = RowStats<acc_t>::load(saved);
     lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
-    terms = load_terms<acc_t>(a, lab);
+    terms = load_terms<acc_t>(a, blockIdx.x, lab);
     grad_ce = a.with_ce ? static_cast<const acc_t*>(a.grad_ce)[r] : acc_t(0);
     grad_ntl = static_cast<const acc_t*>(a.grad_ntl)[r];
   }
   __syncthreads();
-  finish_row_gradient<scalar_t, acc_t>(a, z, lab, stats, terms, grad_ce, grad_ntl, fix, g);
+  finish_row_gradient<scalar_t, acc_t>(a, blockIdx.x, z, lab, stats, terms, grad_ce, grad_ntl, fix, g);
   __syncthreads();  // g and every fix (and each logit they read) before the dense write
   // LSE_V as RowStats::store saved it: max, then log-sum.
   write_row_gradient_apart(z, out, a.V, a.K, a.number_ids, a.number_index, &g, saved, saved + 1, fix);
 }
 
-// Loss and gradient in one pass (after loss_and_grad_terms_kernel on the same rows): the
-// forward of the row, then, while the row is still in cache (L1/L2: one block reads it twice, back
-// to back), d(ce_scale·ce + ntl_scale·ntl)/dz written over it or beside it. Rows whose losses are
+// The dynamic shared memory of the one-pass kernel: the K fixes (16-byte multiple), then, for a
+// staged row, room for the row at the 16-byte phase of its address.
+template <typename acc_t>
+NTL_HD size_t fixes_bytes(int64_t K) {
+  return (size_t(K) * sizeof(acc_t) + 15) / 16 * 16;
+}
+template <typename scalar_t>
+NTL_HD size_t stage_bytes(int64_t V) {
+  return size_t(V) * sizeof(scalar_t) + 16;
+}
+
+// Where a staged row lives: after the fixes, at the 16-byte phase of z's address (in whole
+// elements), so that its packs are 16-byte aligned where z's are.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t* stage_of(const CudaRows& a, const scalar_t* z) {
+  const size_t phase = reinterpret_cast<uintptr_t>(z) % 16 / sizeof(scalar_t) * sizeof(scalar_t);
+  return reinterpret_cast<scalar_t*>(ntl_dynamic_smem + fixes_bytes<acc_t>(a.K) + phase);
+}
+
+// Loss and gradient in one pass (after loss_and_grad_terms_kernel on the same rows), rows
+// [first, first + rows) of a chunk, block b on rows b, b + gridDim.x, ...: the forward of the
+// row, then d(ce_scale·ce + ntl_scale·ntl)/dz written over it or beside it. kStaged: the row fits
+// in shared memory; the LSE sweep copies it there and everything after reads it from there, so
+// the logits come from DRAM once by construction (and in place needs no ordering against global
+// memory). Otherwise the gradient pass reads the row from global memory again, and the host
+// bounds the rows in flight (gridDim.x) so that the second read hits L2. Rows whose losses are
 // constants (ignore_index, bad labels) read nothing and get zeros; rows whose two scales are 0
 // read the row for their losses only and get zeros.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
-    loss_and_grad_kernel(const CudaRows a, int64_t first) {
-  const auto [r, z, out, fix] = BlockRow<scalar_t, acc_t>(a, first);
+// One row of loss_and_grad_kernel, the block's current row of the chunk being *chunk_row (in
+// shared memory: the pointers are formed again from it after each call). Behind a call, so that
+// the compiler hoists none of its work out of the kernel's loop over rows: the kernel then keeps
+// the registers of one row.
+template <typename scalar_t, typename acc_t, bool kStaged>
+__device__ __noinline__ void one_pass_row(const CudaRows& a, int64_t first, const int64_t* chunk_row) {
   __shared__ RowLabel lab;
   __shared__ int dense_kind;
   __shared__ RowStats<acc_t> stats;
   __shared__ NumberGradientTerms<acc_t> terms;
   __shared__ acc_t ce_scale, ntl_scale;
   __shared__ RowGradient<acc_t> g;
-  if (threadIdx.x == 0) {
-    lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
-    dense_kind = dense_lse_kind(lab, true, a.options);
+  {
+    const auto [r, z, out, fix] = BlockRow<scalar_t, acc_t>(a, first, *chunk_row);
+    if (threadIdx.x == 0) {
+      lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
+      dense_kind = dense_lse_kind(lab, true, a.options);
+    }
   }
   __syncthreads();
   if (dense_kind == kNoDense) {  // ignored or bad: NaN or zero losses, zero gradient, no read
+    const auto [r, z, out, fix] = BlockRow<scalar_t, acc_t>(a, first, *chunk_row);
     if (threadIdx.x == 0) {  // row_forward of a row that is not NTL-valid and not in range
       const acc_t loss = lab.bad ? ntl_nan<acc_t>() : acc_t(0);
       static_cast<acc_t*>(a.ce)[r] = loss;
@@ -586,13 +643,20 @@ __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
     write_zeros(out, a.V);
     return;
   }
-  const LogSumExp<acc_t> dense =
-      block_logsumexp_apart<scalar_t, acc_t>(z, a.V, dense_kind == kDenseText, a.number_index);
+  LogSumExp<acc_t> dense;
+  {
+    const auto [r, z, out, fix] = BlockRow<scalar_t, acc_t>(a, first, *chunk_row);
+    dense = block_logsumexp_apart<scalar_t, acc_t, kStaged>(z, a.V, dense_kind == kDenseText, a.number_index,
+                                                            kStaged ? stage_of<scalar_t, acc_t>(a, z) : nullptr);
+  }
+  const int64_t i = *chunk_row;
+  const auto [r, z, out, fix] = BlockRow<scalar_t, acc_t>(a, first, i);
+  const scalar_t* zr = kStaged ? stage_of<scalar_t, acc_t>(a, z) : z;  // the row (staged: every column)
   if (threadIdx.x == 0) {
-    const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
-    terms = load_terms<acc_t>(a, lab);
+    const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, zr);
+    terms = load_terms<acc_t>(a, i, lab);
     stats = row_stats_with_number(lab, dense_kind, dense, terms.number);
-    const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
+    const acc_t z_label = lab.in_range ? acc_t(load_acc(zr[lab.label])) : acc_t(0);
     acc_t ce = 0, ntl = 0;
     row_forward_finish(row, lab, z_label, stats, terms, true, a.options, &ce, &ntl);
     static_cast<acc_t*>(a.ce)[r] = ce;
@@ -603,11 +667,26 @@ __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
   }
   __syncthreads();
   if (ce_scale != acc_t(0) || ntl_scale != acc_t(0)) {
-    finish_row_gradient<scalar_t, acc_t>(a, z, lab, stats, terms, ce_scale, ntl_scale, fix, g);
+    finish_row_gradient<scalar_t, acc_t>(a, i, zr, lab, stats, terms, ce_scale, ntl_scale, fix, g);
     __syncthreads();  // g and every fix (and each logit they read) before the dense write
   }
-  write_row_gradient_apart(z, out, a.V, a.K, a.number_ids, a.number_index, &g, &stats.vocab.max,
+  write_row_gradient_apart(zr, out, a.V, a.K, a.number_ids, a.number_index, &g, &stats.vocab.max,
                            &stats.vocab.log_sum, fix);
+}
+
+// a is a __grid_constant__: one_pass_row reads it where the launch put it (no copy per thread).
+template <typename scalar_t, typename acc_t, bool kStaged>
+__global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value)
+    loss_and_grad_kernel(const __grid_constant__ CudaRows a, int64_t first, int64_t rows) {
+  __shared__ int64_t chunk_row;  // the block's current row of the chunk
+  if (threadIdx.x == 0) chunk_row = blockIdx.x;
+  __syncthreads();
+  while (chunk_row < rows) {
+    one_pass_row<scalar_t, acc_t, kStaged>(a, first, &chunk_row);
+    __syncthreads();  // every thread done with this row (its shared values, chunk_row) ...
+    if (threadIdx.x == 0) chunk_row += gridDim.x;
+    __syncthreads();  // ... before the next row's
+  }
 }
 
 // grad *= *grad_output over a flat buffer; every block returns before touching it when the
@@ -645,6 +724,48 @@ int threads_for(int64_t V) { return V >= 8192 ? 512 : (V >= 1024 ? 256 : 128); }
 
 enum class Pass { kForward, kBackward, kLossAndGrad };
 
+// ------------------------------------------------------------------------------- one-pass plan
+// Shared memory left to the one-pass kernel's static shared variables (under 1 KiB even for
+// float64) when deciding whether a row fits beside the fixes.
+constexpr size_t kStaticSharedReserve = 2048;
+constexpr size_t kDefaultDynamicShared = 48 * 1024;  // what a launch gets without opting in
+
+// An environment variable as a count >= 0; -1 when unset or not a count.
+int64_t env_count(const char* name) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return -1;
+  char* end = nullptr;
+  const long long value = std::strtoll(text, &end, 10);
+  return (*end == '\0' && value >= 0) ? int64_t(value) : -1;
+}
+
+// How the one-pass kernel runs on the current device (see ntl_kernels.h for the two variables).
+// A row that fits in the block's opt-in shared memory beside the fixes is staged there. Otherwise
+// each block has one row in flight between its two reads, plus its gradient unless in place: as
+// many blocks as keep those bytes within half of L2 (so the second read hits L2), at most the
+// blocks the device holds at once (DenseBlocksPerSm per SM) and at least one.
+template <typename scalar_t, typename acc_t>
+cudaError_t plan_one_pass(const CudaRows& a, OnePassPlan* plan) {
+  if (a.K < 0 || a.K > kMaxNumberTokens || a.V < 0) return cudaErrorInvalidValue;
+  int device = 0, optin = 0, l2 = 0, sms = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (status != cudaSuccess) return status;
+  const size_t fixes = fixes_bytes<acc_t>(a.K), staged = fixes + stage_bytes<scalar_t>(a.V);
+  plan->staged = env_count("NTL_FAST_CUDA_ROW_IN_SMEM") != 0 && staged + kStaticSharedReserve <= size_t(optin);
+  plan->smem = plan->staged ? staged : fixes;
+  const size_t in_flight = size_t(a.V) * sizeof(scalar_t) * (a.grad_logits == a.logits ? 1 : 2);
+  const int64_t resident = int64_t(sms) * DenseBlocksPerSm<scalar_t>::value;
+  int64_t blocks = int64_t(size_t(l2) / 2 / in_flight);
+  blocks = blocks < resident ? blocks : resident;
+  plan->blocks = plan->staged ? 0 : (blocks > 1 ? blocks : 1);
+  const int64_t forced = env_count("NTL_FAST_CUDA_ROWS_IN_FLIGHT");
+  if (forced >= 0) plan->blocks = forced;
+  return cudaSuccess;
+}
+
 template <typename scalar_t>
 cudaError_t launch(const CudaRows& a, cudaStream_t stream, Pass pass) {
   using acc_t = typename AccType<scalar_t>::type;
@@ -659,6 +780,14 @@ cudaError_t launch(const CudaRows& a, cudaStream_t stream, Pass pass) {
   if (a.workspace == nullptr || chunk < 1 || (pass == Pass::kLossAndGrad && !a.with_ce))
     return cudaErrorInvalidValue;
   const size_t fixes = size_t(a.K) * sizeof(acc_t);
+  OnePassPlan plan{false, 0, 0};
+  if (pass == Pass::kLossAndGrad) {
+    cudaError_t status = plan_one_pass<scalar_t, acc_t>(a, &plan);
+    if (status == cudaSuccess && plan.staged && plan.smem > kDefaultDynamicShared)
+      status = cudaFuncSetAttribute(loss_and_grad_kernel<scalar_t, acc_t, true>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem));
+    if (status != cudaSuccess) return status;
+  }
   for (int64_t first = 0; first < a.M; first += chunk) {  // the number terms of a chunk, then its dense pass
     const int64_t rows = a.M - first < chunk ? a.M - first : chunk;
     const dim3 terms_grid(static_cast<unsigned int>((rows + kTermsThreads - 1) / kTermsThreads));
@@ -668,7 +797,12 @@ cudaError_t launch(const CudaRows& a, cudaStream_t stream, Pass pass) {
       backward_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), fixes, stream>>>(a, first);
     } else {
       loss_and_grad_terms_kernel<scalar_t, acc_t><<<terms_grid, kTermsThreads, 0, stream>>>(a, first, rows);
-      loss_and_grad_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), fixes, stream>>>(a, first);
+      // the chunk's rows, by at most plan.blocks blocks (each looping over its rows)
+      const dim3 blocks(static_cast<unsigned int>(plan.blocks > 0 && plan.blocks < rows ? plan.blocks : rows));
+      if (plan.staged)
+        loss_and_grad_kernel<scalar_t, acc_t, true><<<blocks, threads_for(a.V), plan.smem, stream>>>(a, first, rows);
+      else
+        loss_and_grad_kernel<scalar_t, acc_t, false><<<blocks, threads_for(a.V), plan.smem, stream>>>(a, first, rows);
     }
     const cudaError_t status = cudaGetLastError();
     if (status != cudaSuccess) return status;
@@ -717,6 +851,16 @@ cudaError_t launch_backward(const CudaRows& rows, cudaStream_t stream) {
 
 cudaError_t launch_loss_and_grad(const CudaRows& rows, cudaStream_t stream) {
   return dispatch(rows, stream, Pass::kLossAndGrad);
+}
+
+cudaError_t plan_loss_and_grad(const CudaRows& rows, OnePassPlan* plan) {
+  switch (rows.dtype) {
+    case kFloat32: return plan_one_pass<float, float>(rows, plan);
+    case kBFloat16: return plan_one_pass<__nv_bfloat16, float>(rows, plan);
+    case kFloat16: return plan_one_pass<__half, float>(rows, plan);
+    case kFloat64: return plan_one_pass<double, double>(rows, plan);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 cudaError_t launch_scale_gradient(void* grad, int dtype, int64_t numel, const void* grad_output,
