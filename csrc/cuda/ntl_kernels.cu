@@ -1,18 +1,22 @@
 // CUDA kernels of the ntl_fast operators: one thread block per row of logits.
 //
 // Forward: the block computes LSE_V (or, for reweighed rows, the LSE of the text tokens) with an
-// online max + sum (one read of the row), then thread 0 scores the K number tokens with the shared
-// math of ntl_math.h. Backward: a small kernel first runs the number-token part of the gradient
-// that needs no LSE_V (number_gradient_terms: one thread per row) and leaves ∂L/∂z_k and a few
-// scalars per row in a workspace; then, per row, the block's threads finish the gradient of the
-// number columns into shared memory, each its share of the K columns, and of the label column
-// (row_backward_finish, reading the logits it needs first), the block writes coef * p_k over the
-// row (one read, one write per element), and the threads write the fixed columns, each column by
-// the one k the table's inverse map names, so that a table with a repeated id still gives one
-// deterministic result. Reading before writing lets the backward run in place. Loss and gradient
-// in one pass: the same number-terms kernel, then per row the forward and, while the row is still
-// in cache, its backward, so the logits come from memory once. With the heaviest number-token
-// math (number_stats and its gradient sums) in its own kernel, and the dense read and write behind
+// online max + sum (one read of the row), gathers the K number-token logits into shared memory,
+// then thread 0 scores them with the shared math of ntl_math.h. Backward: a small kernel first
+// runs the number-token part of the gradient that needs no LSE_V (number_gradient_terms: one
+// warp per row, which gathers the row's number logits, its lane 0 running the math) and leaves
+// ∂L/∂z_k and a few scalars per row in a workspace; then, per row, the block's threads finish the
+// gradient of the number columns into shared memory, each its share of the K columns, and of the
+// label column (row_backward_finish, reading the logits it needs first), the block writes
+// coef * p_k over the row (one read, one write per element), and the threads write the fixed
+// columns, each column by the one k the table's inverse map names, so that a table with a repeated
+// id still gives one deterministic result. Reading before writing lets the backward run in place.
+// Loss and gradient in one pass: the same number-terms kernel, then per row the forward and its
+// backward. A row that fits in shared memory is staged there by the forward's sweep and the
+// gradient is formed from it: the logits come from DRAM once by construction. A wider row is read
+// again for the gradient, on a persistent grid bounded so that the rows in flight stay within
+// half of L2 (plan_loss_and_grad in ntl_kernels.h). With the heaviest number-token math
+// (number_stats and its gradient sums) in its own kernel, and the dense read and write behind
 // calls, the dense kernels keep the registers of their dense loops (40 at most for 4- and 2-byte
 // types: 3 blocks of 512 threads per SM). Rows whose losses are constants (ignore_index, bad
 // labels) read nothing and get a zero gradient. The kernels read the table as given (the host
@@ -20,8 +24,10 @@
 //
 // The dense loops move 16-byte packs from the first 16-byte boundary of each row on (a scalar
 // head and tail around them), each thread issuing all the loads of a step before its first store.
-// Registers do not depend on K: the number-token loops run over global memory, the fixes live in
-// K values of dynamic shared memory and the per-row number-token terms in the workspace.
+// Registers do not depend on K: the number-token loops run over shared or global memory, the
+// fixes live in K values of dynamic shared memory and the per-row number-token terms in the
+// workspace. The number-token math runs serially in one thread per row, over logits gathered in
+// parallel: its sums keep the order of the CPU operators' (the same bits).
 //
 // Torch-free: only the CUDA runtime and its bf16/fp16 headers.
 #include <cuda_bf16.h>
@@ -79,6 +85,33 @@ struct GlobalRow {
   }
   NTL_HD float gap(int64_t i) const { return gaps[i]; }
 };
+
+// The same row with its number-token logits gathered into shared memory first (by many threads at
+// once, where one thread reading them one by one waits on K dependent scattered loads): logit(k)
+// is exactly GlobalRow::logit(k), so the math of ntl_math.h gives the same bits either way.
+template <typename acc_t>
+struct GatheredRow {
+  const acc_t* gathered;  // [0, K): GlobalRow::logit(k)
+  const float* values;
+  const int64_t* order;
+  const float* gaps;
+  int64_t K;
+
+  NTL_HD acc_t logit(int64_t k) const { return gathered[k]; }
+  NTL_HD float value(int64_t k) const { return values[k]; }
+  NTL_HD int64_t sorted(int64_t i) const {
+    const int64_t o = order[i];
+    return (o >= 0 && o < K) ? o : -1;
+  }
+  NTL_HD float gap(int64_t i) const { return gaps[i]; }
+};
+
+// out[k] = row.logit(k) for k = first, first + step, ... below K.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void gather_number_logits(const GlobalRow<scalar_t, acc_t>& row, acc_t* out, int first,
+                                                     int step) {
+  for (int64_t k = first; k < row.K; k += step) out[k] = row.logit(k);
+}
 
 __device__ __forceinline__ int64_t read_label(const CudaRows& a, int64_t r) {
   return a.labels_int32 ? int64_t(static_cast<const int32_t*>(a.labels)[r])
@@ -398,6 +431,8 @@ struct DenseBlocksPerSm {
   static constexpr int value = sizeof(scalar_t) == 8 ? 1 : 3;
 };
 
+extern __shared__ __align__(16) unsigned char ntl_dynamic_smem[];
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(512) forward_kernel(const CudaRows a) {
   const int64_t r = blockIdx.x;
@@ -412,8 +447,15 @@ __global__ void __launch_bounds__(512) forward_kernel(const CudaRows a) {
   LogSumExp<acc_t> dense{0, 0};
   if (dense_kind != kNoDense)
     dense = block_logsumexp<scalar_t, acc_t>(z, a.V, dense_kind == kDenseText, a.number_index);
+  // NTL-valid rows: the block gathers the K number logits into shared memory, then thread 0 scores
+  // them (number_logsumexp, number_stats: several passes over K) from there.
+  acc_t* gathered = reinterpret_cast<acc_t*>(ntl_dynamic_smem);
+  if (lab.number >= 0) {
+    gather_number_logits(global_row<scalar_t, acc_t>(a, z), gathered, threadIdx.x, blockDim.x);
+    __syncthreads();  // every gathered logit before thread 0 reads them
+  }
   if (threadIdx.x != 0) return;
-  const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
+  const GatheredRow<acc_t> row{gathered, a.number_values, a.value_order, a.sorted_gaps, a.K};
   const RowStats<acc_t> stats = row_stats(row, lab, dense_kind, dense);
   const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
   acc_t ce = 0, ntl = 0;
@@ -422,8 +464,6 @@ __global__ void __launch_bounds__(512) forward_kernel(const CudaRows a) {
   static_cast<acc_t*>(a.ntl)[r] = ntl;
   stats.store(static_cast<acc_t*>(a.row_stats) + r * RowStats<acc_t>::kSize);
 }
-
-extern __shared__ __align__(16) unsigned char ntl_dynamic_smem[];
 
 // What a dense kernel's block works on: row first + i (workspace row i), its logits, its gradient,
 // and the fixes of its number columns at the start of dynamic shared memory.
@@ -474,7 +514,14 @@ __device__ __forceinline__ void write_row_gradient(const scalar_t* z, scalar_t* 
 // ∂L/∂z_k before reweighing; the chunk's rows fill at most kWorkspaceBytes.
 constexpr int64_t kTerms = 5;
 constexpr int64_t kWorkspaceBytes = int64_t(64) << 20;
-constexpr int kTermsThreads = 128;
+constexpr int kTermsWarps = 4;  // rows per block of the number-terms kernels, at most
+
+// Warps (rows) per block of the number-terms kernels: at most kTermsWarps, and their gathered
+// logits (K values each) within the 48 KiB a launch gets without opting in.
+int terms_warps(int64_t K, size_t acc_size) {
+  const int64_t fit = int64_t(48 * 1024) / (K > 0 ? K * int64_t(acc_size) : 1);
+  return int(fit < 1 ? 1 : (fit < kTermsWarps ? fit : kTermsWarps));
+}
 
 int64_t chunk_rows(int64_t M, int64_t K, int64_t acc_size) {
   const int64_t rows = kWorkspaceBytes / ((K + kTerms) * acc_size);
@@ -487,17 +534,25 @@ __device__ __forceinline__ acc_t* workspace_row(const CudaRows& a, int64_t chunk
   return static_cast<acc_t*>(a.workspace) + chunk_row * (a.K + kTerms);
 }
 
-// One thread per row of [first, first + rows): the number-token terms of the NTL-valid rows (LSE_N
-// from the saved rows, or, in one pass, from the number logits).
+// One warp per row of [first, first + rows), warp w of the block on row blockIdx.x * warps + w:
+// the number-token terms of the NTL-valid rows (LSE_N from the saved rows, or, in one pass, from
+// the number logits). The warp's lanes gather the row's K number logits into the warp's K values
+// of dynamic shared memory (32 scattered loads in flight), then its lane 0 runs the math of
+// ntl_math.h over them: the same bits as one thread reading them itself.
 template <typename scalar_t, typename acc_t, bool kOnePass>
 __device__ __forceinline__ void number_terms(const CudaRows& a, int64_t first, int64_t rows) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t i = int64_t(blockIdx.x) * (blockDim.x / 32) + warp;
   const int64_t r = first + i;
-  const RowLabel lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
-  if (lab.number < 0) return;
+  RowLabel lab{0, -1, false, false};
+  if (i < rows) lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
   const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
-  const GlobalRow<scalar_t, acc_t> row = global_row<scalar_t, acc_t>(a, z);
+  const GlobalRow<scalar_t, acc_t> global = global_row<scalar_t, acc_t>(a, z);
+  acc_t* gathered = reinterpret_cast<acc_t*>(ntl_dynamic_smem) + int64_t(warp) * a.K;
+  if (lab.number >= 0) gather_number_logits(global, gathered, lane, 32);
+  __syncthreads();  // every gathered logit before lane 0 reads them (a block barrier: all warps)
+  if (lab.number < 0 || lane != 0) return;
+  const GatheredRow<acc_t> row{gathered, a.number_values, a.value_order, a.sorted_gaps, a.K};
   const LogSumExp<acc_t> lse_number =
       kOnePass ? number_logsumexp<acc_t>(row)
                : RowStats<acc_t>::load(static_cast<const acc_t*>(a.row_stats) + r * RowStats<acc_t>::kSize).number;
@@ -511,8 +566,8 @@ __device__ __forceinline__ void number_terms(const CudaRows& a, int64_t first, i
   w[4] = terms.number.log_sum;
 }
 
-// The number terms of backward_kernel and of loss_and_grad_kernel (no launch bounds: 128 threads
-// per block, the registers the math needs).
+// The number terms of backward_kernel and of loss_and_grad_kernel (no launch bounds: at most 128
+// threads per block, the registers the math needs).
 template <typename scalar_t, typename acc_t>
 __global__ void backward_terms_kernel(const CudaRows a, int64_t first, int64_t rows) {
   number_terms<scalar_t, acc_t, false>(a, first, rows);
@@ -772,7 +827,8 @@ cudaError_t launch(const CudaRows& a, cudaStream_t stream, Pass pass) {
   if (a.M == 0) return cudaSuccess;
   if (a.M > 0x7fffffffLL || a.K > kMaxNumberTokens) return cudaErrorInvalidValue;
   if (pass == Pass::kForward) {
-    forward_kernel<scalar_t, acc_t><<<dim3(static_cast<unsigned int>(a.M)), threads_for(a.V), 0, stream>>>(a);
+    forward_kernel<scalar_t, acc_t><<<dim3(static_cast<unsigned int>(a.M)), threads_for(a.V),
+                                      size_t(a.K) * sizeof(acc_t), stream>>>(a);
     return cudaGetLastError();
   }
   // As many rows per chunk as the workspace holds.
@@ -790,13 +846,15 @@ cudaError_t launch(const CudaRows& a, cudaStream_t stream, Pass pass) {
   }
   for (int64_t first = 0; first < a.M; first += chunk) {  // the number terms of a chunk, then its dense pass
     const int64_t rows = a.M - first < chunk ? a.M - first : chunk;
-    const dim3 terms_grid(static_cast<unsigned int>((rows + kTermsThreads - 1) / kTermsThreads));
+    const int warps = terms_warps(a.K, sizeof(acc_t));
+    const dim3 terms_grid(static_cast<unsigned int>((rows + warps - 1) / warps));
     const dim3 grid(static_cast<unsigned int>(rows));
     if (pass == Pass::kBackward) {
-      backward_terms_kernel<scalar_t, acc_t><<<terms_grid, kTermsThreads, 0, stream>>>(a, first, rows);
+      backward_terms_kernel<scalar_t, acc_t><<<terms_grid, warps * 32, warps * fixes, stream>>>(a, first, rows);
       backward_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), fixes, stream>>>(a, first);
     } else {
-      loss_and_grad_terms_kernel<scalar_t, acc_t><<<terms_grid, kTermsThreads, 0, stream>>>(a, first, rows);
+      loss_and_grad_terms_kernel<scalar_t, acc_t><<<terms_grid, warps * 32, warps * fixes, stream>>>(a, first,
+                                                                                                 rows);
       // the chunk's rows, by at most plan.blocks blocks (each looping over its rows)
       const dim3 blocks(static_cast<unsigned int>(plan.blocks > 0 && plan.blocks < rows ? plan.blocks : rows));
       if (plan.staged)
