@@ -842,6 +842,10 @@ cudaError_t launch(const CudaRows& a, cudaStream_t stream, Pass pass) {
     if (status == cudaSuccess && plan.staged && plan.smem > kDefaultDynamicShared)
       status = cudaFuncSetAttribute(loss_and_grad_kernel<scalar_t, acc_t, true>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem));
+    // as much of the unified L1 / shared memory as shared as possible: the most staged blocks per SM
+    if (status == cudaSuccess && plan.staged)
+      status = cudaFuncSetAttribute(loss_and_grad_kernel<scalar_t, acc_t, true>,
+                                    cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     if (status != cudaSuccess) return status;
   }
   for (int64_t first = 0; first < a.M; first += chunk) {  // the number terms of a chunk, then its dense pass

@@ -70,7 +70,11 @@ enum cudaDeviceAttr : int {  // the attributes the kernels' launch code asks for
   cudaDevAttrL2CacheSize = 89,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
-enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaFuncAttribute : int {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributePreferredSharedMemoryCarveout = 9,
+};
+enum cudaSharedCarveout : int { cudaSharedmemCarveoutDefault = -1, cudaSharedmemCarveoutMaxShared = 100 };
 struct CUstream_st;
 typedef CUstream_st* cudaStream_t;
 
@@ -211,8 +215,11 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
 }
 // The kernel's dynamic shared memory limit, up to the device's opt-in limit (as CUDA's, which
 // also counts the kernel's static shared memory: the launch check does).
+// A carveout preference (0-100 percent, or -1) changes nothing here.
 template <typename... P>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributePreferredSharedMemoryCarveout)
+    return value >= -1 && value <= 100 ? cudaSuccess : cudaErrorInvalidValue;
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   return ntl_emu::set_dynamic_smem_limit(reinterpret_cast<const void*>(kernel), value);
 }
