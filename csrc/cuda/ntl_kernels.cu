@@ -87,11 +87,15 @@ struct GlobalRow {
 };
 
 // The same row with its number-token logits gathered into shared memory first (by many threads at
-// once, where one thread reading them one by one waits on K dependent scattered loads): logit(k)
-// is exactly GlobalRow::logit(k), so the math of ntl_math.h gives the same bits either way.
+// once, where one thread reading them one by one waits on K dependent scattered loads), and, where
+// there is room, their probabilities q_k formed ahead by a warp: logit(k) is exactly
+// GlobalRow::logit(k) and probs[k] exactly number_prob's value, so the math of ntl_math.h gives the
+// same bits either way, while the exp of every q_k is spread over a warp.
 template <typename acc_t>
 struct GatheredRow {
   const acc_t* gathered;  // [0, K): GlobalRow::logit(k)
+  const acc_t* probs;     // [0, K): lse_prob(gathered[k], number), or nullptr
+  LogSumExp<acc_t> number;
   const float* values;
   const int64_t* order;
   const float* gaps;
@@ -105,6 +109,83 @@ struct GatheredRow {
   }
   NTL_HD float gap(int64_t i) const { return gaps[i]; }
 };
+
+// number_prob of ntl_math.h for a gathered row (found by argument-dependent lookup, more
+// specialised than the general one): the probability formed ahead when asked against the LSE_N it
+// was formed with, the same bits.
+template <typename acc_t>
+NTL_HD acc_t number_prob(const GatheredRow<acc_t>& row, int64_t k, const LogSumExp<acc_t>& lse_number) {
+  if (row.probs != nullptr && lse_number.max == row.number.max && lse_number.log_sum == row.number.log_sum)
+    return row.probs[k];
+  return lse_prob(acc_t(row.logit(k)), lse_number);
+}
+
+// Whether a row's probabilities fit in shared memory beside its gathered logits (2 K values per
+// row, at most 40 KiB: under the 48 KiB a launch gets without opting in).
+template <typename acc_t>
+NTL_HD bool probs_fit(int64_t K) {
+  return 2 * K * int64_t(sizeof(acc_t)) <= int64_t(40) * 1024;
+}
+
+// The first phase of number_logsumexp (ntl_math.h) over a gathered row, by a warp whose lane l
+// holds k = l, l + 32, ...: the max (the first of the largest, as the serial loop keeps it: the
+// same bits) and whether a logit is NaN, to every lane; then, when the sum is needed and probs is
+// given, exp(z_k - max) into probs[k] by the lane holding k.
+template <typename acc_t>
+__device__ __forceinline__ void warp_number_max(const acc_t* gathered, acc_t* probs, int64_t K, int lane, acc_t* mx,
+                                                bool* nan) {
+  acc_t best = -INFINITY;
+  int at = int(K);
+  bool any_nan = false;
+  for (int64_t k = lane; k < K; k += 32) {
+    const acc_t z = gathered[k];
+    any_nan |= z != z;
+    if (z > best) {
+      best = z;
+      at = int(k);
+    }
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const acc_t other = __shfl_xor_sync(0xffffffffu, best, offset);
+    const int other_at = __shfl_xor_sync(0xffffffffu, at, offset);
+    if (other > best || (other == best && other_at < at)) {
+      best = other;
+      at = other_at;
+    }
+  }
+  *nan = __any_sync(0xffffffffu, any_nan);
+  *mx = best;
+  if (probs != nullptr && !*nan && best != acc_t(-INFINITY))
+    for (int64_t k = lane; k < K; k += 32) probs[k] = ntl_exp(gathered[k] - best);
+}
+
+// The second phase, after a barrier: lane 0 sums the exps in k order (from probs, or forming them
+// when probs is null), as number_logsumexp does; every lane of the warp gets LSE_N.
+template <typename acc_t>
+__device__ __forceinline__ LogSumExp<acc_t> warp_number_finish(const acc_t* gathered, const acc_t* probs, int64_t K,
+                                                               int lane, acc_t mx, bool nan) {
+  LogSumExp<acc_t> lse{0, 0};
+  if (lane == 0) {
+    if (nan || mx == acc_t(-INFINITY)) {
+      lse = lse_finish(mx, acc_t(0), nan);
+    } else {
+      acc_t sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += probs != nullptr ? probs[k] : ntl_exp(gathered[k] - mx);
+      lse = lse_finish(mx, sum, false);
+    }
+  }
+  lse.max = __shfl_sync(0xffffffffu, lse.max, 0);
+  lse.log_sum = __shfl_sync(0xffffffffu, lse.log_sum, 0);
+  return lse;
+}
+
+// probs[k] = number_prob's q_k against LSE_N, by the lane holding k.
+template <typename acc_t>
+__device__ __forceinline__ void warp_number_probs(const acc_t* gathered, acc_t* probs, int64_t K, int lane,
+                                                  const LogSumExp<acc_t>& lse) {
+  if (probs == nullptr) return;
+  for (int64_t k = lane; k < K; k += 32) probs[k] = lse_prob(gathered[k], lse);
+}
 
 // out[k] = row.logit(k) for k = first, first + step, ... below K.
 template <typename scalar_t, typename acc_t>
@@ -434,7 +515,7 @@ struct DenseBlocksPerSm {
 extern __shared__ __align__(16) unsigned char ntl_dynamic_smem[];
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(512) forward_kernel(const CudaRows a) {
+__global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value) forward_kernel(const CudaRows a) {
   const int64_t r = blockIdx.x;
   const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
   __shared__ RowLabel lab;
@@ -447,16 +528,29 @@ __global__ void __launch_bounds__(512) forward_kernel(const CudaRows a) {
   LogSumExp<acc_t> dense{0, 0};
   if (dense_kind != kNoDense)
     dense = block_logsumexp<scalar_t, acc_t>(z, a.V, dense_kind == kDenseText, a.number_index);
-  // NTL-valid rows: the block gathers the K number logits into shared memory, then thread 0 scores
-  // them (number_logsumexp, number_stats: several passes over K) from there.
+  // NTL-valid rows: warp 0 gathers the K number logits into shared memory and forms LSE_N and the
+  // probabilities q_k (the max and the exps spread over its lanes, the sum in order), then thread 0
+  // scores them (number_stats: several passes over K) from there.
   acc_t* gathered = reinterpret_cast<acc_t*>(ntl_dynamic_smem);
+  acc_t* probs = probs_fit<acc_t>(a.K) ? gathered + a.K : nullptr;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  LogSumExp<acc_t> number{0, 0};
   if (lab.number >= 0) {
-    gather_number_logits(global_row<scalar_t, acc_t>(a, z), gathered, threadIdx.x, blockDim.x);
-    __syncthreads();  // every gathered logit before thread 0 reads them
+    acc_t mx = 0;
+    bool nan = false;
+    if (warp == 0) {
+      gather_number_logits(global_row<scalar_t, acc_t>(a, z), gathered, lane, 32);
+      warp_number_max(gathered, probs, a.K, lane, &mx, &nan);
+    }
+    __syncthreads();  // every exp before lane 0 sums them
+    if (warp == 0) number = warp_number_finish(gathered, probs, a.K, lane, mx, nan);
+    __syncthreads();  // lane 0 done with the exps before they become probabilities
+    if (warp == 0) warp_number_probs(gathered, probs, a.K, lane, number);
+    __syncthreads();  // every gathered logit and probability before thread 0 reads them
   }
   if (threadIdx.x != 0) return;
-  const GatheredRow<acc_t> row{gathered, a.number_values, a.value_order, a.sorted_gaps, a.K};
-  const RowStats<acc_t> stats = row_stats(row, lab, dense_kind, dense);
+  const GatheredRow<acc_t> row{gathered, probs, number, a.number_values, a.value_order, a.sorted_gaps, a.K};
+  const RowStats<acc_t> stats = row_stats_with_number(lab, dense_kind, dense, number);
   const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
   acc_t ce = 0, ntl = 0;
   row_forward(row, lab, z_label, stats, a.with_ce, a.options, &ce, &ntl);
@@ -516,10 +610,19 @@ constexpr int64_t kTerms = 5;
 constexpr int64_t kWorkspaceBytes = int64_t(64) << 20;
 constexpr int kTermsWarps = 4;  // rows per block of the number-terms kernels, at most
 
-// Warps (rows) per block of the number-terms kernels: at most kTermsWarps, and their gathered
-// logits (K values each) within the 48 KiB a launch gets without opting in.
-int terms_warps(int64_t K, size_t acc_size) {
-  const int64_t fit = int64_t(48 * 1024) / (K > 0 ? K * int64_t(acc_size) : 1);
+// Shared memory per row (warp) of the number-terms kernels: its gathered logits and, where they
+// fit, its probabilities.
+template <typename acc_t>
+size_t terms_row_bytes(int64_t K) {
+  return size_t(K) * sizeof(acc_t) * (probs_fit<acc_t>(K) ? 2 : 1);
+}
+
+// Warps (rows) per block of the number-terms kernels: at most kTermsWarps, and their shared memory
+// within the 48 KiB a launch gets without opting in.
+template <typename acc_t>
+int terms_warps(int64_t K) {
+  const size_t row = terms_row_bytes<acc_t>(K);
+  const int64_t fit = int64_t(48 * 1024) / int64_t(row > 0 ? row : 1);
   return int(fit < 1 ? 1 : (fit < kTermsWarps ? fit : kTermsWarps));
 }
 
@@ -536,9 +639,10 @@ __device__ __forceinline__ acc_t* workspace_row(const CudaRows& a, int64_t chunk
 
 // One warp per row of [first, first + rows), warp w of the block on row blockIdx.x * warps + w:
 // the number-token terms of the NTL-valid rows (LSE_N from the saved rows, or, in one pass, from
-// the number logits). The warp's lanes gather the row's K number logits into the warp's K values
-// of dynamic shared memory (32 scattered loads in flight), then its lane 0 runs the math of
-// ntl_math.h over them: the same bits as one thread reading them itself.
+// the number logits). The warp's lanes gather the row's K number logits into the warp's share of
+// dynamic shared memory (32 scattered loads in flight) and form LSE_N (in one pass) and the
+// probabilities q_k, each lane its k; lane 0 then runs the math of ntl_math.h over them: the same
+// bits as one thread doing it all. Every warp passes the same barriers, with a row or without.
 template <typename scalar_t, typename acc_t, bool kOnePass>
 __device__ __forceinline__ void number_terms(const CudaRows& a, int64_t first, int64_t rows) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -546,16 +650,29 @@ __device__ __forceinline__ void number_terms(const CudaRows& a, int64_t first, i
   const int64_t r = first + i;
   RowLabel lab{0, -1, false, false};
   if (i < rows) lab = classify_label(read_label(a, r), a.V, a.K, a.number_index, a.options.ignore_index);
-  const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
-  const GlobalRow<scalar_t, acc_t> global = global_row<scalar_t, acc_t>(a, z);
-  acc_t* gathered = reinterpret_cast<acc_t*>(ntl_dynamic_smem) + int64_t(warp) * a.K;
-  if (lab.number >= 0) gather_number_logits(global, gathered, lane, 32);
-  __syncthreads();  // every gathered logit before lane 0 reads them (a block barrier: all warps)
-  if (lab.number < 0 || lane != 0) return;
-  const GatheredRow<acc_t> row{gathered, a.number_values, a.value_order, a.sorted_gaps, a.K};
-  const LogSumExp<acc_t> lse_number =
-      kOnePass ? number_logsumexp<acc_t>(row)
-               : RowStats<acc_t>::load(static_cast<const acc_t*>(a.row_stats) + r * RowStats<acc_t>::kSize).number;
+  const bool valid = lab.number >= 0;
+  const bool with_probs = probs_fit<acc_t>(a.K);
+  acc_t* gathered = reinterpret_cast<acc_t*>(ntl_dynamic_smem) + int64_t(warp) * a.K * (with_probs ? 2 : 1);
+  acc_t* probs = with_probs ? gathered + a.K : nullptr;
+  if (valid) {
+    const scalar_t* z = static_cast<const scalar_t*>(a.logits) + r * a.V;
+    gather_number_logits(global_row<scalar_t, acc_t>(a, z), gathered, lane, 32);
+  }
+  LogSumExp<acc_t> lse_number{0, 0};
+  if (kOnePass) {
+    acc_t mx = 0;
+    bool nan = false;
+    if (valid) warp_number_max(gathered, probs, a.K, lane, &mx, &nan);
+    __syncthreads();  // every exp before lane 0 sums them
+    if (valid) lse_number = warp_number_finish(gathered, probs, a.K, lane, mx, nan);
+    __syncthreads();  // lane 0 done with the exps before they become probabilities
+  } else if (valid) {
+    lse_number = RowStats<acc_t>::load(static_cast<const acc_t*>(a.row_stats) + r * RowStats<acc_t>::kSize).number;
+  }
+  if (valid) warp_number_probs(gathered, probs, a.K, lane, lse_number);
+  __syncthreads();  // every gathered logit and probability before lane 0 reads them
+  if (!valid || lane != 0) return;
+  const GatheredRow<acc_t> row{gathered, probs, lse_number, a.number_values, a.value_order, a.sorted_gaps, a.K};
   acc_t* w = workspace_row<acc_t>(a, i);
   const NumberGradientTerms<acc_t> terms =
       number_gradient_terms(row, lab.number, lse_number, a.with_ce, a.options, w + kTerms);
@@ -828,7 +945,7 @@ cudaError_t launch(const CudaRows& a, cudaStream_t stream, Pass pass) {
   if (a.M > 0x7fffffffLL || a.K > kMaxNumberTokens) return cudaErrorInvalidValue;
   if (pass == Pass::kForward) {
     forward_kernel<scalar_t, acc_t><<<dim3(static_cast<unsigned int>(a.M)), threads_for(a.V),
-                                      size_t(a.K) * sizeof(acc_t), stream>>>(a);
+                                      terms_row_bytes<acc_t>(a.K), stream>>>(a);
     return cudaGetLastError();
   }
   // As many rows per chunk as the workspace holds.
@@ -850,15 +967,15 @@ cudaError_t launch(const CudaRows& a, cudaStream_t stream, Pass pass) {
   }
   for (int64_t first = 0; first < a.M; first += chunk) {  // the number terms of a chunk, then its dense pass
     const int64_t rows = a.M - first < chunk ? a.M - first : chunk;
-    const int warps = terms_warps(a.K, sizeof(acc_t));
+    const int warps = terms_warps<acc_t>(a.K);
+    const size_t terms_smem = size_t(warps) * terms_row_bytes<acc_t>(a.K);
     const dim3 terms_grid(static_cast<unsigned int>((rows + warps - 1) / warps));
     const dim3 grid(static_cast<unsigned int>(rows));
     if (pass == Pass::kBackward) {
-      backward_terms_kernel<scalar_t, acc_t><<<terms_grid, warps * 32, warps * fixes, stream>>>(a, first, rows);
+      backward_terms_kernel<scalar_t, acc_t><<<terms_grid, warps * 32, terms_smem, stream>>>(a, first, rows);
       backward_kernel<scalar_t, acc_t><<<grid, threads_for(a.V), fixes, stream>>>(a, first);
     } else {
-      loss_and_grad_terms_kernel<scalar_t, acc_t><<<terms_grid, warps * 32, warps * fixes, stream>>>(a, first,
-                                                                                                 rows);
+      loss_and_grad_terms_kernel<scalar_t, acc_t><<<terms_grid, warps * 32, terms_smem, stream>>>(a, first, rows);
       // the chunk's rows, by at most plan.blocks blocks (each looping over its rows)
       const dim3 blocks(static_cast<unsigned int>(plan.blocks > 0 && plan.blocks < rows ? plan.blocks : rows));
       if (plan.staged)
