@@ -51,7 +51,7 @@ done
 # from K = 1 to 4,096 (the fixes live in K values of dynamic shared memory), so these figures
 # hold for multi-digit tables (K ~ 1,110) as for digits (K = 10). The backward and one-pass
 # kernels get the same 40: their heaviest number-token math runs in backward_terms_kernel and
-# loss_and_grad_terms_kernel (one thread per row, 128-thread blocks, checked for spills only) and
+# loss_and_grad_terms_kernel (one warp per row, up to 4 warps per block, checked for spills only) and
 # reaches them through a workspace. loss_and_grad_kernel comes in two variants, the row staged in
 # shared memory ("[staged]") or read twice from global memory, both under the same budget.
 budgets="$out/budgets.txt"

@@ -1,10 +1,10 @@
 // CUDA kernels of the ntl_fast operators: one thread block per row of logits.
 //
 // Forward: the block computes LSE_V (or, for reweighed rows, the LSE of the text tokens) with an
-// online max + sum (one read of the row), gathers the K number-token logits into shared memory,
-// then thread 0 scores them with the shared math of ntl_math.h. Backward: a small kernel first
-// runs the number-token part of the gradient that needs no LSE_V (number_gradient_terms: one
-// warp per row, which gathers the row's number logits, its lane 0 running the math) and leaves
+// online max + sum (one read of the row), warp 0 gathers the K number-token logits into shared
+// memory and forms LSE_N and their probabilities, then thread 0 scores them with the shared math of
+// ntl_math.h. Backward: a small kernel first runs the number-token part of the gradient that
+// needs no LSE_V (number_gradient_terms: one warp per row, the same way, lane 0 running the math) and leaves
 // ∂L/∂z_k and a few scalars per row in a workspace; then, per row, the block's threads finish the
 // gradient of the number columns into shared memory, each its share of the K columns, and of the
 // label column (row_backward_finish, reading the logits it needs first), the block writes
@@ -26,8 +26,8 @@
 // head and tail around them), each thread issuing all the loads of a step before its first store.
 // Registers do not depend on K: the number-token loops run over shared or global memory, the
 // fixes live in K values of dynamic shared memory and the per-row number-token terms in the
-// workspace. The number-token math runs serially in one thread per row, over logits gathered in
-// parallel: its sums keep the order of the CPU operators' (the same bits).
+// workspace. The number-token sums run serially in one thread per row, over logits, exps and
+// probabilities a warp formed in parallel: they keep the order of the CPU operators' (the same bits).
 //
 // Torch-free: only the CUDA runtime and its bf16/fp16 headers.
 #include <cuda_bf16.h>

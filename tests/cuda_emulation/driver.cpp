@@ -124,8 +124,9 @@ void configure_device(const Record& c) {
   field("device_l2", &d.l2_bytes);
   field("device_sms", &d.sms);
   ntl_emu::set_device(d);
-  for (const auto& [key, variable] : {std::pair<const char*, const char*>{"rows_in_flight", "NTL_FAST_CUDA_ROWS_IN_FLIGHT"},
-                                      {"row_in_smem", "NTL_FAST_CUDA_ROW_IN_SMEM"}}) {
+  using Variable = std::pair<const char*, const char*>;  // case field, environment variable
+  for (const auto& [key, variable] : {Variable{"rows_in_flight", "NTL_FAST_CUDA_ROWS_IN_FLIGHT"},
+                                      Variable{"row_in_smem", "NTL_FAST_CUDA_ROW_IN_SMEM"}}) {
     int value = -1;
     field(key, &value);
     if (value >= 0)
