@@ -262,7 +262,8 @@ __device__ __forceinline__ Pack<scalar_t> unpack_raw(const uint4& raw) {
 
 template <typename scalar_t>
 __device__ __forceinline__ Pack<scalar_t> load_pack(const scalar_t* p) {
-  return unpack_raw<scalar_t>(*reinterpret_cast<const uint4*>(p));
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  return unpack_raw<scalar_t>(raw);
 }
 
 // p[u] = the pack base + u * stride of body, for the u < kFlight below `packs`: every load issued
