@@ -98,6 +98,64 @@ def test_one_pass_cases_cover_the_edges():
     assert any(rows.any() for rows in both_zero)  # rows that count for nothing
 
 
+LAUNCH_CASES = {launch: emulation_cases.one_pass_launch_cases(launch) for launch in emulation_cases.LAUNCHES}
+STATIC_SHARED_RESERVE = 2048  # ntl_kernels.cu: kStaticSharedReserve
+
+
+def _expected_plan(case, launch):
+    """(staged, blocks) by the rule of csrc/cuda/ntl_kernels.h: staged when the row fits in the
+    opt-in shared memory beside the fixes; otherwise as many blocks as keep the rows in flight (and
+    their gradients unless in place) within half of L2, at most 3 per SM (1 for float64)."""
+    settings = emulation_cases.LAUNCHES[launch]
+    M, V = case.logits.shape
+    size, acc = case.logits.element_size(), 8 if case.logits.dtype == torch.float64 else 4
+    fixes = (case.table.num_numbers * acc + 15) // 16 * 16
+    optin, l2, sms = settings.get("device_smem_optin", 227 * 1024), settings.get("device_l2", 50 << 20), \
+        settings.get("device_sms", 132)
+    staged = settings.get("row_in_smem", 1) != 0 and fixes + V * size + 16 + STATIC_SHARED_RESERVE <= optin
+    in_flight = V * size * (1 if case.kernel.endswith("inplace") else 2)
+    blocks = 0 if staged else max(1, min(l2 // 2 // in_flight, sms * (1 if size == 8 else 3)))
+    return int(staged), settings.get("rows_in_flight", blocks)
+
+
+def test_one_pass_launch_plans(kind):
+    """Every launch plan of the one-pass kernels (rows staged in shared memory, opting in above
+    48 KiB, or read twice from global memory; one block per row, one block looping over every row,
+    an L2-bounded grid of fewer blocks than rows) matches the CPU operator, and all of them give the
+    same bits: the plan changes where the row is read from and which block does it, never a value."""
+    results = {launch: harness.run(cases, kind) for launch, cases in LAUNCH_CASES.items()}
+    looping = {"staged": 0, "unstaged": 0}
+    for launch, cases in LAUNCH_CASES.items():
+        for case, result in zip(cases, results[launch]):
+            problems = harness.compare(case, result)
+            assert not problems and not result.reports, (case.name, problems, result.reports[:3])
+            staged, blocks = result.outputs["plan"].tolist()
+            assert (staged, blocks) == _expected_plan(case, launch), case.name
+            if 0 < blocks < case.logits.shape[0]:
+                looping["staged" if staged else "unstaged"] += 1
+    assert min(looping.values()) >= 3, looping  # blocks that loop over several rows, both ways
+    plans = {(launch, case.name.split("-")[1]): r.outputs["plan"][0].item()
+             for launch, cases in LAUNCH_CASES.items() for case, r in zip(cases, results[launch])}
+    assert plans[("optin-4k", "V517")] == 1 and plans[("optin-4k", "V1500")] == 0  # fits / does not fit
+    assert plans[("planned", "V12300")] == 1  # 49 KB staged: opted in above 48 KiB
+    unbounded = results["unstaged-unbounded"]
+    for launch in LAUNCH_CASES:
+        for case, a, b in zip(LAUNCH_CASES[launch], results[launch], unbounded):
+            for name in ("ce", "ntl", "grad"):
+                assert torch.equal(a.outputs[name].view(torch.uint8), b.outputs[name].view(torch.uint8)), \
+                    (launch, case.name, name)
+
+
+def test_launch_cases_cover_the_edges():
+    cases = [case for launch_cases in LAUNCH_CASES.values() for case in launch_cases]
+    assert min(case.logits.shape[0] for case in cases) == 1
+    assert {2, 517, 4099, 8203, 12300} <= {case.logits.shape[1] for case in cases}
+    assert max(case.table.num_numbers for case in cases) == 1110
+    assert any((case.labels.long() == case.config.ignore_index).any() for case in cases)
+    assert {case.kernel for case in cases} == set(emulation_cases.ONE_PASS_KERNELS)
+    assert any(case.misaligned for case in cases) and any(case.workspace_rows for case in cases)
+
+
 def test_wide_tables_match_cpu_operators(kind):
     """K = 4,096 number tokens, the most the kernels serve, through every entry point."""
     cases = emulation_cases.wide_table_cases()

@@ -56,6 +56,25 @@ cudaError_t launch_backward(const CudaRows& rows, cudaStream_t stream);
 // grad_logits = d(sum_r ce_scale[r] ce_r + ntl_scale[r] ntl_r) / d logits, each row's gradient
 // while the row is still in cache; grad_logits may equal logits (in place). with_ce must be true.
 cudaError_t launch_loss_and_grad(const CudaRows& rows, cudaStream_t stream);
+//
+// How launch_loss_and_grad runs on the current device (plan_loss_and_grad says it without
+// launching anything). A row that fits in a block's opt-in shared memory
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin, less the K fixes and 2 KiB) is staged there by the
+// sweep that computes its log-sum-exp, and the gradient is formed from shared memory: the logits
+// are read from DRAM once by construction (bfloat16 up to about 115,000 columns, float32 up to
+// about 57,000 on an H100). A wider row is read twice from global memory; the grid is then
+// persistent (each block loops over rows) and bounded so that the rows in flight, each with its
+// gradient unless in place, fill at most half of L2 (cudaDevAttrL2CacheSize): the second read
+// hits L2. Two environment variables override the plan, for measuring one against the other:
+//   NTL_FAST_CUDA_ROW_IN_SMEM=0       never stage rows in shared memory;
+//   NTL_FAST_CUDA_ROWS_IN_FLIGHT=N    N blocks (N > 0) looping over the rows, staged or not; 0:
+//                                     one block per row (unbounded).
+struct OnePassPlan {
+  bool staged;     // the row is staged in shared memory (one DRAM read)
+  size_t smem;     // dynamic shared memory per block, bytes
+  int64_t blocks;  // blocks of the grid (rows in flight) per chunk of rows; 0: one block per row
+};
+cudaError_t plan_loss_and_grad(const CudaRows& rows, OnePassPlan* plan);
 // grad (numel elements of LogitsDtype dtype) *= *grad_output in place, the scalar read on the
 // device (float64 for kFloat64, float32 otherwise); every block returns at once when it is 1.
 cudaError_t launch_scale_gradient(void* grad, int dtype, int64_t numel, const void* grad_output,

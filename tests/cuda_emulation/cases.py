@@ -209,6 +209,53 @@ def loss_and_grad_cases(seed: int = 1) -> List[Case]:
     return cases
 
 
+# (table, V, M, dtype) of the one-pass launch cases: V tails, M = 1, K = 1,110, and a float32 row of
+# 12,300 columns (49.2 KB staged: over the 48 KiB a launch gets without opting in).
+LAUNCH_SHAPES = (("digits", 40, 6, torch.float32), ("single", 2, 1, torch.bfloat16),
+                 ("irregular", 517, 5, torch.bfloat16), ("digits", 4099, 3, torch.float64),
+                 ("multi_digit", 1500, 4, torch.float32), ("multi_digit", 8203, 2, torch.bfloat16),
+                 ("digits", 12300, 2, torch.float32), ("irregular", 131, 4, torch.float16))
+# How the one-pass launch runs them (harness.Case.launch): the plan of an H100-like device (rows
+# staged in shared memory, one block per row), one block looping over every row (staged), the
+# rows read twice from global memory one block per row (unbounded), and the L2-bounded grid of a
+# device whose shared memory holds no row, at most 3 blocks (one SM) or 1 (an L2 of one byte);
+# and a device with 4 KiB of shared memory per block, which holds the rows of 517 bfloat16
+# columns and narrower but not the wider ones.
+LAUNCHES = {
+    "planned": {},
+    "staged-grid1": {"rows_in_flight": 1},
+    "unstaged-unbounded": {"row_in_smem": 0, "rows_in_flight": 0},
+    "unstaged-l2-sm1": {"device_smem_optin": 1024, "device_sms": 1},
+    "unstaged-l2-tiny": {"device_smem_optin": 1024, "device_l2": 1},
+    "optin-4k": {"device_smem_optin": 4096, "device_sms": 1},  # the narrow rows fit, the wide ones do not
+}
+
+
+def one_pass_launch_cases(launch: str, seed: int = 3) -> List[Case]:
+    """The one-pass kernels on LAUNCH_SHAPES under one of LAUNCHES: the same inputs whatever the
+    launch, so that the outputs of every launch can be compared bit for bit (and each with the CPU
+    operator). Labels mix number tokens, other tokens, ignore_index and bad labels."""
+    g = torch.Generator().manual_seed(seed)
+    variants = _variants(-100)
+    cases = []
+    for turn, (table_kind, V, M, dtype) in enumerate(LAUNCH_SHAPES):
+        table = _table(table_kind, V)
+        config = variants[turn % len(variants)] if table_kind != "multi_digit" else variants[6 - turn % 2]
+        kernel = ONE_PASS_KERNELS[turn % 2]
+        labels = _labels(table, M, -100, turn + 3, g)
+        ce_scale, ntl_scale = torch.rand(M, generator=g) + 0.5, torch.rand(M, generator=g) - 0.25
+        chunk = 2 if turn % 3 == 2 and M > 2 else None
+        cases.append(Case(
+            name=f"{table_kind}-V{V}-M{M}-{kernel}-{_config_name(config)}-{str(dtype).split('.')[-1]}"
+                 f"-{launch}".replace("torch.", "") + ("-misaligned" if turn % 3 == 1 else "")
+                 + (f"-chunks{chunk}" if chunk else ""),
+            kernel=kernel, logits=_logits(table, M, dtype, SPECIALS[turn % len(SPECIALS)], g), labels=labels,
+            table=table, config=config, grad_ce=ce_scale, grad_ntl=ntl_scale, misaligned=turn % 3 == 1,
+            workspace_rows=chunk, launch=dict(LAUNCHES[launch]),
+        ))
+    return cases
+
+
 def wide_table_cases() -> List[Case]:
     """K = 4,096 number tokens (the most the kernels serve; their fixes fill 32 KiB of shared
     memory in float64): every entry point, a few loss variants."""
@@ -269,10 +316,12 @@ def _config_name(config: LossConfig) -> str:
 
 def barrier_cases() -> List[Case]:
     """The CI cases of the first shape: every kernel and variant, so every block barrier (the
-    one-pass kernels' among them)."""
+    one-pass kernels' among them), and that shape's one-pass case with blocks that loop over
+    several rows (staged, and L2-bounded)."""
     table_kind, V, M = SHAPES[0]
+    loops = [case for launch in ("staged-grid1", "unstaged-l2-tiny") for case in one_pass_launch_cases(launch)[:1]]
     return [case for case in ci_cases() + loss_and_grad_cases()
-            if case.name.startswith(f"{table_kind}-V{V}-M{M}-")]
+            if case.name.startswith(f"{table_kind}-V{V}-M{M}-")] + loops
 
 
 def _corrupted(table: NumberTokenTable, **tensors: torch.Tensor) -> NumberTokenTable:

@@ -40,6 +40,7 @@
 #define __constant__ static
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
+#define __grid_constant__
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
@@ -63,6 +64,17 @@ enum cudaError_t : int {
   cudaErrorLaunchFailure = 719,
 };
 typedef cudaError_t cudaError;
+enum cudaDeviceAttr : int {  // the attributes the kernels' launch code asks for (CUDA's values)
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrL2CacheSize = 89,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+enum cudaFuncAttribute : int {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributePreferredSharedMemoryCarveout = 9,
+};
+enum cudaSharedCarveout : int { cudaSharedmemCarveoutDefault = -1, cudaSharedmemCarveoutMaxShared = 100 };
 struct CUstream_st;
 typedef CUstream_st* cudaStream_t;
 
@@ -71,6 +83,15 @@ namespace ntl_emu {
 struct LaunchConfig {
   dim3 grid, block;
   size_t dynamic_smem;
+  size_t dynamic_smem_limit = 48 * 1024;  // the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize
+};
+
+// The emulated device (set_device): an H100-like one unless a driver case says otherwise.
+struct Device {
+  int smem_optin = 227 * 1024;   // cudaDevAttrMaxSharedMemoryPerBlockOptin
+  int smem_per_sm = 228 * 1024;  // cudaDevAttrMaxSharedMemoryPerMultiprocessor
+  int l2_bytes = 50 << 20;       // cudaDevAttrL2CacheSize
+  int sms = 132;                 // cudaDevAttrMultiProcessorCount
 };
 
 // The emulation runtime (emulation_runtime.cpp, not instrumented).
@@ -85,6 +106,10 @@ unsigned warp_vote(const char* file, int line, unsigned mask, int predicate);
 void register_shared(void* address, size_t size, const char* name, const char* file, int line);
 unsigned char* dynamic_shared_memory();
 void run_grid(const LaunchConfig& config, void (*body)(void*), void* context);
+Device& device();
+void set_device(const Device& d);  // and forgets every kernel's opt-in
+cudaError_t set_dynamic_smem_limit(const void* kernel, int bytes);
+size_t dynamic_smem_limit(const void* kernel);
 void note_atomic(void* address, size_t size);
 cudaError_t take_last_error();
 const char* error_string(cudaError_t error);
@@ -106,6 +131,7 @@ inline LaunchConfig configure(dim3 grid, dim3 block, size_t dynamic_smem = 0, cu
 // buffer, and every thread of every block calls the kernel on that copy.
 template <typename... P>
 auto launch(void (*kernel)(P...), LaunchConfig config) {
+  config.dynamic_smem_limit = dynamic_smem_limit(reinterpret_cast<const void*>(kernel));
   return [kernel, config](auto&&... args) {
     struct Call {
       void (*kernel)(P...);
@@ -172,6 +198,31 @@ __attribute__((noinline, no_sanitize_thread)) T atomic_rmw(T* address, Op op) {
 #define NTL_EMU_SHARED(var) ::ntl_emu::register_shared(&(var), sizeof(var), #var, __FILE__, __LINE__)
 
 inline cudaError_t cudaGetLastError() { return ntl_emu::take_last_error(); }
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  const ntl_emu::Device& d = ntl_emu::device();
+  if (device != 0) return cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = d.sms; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = d.smem_per_sm; return cudaSuccess;
+    case cudaDevAttrL2CacheSize: *value = d.l2_bytes; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d.smem_optin; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+// The kernel's dynamic shared memory limit, up to the device's opt-in limit (as CUDA's, which
+// also counts the kernel's static shared memory: the launch check does).
+// A carveout preference (0-100 percent, or -1) changes nothing here.
+template <typename... P>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributePreferredSharedMemoryCarveout)
+    return value >= -1 && value <= 100 ? cudaSuccess : cudaErrorInvalidValue;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  return ntl_emu::set_dynamic_smem_limit(reinterpret_cast<const void*>(kernel), value);
+}
 inline const char* cudaGetErrorString(cudaError_t error) { return ntl_emu::error_string(error); }
 
 // ------------------------------------------------------------------------------- atomics

@@ -14,6 +14,11 @@
 // Every buffer is its own exact-size heap allocation (AddressSanitizer sees an overrun by one
 // element), filled with 0xFF bytes where the kernel should write (an unwritten output reads NaN);
 // with "misaligned", each starts one element past a poisoned slot, off 16-byte alignment.
+//
+// Optional fields of a case: "device_smem_optin", "device_l2", "device_sms" (the emulated
+// device's attributes; an H100-like device otherwise), "rows_in_flight" and "row_in_smem" (the
+// environment variables NTL_FAST_CUDA_ROWS_IN_FLIGHT / NTL_FAST_CUDA_ROW_IN_SMEM the one-pass
+// launch reads; unset otherwise).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -103,6 +108,33 @@ void write_records(const char* path, const std::vector<Record>& records) {
 }
 
 Field text_field(const std::string& text) { return Field{kU8, text.size(), {text.begin(), text.end()}}; }
+
+// The emulated device and the launch environment a case asks for (see the top of the file).
+void configure_device(const Record& c) {
+  ntl_emu::Device d;
+  const auto field = [&c](const char* name, int* into) {
+    const auto it = c.find(name);
+    if (it == c.end()) return;
+    int64_t v;
+    if (it->second.dtype != kI64 || it->second.count != 1) throw std::runtime_error(std::string(name) + ": one int64");
+    std::memcpy(&v, it->second.bytes.data(), sizeof v);
+    *into = int(v);
+  };
+  field("device_smem_optin", &d.smem_optin);
+  field("device_l2", &d.l2_bytes);
+  field("device_sms", &d.sms);
+  ntl_emu::set_device(d);
+  using Variable = std::pair<const char*, const char*>;  // case field, environment variable
+  for (const auto& [key, variable] : {Variable{"rows_in_flight", "NTL_FAST_CUDA_ROWS_IN_FLIGHT"},
+                                      Variable{"row_in_smem", "NTL_FAST_CUDA_ROW_IN_SMEM"}}) {
+    int value = -1;
+    field(key, &value);
+    if (value >= 0)
+      setenv(variable, std::to_string(value).c_str(), 1);
+    else
+      unsetenv(variable);
+  }
+}
 
 // ------------------------------------------------------------------------------- device buffers
 // One exact-size allocation per buffer, registered with the race checker under its name.
@@ -263,6 +295,11 @@ void run_loss_and_grad(const Record& c, Record& out) {
   l.rows.ntl = ntl.data();
   Buffer* grad = kInPlace ? l.owned.front().get() : &l.output("grad_logits", uint8_t(l.rows.dtype), l.rows.M * l.rows.V);
   l.rows.grad_logits = grad->data();
+  ntl::OnePassPlan plan{};
+  finish(ntl::plan_loss_and_grad(l.rows, &plan), out);
+  const int64_t planned[2] = {plan.staged ? 1 : 0, plan.blocks};
+  const unsigned char* bytes = reinterpret_cast<const unsigned char*>(planned);
+  out["plan"] = Field{kI64, 2, {bytes, bytes + sizeof planned}};  // staged, blocks
   finish(ntl::launch_loss_and_grad(l.rows, nullptr), out);
   out["ce"] = ce.field();
   out["ntl"] = ntl.field();
@@ -312,6 +349,7 @@ int main(int argc, char** argv) {
         if (name == e.name) entry = &e;
       if (!entry) throw std::runtime_error("unknown kernel '" + name + "'");
       ntl_emu::forget_memory();
+      configure_device(cases[i]);
       entry->run(cases[i], results[i]);
       std::string reports;
       for (size_t r = 0; r < ntl_emu::report_count() && *ntl_emu::report(r); ++r) reports += ntl_emu::report(r) + std::string("\n");

@@ -90,6 +90,8 @@ struct Runtime {
 #endif
   std::unique_ptr<unsigned char[]> dynamic_smem;
   size_t static_smem = 0;
+  Device device;
+  std::map<const void*, size_t> dynamic_smem_limits;  // cudaFuncSetAttribute, per kernel
 
   // Memory the race checker follows: address -> region (shared regions of the current block
   // and the global buffers the driver registered).
@@ -367,9 +369,13 @@ void run_block() {
     r.aborted = true;
     break;
   }
-  if (r.static_smem + r.config.dynamic_smem > kStaticSharedLimit)
+  // Without opting in, 48 KiB in all; with it, the device's opt-in limit in all.
+  const bool opted_in = r.config.dynamic_smem_limit > kStaticSharedLimit;
+  const size_t limit = opted_in ? size_t(r.device.smem_optin) : kStaticSharedLimit;
+  if (r.static_smem + r.config.dynamic_smem > limit)
     add_report("the block uses " + std::to_string(r.static_smem + r.config.dynamic_smem) +
-               " bytes of shared memory, over the 48 KiB a launch gets without opting in");
+               " bytes of shared memory, over the " + std::to_string(limit) +
+               (opted_in ? " bytes of the device's opt-in limit" : " bytes a launch gets without opting in"));
 }
 
 Thread& waiting_thread(const char* file, int line) {
@@ -452,6 +458,24 @@ void register_shared(void* address, size_t size, const char* name, const char* f
 
 unsigned char* dynamic_shared_memory() { return rt().dynamic_smem.get(); }
 
+Device& device() { return rt().device; }
+
+void set_device(const Device& d) {
+  rt().device = d;
+  rt().dynamic_smem_limits.clear();
+}
+
+cudaError_t set_dynamic_smem_limit(const void* kernel, int bytes) {
+  if (bytes < 0 || bytes > rt().device.smem_optin) return cudaErrorInvalidValue;
+  rt().dynamic_smem_limits[kernel] = size_t(bytes);
+  return cudaSuccess;
+}
+
+size_t dynamic_smem_limit(const void* kernel) {
+  const auto it = rt().dynamic_smem_limits.find(kernel);
+  return it == rt().dynamic_smem_limits.end() ? kStaticSharedLimit : it->second;
+}
+
 void run_grid(const LaunchConfig& config, void (*body)(void*), void* context) {
   Runtime& r = rt();
   const dim3 g = config.grid, b = config.block;
@@ -460,7 +484,7 @@ void run_grid(const LaunchConfig& config, void (*body)(void*), void* context) {
     r.last_error = cudaErrorInvalidConfiguration;
     return;
   }
-  if (config.dynamic_smem > kStaticSharedLimit) {
+  if (config.dynamic_smem > config.dynamic_smem_limit) {
     r.last_error = cudaErrorInvalidValue;
     return;
   }

@@ -37,7 +37,10 @@ tensors tests what the kernels do with them), ``config`` (a LossConfig), ``with_
 one element off 16-byte alignment), ``saved_table`` (the table the saved rows come from, when
 ``table`` is one the CPU forward refuses), ``workspace_rows`` (the backwards and one-pass kernels
 get a number-token workspace with room for that many rows only, so their rows go through it in
-several chunks; default: the size the CUDA wrapper allocates). The backwards get the row
+several chunks; default: the size the CUDA wrapper allocates), ``launch`` (for the one-pass
+launch: the emulated device's ``device_smem_optin`` / ``device_l2`` / ``device_sms`` in place of
+an H100-like device's, and ``rows_in_flight`` / ``row_in_smem``, the environment variables
+NTL_FAST_CUDA_ROWS_IN_FLIGHT / NTL_FAST_CUDA_ROW_IN_SMEM; see csrc/cuda/ntl_kernels.h). The backwards get the row
 statistics from the CPU forward, so both sides differentiate from the same saved rows.
 """
 
@@ -233,11 +236,16 @@ class Case:
     saved_table: Optional["NumberTokenTable"] = None  # noqa: F821  (the table of the saved rows; default: table)
     grad_output: Optional[Tensor] = None
     workspace_rows: Optional[int] = None
+    launch: Optional[Dict[str, int]] = None
 
     @classmethod
     def from_table(cls, name: str, kernel: str, logits: Tensor, labels: Tensor, table, config, **kwargs) -> "Case":
         """A case from a NumberTokenTable and a LossConfig (the constructor itself)."""
         return cls(name, kernel, logits, labels, table, config, **kwargs)
+
+
+# What a case may set of the one-pass launch (driver.cpp, configure_device).
+LAUNCH_FIELDS = ("device_smem_optin", "device_l2", "device_sms", "rows_in_flight", "row_in_smem")
 
 
 @dataclass
@@ -348,6 +356,10 @@ def _encode(case: Case) -> Dict[str, Tensor]:
             fields["grad_ce"] = case.grad_ce.to(acc)
         if case.workspace_rows is not None:
             fields["workspace_rows"] = torch.tensor([case.workspace_rows])
+    for name, value in (case.launch or {}).items():
+        if name not in LAUNCH_FIELDS:
+            raise ValueError(f"unknown launch field {name!r}")
+        fields[name] = torch.tensor([int(value)], dtype=torch.int64)
     return fields
 
 
