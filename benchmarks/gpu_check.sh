@@ -9,6 +9,10 @@
 #     alone (when its wheel is in .whl/), standalone NTL forward against ntloss; each with its DRAM
 #     bytes by design (the traffic columns of benchmarks/bench.py),
 #   - once the build is done, the CUDA-extension tests and the same benchmarks of its kernels,
+#   - the one-pass kernels' launch plans against the plain ones: fused CE + NTL (bf16) again with
+#     one program per row (NTL_FAST_ONE_PASS_PROGRAMS=0, NTL_FAST_CUDA_ROWS_IN_FLIGHT=0) instead of
+#     the L2-bounded persistent grids, and with no shared-memory staging (NTL_FAST_CUDA_ROW_IN_SMEM=0),
+#     each into bench_plan_<name>.csv, summarised next to bench.csv,
 #   - the LM-head-fused path against the materialised one (M=16384, H=4096, V=128256, bf16),
 #   - compute-sanitizer's memcheck, racecheck and synccheck on one small case of each backend,
 # then prints a summary: each step's outcome, the test counts, each benchmark as a multiple of
@@ -41,13 +45,12 @@ done
 
 # Timeouts (s). The build runs in the background during the Triton tests and the first benchmarks,
 # so it adds only what outlasts them.
-BUDGET_S=270
+BUDGET_S=285
 T_WHEELS=10 T_TRITON_TESTS=55 T_BENCH=50 T_BUILD=105 T_CPP_TESTS=25 T_CPP_BENCH=20 T_LINEAR=15
+T_PLAN=10       # each launch plan compared (PLANS below)
 T_SANITIZER=15  # each of memcheck, racecheck, synccheck
 T_EXTRA=45      # the T5 paper-preset smoke run (its training stops after 25 s)
 [ "$preset" = full ] && T_BENCH=1800 T_CPP_BENCH=600  # the full sweep does not fit the budget
-worst_case=$(( T_WHEELS + (T_BUILD > T_TRITON_TESTS + T_BENCH ? T_BUILD : T_TRITON_TESTS + T_BENCH)
-               + T_CPP_TESTS + T_CPP_BENCH + T_LINEAR + 3 * T_SANITIZER + T_EXTRA ))
 
 # What runs: one definition, used by the GPU run and by the dry run.
 # the Triton tests' cuda parametrisations marked gpu (the rest runs on CPU, in the interpreter)
@@ -56,6 +59,13 @@ CPP_TESTS=(tests/test_cpp.py -k cuda)  # the CUDA parametrisations of the extens
 BENCH_MAIN=(benchmarks/bench.py --preset "$preset" --repeats 10)
 BENCH_CPP=(benchmarks/bench.py --preset "$preset" --providers torch cpp --ops copy ce_ntl ntl --repeats 10)
 BENCH_LINEAR=(benchmarks/bench.py --preset gpu-linear --repeats 10)
+BENCH_PLANS=(benchmarks/bench.py --preset "$preset" --providers triton cpp --ops ce_ntl --modes full --dtypes bf16
+             --repeats 5)
+# plan name, then the environment that selects it (the defaults are in bench.csv)
+PLANS=("one-program-per-row NTL_FAST_ONE_PASS_PROGRAMS=0 NTL_FAST_CUDA_ROWS_IN_FLIGHT=0"
+       "no-smem-staging NTL_FAST_CUDA_ROW_IN_SMEM=0")
+worst_case=$(( T_WHEELS + (T_BUILD > T_TRITON_TESTS + T_BENCH ? T_BUILD : T_TRITON_TESTS + T_BENCH)
+               + T_CPP_TESTS + T_CPP_BENCH + ${#PLANS[@]} * T_PLAN + T_LINEAR + 3 * T_SANITIZER + T_EXTRA ))
 BUILD_LIB=/tmp/ntl_build_lib
 # sm_90 only (H100/H200) and one CPU build: the default architecture list would not fit T_BUILD.
 BUILD=(env PYTHON="$PYTHON" MAX_JOBS=10 BUILD_LIB="$BUILD_LIB" TORCH_CUDA_ARCH_LIST=9.0 NTL_FAST_AVX2=0
@@ -132,7 +142,7 @@ if [ "$dry_run" = 1 ]; then
   bench_setup() {  # every benchmark call of the GPU run, once, tiny, on CPU (Triton interpreted)
     rm -f "$OUT/bench.csv"
     local call
-    for call in "${BENCH_MAIN[*]}" "${BENCH_CPP[*]}" "${BENCH_LINEAR[*]}"; do
+    for call in "${BENCH_MAIN[*]}" "${BENCH_CPP[*]}" "${BENCH_LINEAR[*]}" "${BENCH_PLANS[*]}"; do
       echo "  $PYTHON $call --dry-run"
       # shellcheck disable=SC2086  # the call's words, as the GPU run passes them
       TRITON_INTERPRET=1 "$PYTHON" $call --dry-run --out "$OUT/bench.csv" > "$OUT/bench_dry_run.log" 2>&1 \
@@ -175,7 +185,7 @@ EOF
   }
   budget() {
     echo "  worst case: wheels $T_WHEELS + max(build $T_BUILD, Triton tests $T_TRITON_TESTS + benchmarks $T_BENCH)" \
-         "+ CUDA tests $T_CPP_TESTS + CUDA benchmarks $T_CPP_BENCH + LM head $T_LINEAR" \
+         "+ CUDA tests $T_CPP_TESTS + CUDA benchmarks $T_CPP_BENCH + launch plans ${#PLANS[@]} x $T_PLAN + LM head $T_LINEAR" \
          "+ sanitizers 3 x $T_SANITIZER + reserved $T_EXTRA = ${worst_case}s"
     [ "$worst_case" -le "$BUDGET_S" ]
   }
@@ -261,6 +271,11 @@ else
   record "CUDA extension tests" "not-run: no extension (build failed: $OUT/build.log)" 0 "$T_CPP_TESTS"
   record "CUDA extension benchmarks" "not-run: no extension" 0 "$T_CPP_BENCH"
 fi
+for plan in "${PLANS[@]}"; do  # the same rows under each alternative launch plan
+  # shellcheck disable=SC2086  # the plan's VAR=value words
+  step "launch plan ${plan%% *}: fused CE + NTL, bf16" "$T_PLAN" env ${plan#* } "$PYTHON" "${BENCH_PLANS[@]}" \
+    --out "$OUT/bench_plan_${plan%% *}.csv"
+done
 
 step "LM-head-fused CE + NTL vs materialised" "$T_LINEAR" "$PYTHON" "${BENCH_LINEAR[@]}" --out "$OUT/bench.csv"
 
@@ -288,5 +303,11 @@ if [ -s "$OUT/bench.csv" ]; then
   "$PYTHON" benchmarks/bench.py --summarize "$OUT/bench.csv" | tee "$OUT/summary.txt"
   "$PYTHON" benchmarks/bench.py --targets "$OUT/bench.csv" | tee "$OUT/targets.txt"
 fi
+for plan in "${PLANS[@]}"; do
+  if [ -s "$OUT/bench_plan_${plan%% *}.csv" ]; then
+    echo "launch plan ${plan%% *} (${plan#* }):"
+    "$PYTHON" benchmarks/bench.py --summarize "$OUT/bench_plan_${plan%% *}.csv" | tee -a "$OUT/summary.txt"
+  fi
+done
 elapsed "done, status $status"
 exit $status
