@@ -589,8 +589,9 @@ for fn, block_m in [(_ntl_forward_kernel, 16), (_ntl_backward_kernel, 1),
                     (_ntl_backward_kernel, 2), (_ce_ntl_forward_kernel, 1)]:
     tiled = fn in seen  # each kernel once with one number tile (K <= 16) and once tiled (BLOCK_K = 256)
     seen.add(fn)
+    # the one-pass forward holds its row (RESIDENT) untiled, streams it tiled, as a GPU launch of WAS_CDF
     constants = dict(LOSS=4, SQUASH=False, REWEIGH=not tiled, GAUSSIAN=True, GRAD=True, INPLACE=True,
-                     BLOCK_M=block_m, BLOCK_V=2048, BLOCK_K=256 if tiled else 16, TILED=tiled)
+                     BLOCK_M=block_m, BLOCK_V=2048, BLOCK_K=256 if tiled else 16, TILED=tiled, RESIDENT=not tiled)
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature = {}
     for name in fn.arg_names:
