@@ -66,9 +66,13 @@ CUDA_TILED_NUMBER_TILE = 512  # rows x BLOCK_K elements per program of a tiled n
 # spills the values a sweep leaves idle (row statistics, the label logit, the losses) to reach it,
 # while under a cap it keeps them in registers. Per kernel, a cap ptxas fits without a spill
 # (benchmarks/triton_aot.py checks it): 64 (4 programs of 8 warps per SM) for the full-row
-# forward, 72 for the CE + NTL backward, 56 for the NTL backward and the number-token-only kernels.
+# forward, 44 for the CE + NTL backward (56 with reweigh: its text mass, spread and coefficients),
+# 56 for the NTL backward and the number-token-only kernels. The CE + NTL backward fits 44 because
+# its tiled sweeps hold the label rank and kstar as int32 and write the label column before the
+# number columns (the label and its gradient dead during the sweeps): 69-72 registers before.
 CUDA_CDF_TILED_NUMBER_TILE = 256
-CUDA_CDF_TILED_MAX_REGISTERS = dict(forward=64, ce_ntl_backward=72, ntl_backward=56, number_only=56)
+CUDA_CDF_TILED_MAX_REGISTERS = dict(forward=64, ce_ntl_backward=44, ce_ntl_backward_reweigh=56, ntl_backward=56,
+                                    number_only=56)
 
 # One pass (loss and gradient from one kernel, GRAD). A row of at most CUDA_RESIDENT_BLOCK_V logits
 # is held whole in one program's registers (RESIDENT, see cuda_resident_blocks for the measured
@@ -158,7 +162,7 @@ def cuda_resident_blocks(vocab_size: int) -> Optional[tuple]:
 
 
 def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: bool, cdf: bool = False,
-                    backward: Optional[str] = None, one_pass: bool = False) -> dict:
+                    backward: Optional[str] = None, one_pass: bool = False, reweigh: bool = False) -> dict:
     """``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K``, ``TILED`` and ``num_warps`` for one launch (shapes only,
     but for ``cdf``: a tiled CUDA WAS_CDF launch also gets ``maxnreg``, by kernel kind: ``backward``
     is None, "ce_ntl_backward" or "ntl_backward"; its number-token-only programs take fewer rows).
@@ -185,6 +189,8 @@ def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: 
         return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps, RESIDENT=True,
                     maxnreg=CUDA_RESIDENT_MAX_REGISTERS)
     kind = (backward or "forward") if full_row else "number_only"
+    if reweigh and f"{kind}_reweigh" in CUDA_CDF_TILED_MAX_REGISTERS:
+        kind = f"{kind}_reweigh"
     cap = dict(maxnreg=CUDA_CDF_TILED_MAX_REGISTERS[kind]) if cdf else {}
     if full_row:
         return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps, **cap, **resident)
@@ -241,7 +247,8 @@ def launch_rows(kernel, logits: Tensor, num_numbers: int, full_row: bool, *args,
         return
     cdf = constants.get("LOSS") == LossKind.WAS_CDF.value
     one_pass = bool(constants.get("GRAD"))
-    settings = launch_settings(num_rows, vocab_size, num_numbers, full_row, cdf, backward, one_pass)
+    settings = launch_settings(num_rows, vocab_size, num_numbers, full_row, cdf, backward, one_pass,
+                               bool(constants.get("REWEIGH")))
     num_blocks = triton.cdiv(num_rows, settings["BLOCK_M"])
     grid = num_blocks
     if one_pass:
@@ -978,8 +985,9 @@ def store_row_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, V, label
                              REWEIGH: tl.constexpr, INPLACE: tl.constexpr, BLOCK_V: tl.constexpr,
                              BLOCK_K: tl.constexpr, resident=None, RESIDENT: tl.constexpr = False):
     """:func:`store_row_gradient` for K > BLOCK_K: the dense part skips the number columns (so
-    their logits survive an in-place write), then :func:`store_number_gradient_tiled` writes them
-    tile by tile; the label column last."""
+    their logits survive an in-place write), then the label column (written only when it is not a
+    number column), then :func:`store_number_gradient_tiled` writes the number columns tile by
+    tile: the label and its gradient are dead before the number sweeps (registers)."""
     mass, text_mass, spread, dense = gradient_coefficients(loss, lse_n, log_sum, log_text, upstream_ce,
                                                            upstream_ntl, reweigh_constant, REWEIGH)
     label_grad = scaled(dense, tl.exp(z_label - log_sum)) - upstream_ce
@@ -987,14 +995,14 @@ def store_row_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, V, label
         tl.debug_barrier()  # the label gather completes before the row is overwritten
     store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, log_sum, dense, BLOCK_V,
                          is_number_ptr, True, resident, RESIDENT)
+    tl.debug_barrier()  # the label column lands after the dense write
+    store_label_gradient(grad_row_ptrs, row_mask, label, in_range, valid, label_grad)
     store_number_gradient_tiled(
         row_ptrs, grad_row_ptrs, row_mask, active, shift, rank, y, number_ids_ptr, number_values_ptr,
         value_order_ptr, K, squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff, kstar, a_total,
         a_ref, valid, log_sum, mass, text_mass, spread, upstream_ce, upstream_ntl, LOSS, SQUASH, GAUSSIAN, REWEIGH,
         BLOCK_K,
     )
-    tl.debug_barrier()  # the label column lands after the dense write
-    store_label_gradient(grad_row_ptrs, row_mask, label, in_range, valid, label_grad)
 
 
 @triton.jit

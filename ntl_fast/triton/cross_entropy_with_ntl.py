@@ -62,6 +62,7 @@ def row_losses(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_range, va
     ``resident`` (held in registers) and the gradient's dense part reads nothing."""
     if TILED:  # K > BLOCK_K: the number tokens in tiles, their per-k terms formed again by the gradient
         y = y.to(shift.dtype)
+        rank = rank.to(tl.int32)  # a position among K < 2**31 (and so is kstar): one register, not two
         z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref = tiled_number_summary(
             row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
             squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
