@@ -84,6 +84,9 @@ CUDA_RESIDENT_BLOCK_V = 8192
 CUDA_RESIDENT_WARPS = 16
 CUDA_RESIDENT_MAX_REGISTERS = 128
 INTERPRET_RESIDENT_BLOCK_V = INTERPRET_BLOCK_V  # the interpreter runs both forms (V <= 128 resident)
+# A streamed one-pass launch with tiled K (not WAS_CDF, which has its own cap): under no cap ptxas
+# picked an occupancy target and spilled 4-8 bytes at 32-40 registers (bf16, reweigh + Gaussian).
+CUDA_ONE_PASS_TILED_MAX_REGISTERS = 64
 # Device facts when torch cannot report them (an H100 / H200: 50 MB of L2, 132 SMs).
 FALLBACK_L2_BYTES = 50 * 2**20
 FALLBACK_SM_COUNT = 132
@@ -192,6 +195,8 @@ def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: 
     if reweigh and f"{kind}_reweigh" in CUDA_CDF_TILED_MAX_REGISTERS:
         kind = f"{kind}_reweigh"
     cap = dict(maxnreg=CUDA_CDF_TILED_MAX_REGISTERS[kind]) if cdf else {}
+    if one_pass and tiled and full_row and not cdf:  # see CUDA_ONE_PASS_TILED_MAX_REGISTERS
+        cap = dict(maxnreg=CUDA_ONE_PASS_TILED_MAX_REGISTERS)
     if full_row:
         return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps, **cap, **resident)
     tile = (CUDA_CDF_TILED_NUMBER_TILE if cdf else CUDA_TILED_NUMBER_TILE) if tiled else CUDA_NUMBER_TILE
