@@ -83,6 +83,7 @@ CUDA_CDF_TILED_MAX_REGISTERS = dict(forward=64, ce_ntl_backward=44, ce_ntl_backw
 CUDA_RESIDENT_BLOCK_V = 8192
 CUDA_RESIDENT_WARPS = 16
 CUDA_RESIDENT_MAX_REGISTERS = 128
+CUDA_RESIDENT_TILED_FP32_MAX_REGISTERS = 88
 INTERPRET_RESIDENT_BLOCK_V = INTERPRET_BLOCK_V  # the interpreter runs both forms (V <= 128 resident)
 # A streamed one-pass launch with tiled K (not WAS_CDF, which has its own cap): under no cap ptxas
 # picked an occupancy target and spilled 4-8 bytes at 32-40 registers (bf16, reweigh + Gaussian).
@@ -150,7 +151,9 @@ def cuda_resident_blocks(vocab_size: int) -> Optional[tuple]:
     ``BLOCK_V = next_pow2(V)`` up to CUDA_RESIDENT_BLOCK_V = 8192 with CUDA_RESIDENT_WARPS = 16
     (16 logits per thread; fewer warps below 4096 columns, as cuda_row_blocks) and a register cap
     of CUDA_RESIDENT_MAX_REGISTERS = 128 (the most 512 threads get; without it ptxas picks a
-    64-register occupancy target and spills 12-16 bytes at K = 1110). Measured with
+    64-register occupancy target and spills 12-16 bytes at K = 1110), 88 for float32 rows with
+    tiled K (CUDA_RESIDENT_TILED_FP32_MAX_REGISTERS: under 128 ptxas took 95-96 registers on sm_80,
+    more than K = 10's 76-79 + 16; under 88 it takes 72-80, no spill). Measured with
     benchmarks/triton_aot.py (triton 3.8, every loss, reweigh, Gaussian and in-place switch, bf16
     and fp32, K = 10 and 1110): no spill on sm_90 nor sm_80 at BLOCK_V = 8192 (the table's one-pass
     rows at V = 8000). Wider blocks spill: 16384 (16 warps) spills WAS_CDF (bf16, 20-36 bytes);
@@ -165,7 +168,8 @@ def cuda_resident_blocks(vocab_size: int) -> Optional[tuple]:
 
 
 def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: bool, cdf: bool = False,
-                    backward: Optional[str] = None, one_pass: bool = False, reweigh: bool = False) -> dict:
+                    backward: Optional[str] = None, one_pass: bool = False, reweigh: bool = False,
+                    element_size: int = 2) -> dict:
     """``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K``, ``TILED`` and ``num_warps`` for one launch (shapes only,
     but for ``cdf``: a tiled CUDA WAS_CDF launch also gets ``maxnreg``, by kernel kind: ``backward``
     is None, "ce_ntl_backward" or "ntl_backward"; its number-token-only programs take fewer rows).
@@ -189,8 +193,9 @@ def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: 
     cdf = cdf and tiled
     if one_pass and full_row and not cdf and cuda_resident_blocks(vocab_size) is not None:
         block_v, warps = cuda_resident_blocks(vocab_size)
+        cap = CUDA_RESIDENT_TILED_FP32_MAX_REGISTERS if tiled and element_size >= 4 else CUDA_RESIDENT_MAX_REGISTERS
         return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps, RESIDENT=True,
-                    maxnreg=CUDA_RESIDENT_MAX_REGISTERS)
+                    maxnreg=cap)
     kind = (backward or "forward") if full_row else "number_only"
     if reweigh and f"{kind}_reweigh" in CUDA_CDF_TILED_MAX_REGISTERS:
         kind = f"{kind}_reweigh"
@@ -253,7 +258,7 @@ def launch_rows(kernel, logits: Tensor, num_numbers: int, full_row: bool, *args,
     cdf = constants.get("LOSS") == LossKind.WAS_CDF.value
     one_pass = bool(constants.get("GRAD"))
     settings = launch_settings(num_rows, vocab_size, num_numbers, full_row, cdf, backward, one_pass,
-                               bool(constants.get("REWEIGH")))
+                               bool(constants.get("REWEIGH")), logits.element_size())
     num_blocks = triton.cdiv(num_rows, settings["BLOCK_M"])
     grid = num_blocks
     if one_pass:
