@@ -589,8 +589,9 @@ for fn, block_m in [(_ntl_forward_kernel, 16), (_ntl_backward_kernel, 1),
                     (_ntl_backward_kernel, 2), (_ce_ntl_forward_kernel, 1)]:
     tiled = fn in seen  # each kernel once with one number tile (K <= 16) and once tiled (BLOCK_K = 256)
     seen.add(fn)
+    # the one-pass forward holds its row (RESIDENT) untiled, streams it tiled, as a GPU launch of WAS_CDF
     constants = dict(LOSS=4, SQUASH=False, REWEIGH=not tiled, GAUSSIAN=True, GRAD=True, INPLACE=True,
-                     BLOCK_M=block_m, BLOCK_V=2048, BLOCK_K=256 if tiled else 16, TILED=tiled)
+                     BLOCK_M=block_m, BLOCK_V=2048, BLOCK_K=256 if tiled else 16, TILED=tiled, RESIDENT=not tiled)
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature = {}
     for name in fn.arg_names:
@@ -1200,3 +1201,102 @@ def test_inplace_saves_one_logits_sized_buffer():
         del out, h
     assert torch.equal(grads[False], grads[True])
     assert peaks[True] + 0.9 * logits_bytes <= peaks[False], (peaks, logits_bytes)
+
+
+# --------------------------------------------------------------------------------- one pass: resident rows, row loop
+def test_one_pass_launch_settings_hold_small_rows_and_stream_the_others():
+    """The one-pass forward holds a row whole (RESIDENT) up to CUDA_RESIDENT_BLOCK_V columns with
+    CUDA_RESIDENT_WARPS warps, and streams wider rows in cuda_row_blocks chunks; the interpreter's
+    profile holds rows of at most INTERPRET_RESIDENT_BLOCK_V."""
+    limit = _common.CUDA_RESIDENT_BLOCK_V
+    with _common.use_launch_settings("cuda"):
+        for vocab_size, block_v, resident in [(40, 64, True), (1500, 2048, True), (limit, limit, True),
+                                              (limit + 1, 2048, False), (32128, 2048, False),
+                                              (128256, 2048, False)]:
+            for num_numbers, cdf in ((10, False), (10, True), (1110, False), (1110, True)):
+                settings = _common.launch_settings(64, vocab_size, num_numbers, True, cdf, one_pass=True)
+                held = resident and not (cdf and num_numbers > _common.MAX_BLOCK_K)
+                assert (settings["RESIDENT"], settings["BLOCK_M"]) == (held, 1), (vocab_size, num_numbers, cdf)
+                assert settings["BLOCK_V"] == (block_v if held else min(2048, block_v))
+        assert _common.launch_settings(64, limit, 10, True, one_pass=True)["num_warps"] == _common.CUDA_RESIDENT_WARPS
+        assert "RESIDENT" not in _common.launch_settings(64, 300, 10, True)  # the other kernels
+    with _common.use_launch_settings("interpret"):
+        assert _common.launch_settings(64, 128, 10, True, one_pass=True)["RESIDENT"]
+        assert not _common.launch_settings(64, 129, 10, True, one_pass=True)["RESIDENT"]
+
+
+ONE_PASS_RESIDENT_CONFIGS = PLAIN_AND_FULL + [LossConfig("was", ignore_index=-1), LossConfig("mse", reweigh=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows,table_name", [(1, "digits40"), (6, "irregular300"), (3, "k1110")])
+def test_one_pass_resident_rows_match_reference(rows, table_name, dtype, checked_device):
+    """The GPU launch's row-resident one pass (the row loaded once, the gradient written from the
+    same registers): M = 1, V not a power of two, K = 10, 7 and 1110 (tiled), ignore_index, in
+    place too, against the reference."""
+    table = {"digits40": lambda: digit_table(40), "irregular300": lambda: irregular_table(300),
+             "k1110": lambda: NumberTokenTable.from_values({300 + k: float(k) * 0.5 - 50.0 for k in range(1110)},
+                                                           vocab_size=1500)}[table_name]()
+    for config in ONE_PASS_RESIDENT_CONFIGS:
+        case = _one_pass_case(rows, table, dtype, rows + 7, checked_device)
+        case_table, logits, labels, ce_scale, ntl_scale = case
+        labels[labels == -100] = config.ignore_index
+        with _common.use_launch_settings("cuda"):
+            _assert_one_pass_matches_reference(logits, labels, case_table, config, ce_scale, ntl_scale,
+                                               f"resident {_config_id(config)}")
+        # WAS_CDF with tiled K streams its rows on a GPU (cuda_resident_blocks)
+        held = not (config.loss == "was_cdf" and table_name == "k1110")
+        assert _common.last_one_pass_grid["resident"] is held, _common.last_one_pass_grid
+
+
+@pytest.mark.parametrize("profile", ["interpret", "cuda"])
+@pytest.mark.parametrize("resident", [False, True], ids=["streamed", "resident"])
+def test_one_pass_row_loop_gives_one_program_per_row_bitwise(profile, resident, monkeypatch, device):
+    """A grid of P programs looping over the row blocks (program i takes i, i + P, ...) gives
+    bitwise the results of one program per row block, out of place and in place."""
+    rows, vocab_size = (150, 300) if profile == "interpret" else (7, 300)
+    if profile == "interpret":  # V = 300 streams, V = 100 is held
+        vocab_size = 100 if resident else 300
+    else:
+        monkeypatch.setattr(_common, "CUDA_RESIDENT_BLOCK_V", 512 if resident else 256)
+    table = irregular_table(vocab_size)
+    config = LossConfig("was_cdf", gaussian_sigma=1.0, reweigh=True)
+    _, logits, labels, ce_scale, ntl_scale = _one_pass_case(rows, table, torch.bfloat16, 48, device)
+    results = {}
+    with _common.use_launch_settings(profile):
+        for programs in (0, 2):
+            monkeypatch.setattr(_common, "ONE_PASS_PROGRAMS", programs)
+            results[programs] = triton_backend.ce_ntl_loss_and_grad(logits, labels, table, config, ce_scale,
+                                                                    ntl_scale)
+            grid = dict(_common.last_one_pass_grid)
+            assert grid["resident"] is resident
+            assert grid["programs"] == (grid["row_blocks"] if programs == 0 else 2) and grid["row_blocks"] > 2
+            buffer = logits.clone()
+            ce, ntl, grad = triton_backend.ce_ntl_loss_and_grad(buffer, labels, table, config, ce_scale, ntl_scale,
+                                                                inplace=True)
+            for a, b in zip((ce, ntl, grad), results[programs]):
+                assert torch.equal(a, b), "in place"
+        _assert_one_pass_matches_reference(logits, labels, table, config, ce_scale, ntl_scale, "row loop")
+    for a, b in zip(results[0], results[2]):
+        assert torch.equal(a, b)
+
+
+def test_one_pass_programs_keep_the_rows_in_flight_within_half_of_l2(monkeypatch):
+    """Streamed rows: P x (row + gradient row) bytes <= L2 / 2 (the H100/H200 fallback, 50 MB),
+    whole waves of one program per SM when one fits; resident rows: one program per row block;
+    ONE_PASS_PROGRAMS overrides (0: unbounded)."""
+    l2, sms = _common.FALLBACK_L2_BYTES, _common.FALLBACK_SM_COUNT
+    for vocab_size, size, inplace, want in [(128256, 2, False, 51), (128256, 2, True, 102), (128256, 4, False, 25),
+                                            (128256, 4, True, 51), (32128, 2, False, sms), (32128, 4, False, 101),
+                                            (32128, 2, True, 3 * sms)]:
+        row = vocab_size * size
+        programs, why = _common.one_pass_programs(16384, 1, row, 0 if inplace else row, False)
+        assert programs == want, (vocab_size, size, inplace, why)
+        assert programs * (row if inplace else 2 * row) <= l2 // 2
+    assert _common.one_pass_programs(10, 1, 10**9, 10**9, False)[0] == 1  # at least one program
+    assert _common.one_pass_programs(7, 1, 256 * 1024, 256 * 1024, False)[0] == 7  # never more than the rows
+    assert _common.one_pass_programs(16384, 1, 10**6, 10**6, True)[0] == 16384
+    monkeypatch.setattr(_common, "ONE_PASS_PROGRAMS", 0)
+    assert _common.one_pass_programs(16384, 1, 10**6, 10**6, False)[0] == 16384
+    monkeypatch.setattr(_common, "ONE_PASS_PROGRAMS", 5)
+    assert _common.one_pass_programs(16384, 1, 10**6, 10**6, True)[0] == 5

@@ -66,9 +66,37 @@ CUDA_TILED_NUMBER_TILE = 512  # rows x BLOCK_K elements per program of a tiled n
 # spills the values a sweep leaves idle (row statistics, the label logit, the losses) to reach it,
 # while under a cap it keeps them in registers. Per kernel, a cap ptxas fits without a spill
 # (benchmarks/triton_aot.py checks it): 64 (4 programs of 8 warps per SM) for the full-row
-# forward, 72 for the CE + NTL backward, 56 for the NTL backward and the number-token-only kernels.
+# forward, 44 for the CE + NTL backward (56 with reweigh: its text mass, spread and coefficients),
+# 56 for the NTL backward and the number-token-only kernels. The CE + NTL backward fits 44 because
+# its tiled sweeps hold the label rank and kstar as int32 and write the label column before the
+# number columns (the label and its gradient dead during the sweeps): 69-72 registers before.
 CUDA_CDF_TILED_NUMBER_TILE = 256
-CUDA_CDF_TILED_MAX_REGISTERS = dict(forward=64, ce_ntl_backward=72, ntl_backward=56, number_only=56)
+CUDA_CDF_TILED_MAX_REGISTERS = dict(forward=64, ce_ntl_backward=44, ce_ntl_backward_reweigh=56, ntl_backward=56,
+                                    number_only=56)
+
+# One pass (loss and gradient from one kernel, GRAD). A row of at most CUDA_RESIDENT_BLOCK_V logits
+# is held whole in one program's registers (RESIDENT, see cuda_resident_blocks for the measured
+# choice): one read and one write of the logits. A wider row (V = 32128 and 128256 among them) is
+# streamed twice (statistics, then the gradient sweep); its second read is served by L2 only while
+# the rows in flight fit there, so those launches take a persistent grid of one_pass_programs()
+# programs that loop over the rows: L2 holds them by construction.
+CUDA_RESIDENT_BLOCK_V = 8192
+CUDA_RESIDENT_WARPS = 16
+CUDA_RESIDENT_MAX_REGISTERS = 128
+CUDA_RESIDENT_TILED_FP32_MAX_REGISTERS = 88
+INTERPRET_RESIDENT_BLOCK_V = INTERPRET_BLOCK_V  # the interpreter runs both forms (V <= 128 resident)
+# A streamed one-pass launch with tiled K (not WAS_CDF, which has its own cap): under no cap ptxas
+# picked an occupancy target and spilled 4-8 bytes at 32-40 registers (bf16, reweigh + Gaussian).
+CUDA_ONE_PASS_TILED_MAX_REGISTERS = 64
+# Device facts when torch cannot report them (an H100 / H200: 50 MB of L2, 132 SMs).
+FALLBACK_L2_BYTES = 50 * 2**20
+FALLBACK_SM_COUNT = 132
+# Programs of a one-pass launch: None = the L2 bound of one_pass_programs(); 0 = one program per
+# row block (unbounded); n > 0 = n programs. Set from NTL_FAST_ONE_PASS_PROGRAMS at import.
+ONE_PASS_PROGRAMS: Optional[int] = (int(os.environ["NTL_FAST_ONE_PASS_PROGRAMS"])
+                                    if os.environ.get("NTL_FAST_ONE_PASS_PROGRAMS") else None)
+# The grid of the latest one-pass launch (programs, row blocks, and why): what a benchmark reports.
+last_one_pass_grid: dict = {}
 
 # Which settings launches take: the interpreter's, or a CUDA launch's. Tests switch to "cuda"
 # under the interpreter (use_launch_settings) to run the exact tiling a GPU runs.
@@ -106,47 +134,141 @@ def cuda_row_blocks(vocab_size: int) -> tuple:
     Wider chunks (4096 columns) made ptxas spill the standalone NTL forward's three running sums
     (reweighing) at K = 10 (sm_90, bf16); benchmarks/triton_aot.py gates every specialisation on
     that and records each launch's ``blocks`` and ``num_warps`` per V in its table.
+
+    The one-pass forward instead holds rows of at most CUDA_RESIDENT_BLOCK_V = 8192 logits whole
+    (:func:`cuda_resident_blocks`: one block of next_pow2(V), 16 warps); these chunks serve wider
+    rows, on the L2-bounded grid of :func:`one_pass_programs`.
     """
     block_v = min(CUDA_BLOCK_V, triton.next_power_of_2(vocab_size))
     return block_v, max(1, block_v // (32 * LOGITS_PER_THREAD))
 
 
+def cuda_resident_blocks(vocab_size: int) -> Optional[tuple]:
+    """``(BLOCK_V, num_warps)`` of a one-pass CUDA program that holds its whole row in registers,
+    or None when the row is too wide (it is then streamed, :func:`cuda_row_blocks`, on the grid of
+    :func:`one_pass_programs`).
+
+    ``BLOCK_V = next_pow2(V)`` up to CUDA_RESIDENT_BLOCK_V = 8192 with CUDA_RESIDENT_WARPS = 16
+    (16 logits per thread; fewer warps below 4096 columns, as cuda_row_blocks) and a register cap
+    of CUDA_RESIDENT_MAX_REGISTERS = 128 (the most 512 threads get; without it ptxas picks a
+    64-register occupancy target and spills 12-16 bytes at K = 1110), 88 for float32 rows with
+    tiled K (CUDA_RESIDENT_TILED_FP32_MAX_REGISTERS: under 128 ptxas took 95-96 registers on sm_80,
+    more than K = 10's 76-79 + 16; under 88 it takes 72-80, no spill). Measured with
+    benchmarks/triton_aot.py (triton 3.8, every loss, reweigh, Gaussian and in-place switch, bf16
+    and fp32, K = 10 and 1110): no spill on sm_90 nor sm_80 at BLOCK_V = 8192 (the table's one-pass
+    rows at V = 8000). Wider blocks spill: 16384 (16 warps) spills WAS_CDF (bf16, 20-36 bytes);
+    32768 spills at 16 warps (reweigh 8-192 bytes, WAS_CDF 72-204), at 32 warps (36-244) and at
+    8 warps (255 registers and 230-280 bytes). WAS_CDF with tiled K (K > MAX_BLOCK_K) is never
+    held: at 8192 its tiled sweeps spill 4-28 bytes under the 128 cap (launch_settings streams it).
+    """
+    block_v = triton.next_power_of_2(vocab_size)
+    if block_v > CUDA_RESIDENT_BLOCK_V:
+        return None
+    return block_v, max(1, min(CUDA_RESIDENT_WARPS, block_v // (32 * LOGITS_PER_THREAD)))
+
+
 def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: bool, cdf: bool = False,
-                    backward: Optional[str] = None) -> dict:
+                    backward: Optional[str] = None, one_pass: bool = False, reweigh: bool = False,
+                    element_size: int = 2) -> dict:
     """``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K``, ``TILED`` and ``num_warps`` for one launch (shapes only,
     but for ``cdf``: a tiled CUDA WAS_CDF launch also gets ``maxnreg``, by kernel kind: ``backward``
     is None, "ce_ntl_backward" or "ntl_backward"; its number-token-only programs take fewer rows).
 
     ``BLOCK_K`` is ``next_pow2(K)`` capped at MAX_BLOCK_K; ``TILED`` says whether the K number tokens
-    take several tiles (``K <= MAX_BLOCK_K`` is one tile: the kernels' untiled code)."""
+    take several tiles (``K <= MAX_BLOCK_K`` is one tile: the kernels' untiled code). ``one_pass``
+    (the forward with GRAD) adds ``RESIDENT``: whether the row fits in one block, held in registers
+    (next_pow2(V) <= CUDA_RESIDENT_BLOCK_V; INTERPRET_RESIDENT_BLOCK_V in the interpreter)."""
     block_k = triton.next_power_of_2(num_numbers)
     tiled = block_k > MAX_BLOCK_K
     if tiled:
         block_k = MAX_BLOCK_K
+    resident = dict(RESIDENT=False) if one_pass else {}
     if _launch_profile == "interpret":
         block_v = min(INTERPRET_BLOCK_V, triton.next_power_of_2(vocab_size))
-        return dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=1)
+        if one_pass:
+            resident = dict(RESIDENT=triton.next_power_of_2(vocab_size) <= INTERPRET_RESIDENT_BLOCK_V)
+        return dict(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=1,
+                    **resident)
     block_v, warps = cuda_row_blocks(vocab_size)
     cdf = cdf and tiled
+    if one_pass and full_row and not cdf and cuda_resident_blocks(vocab_size) is not None:
+        block_v, warps = cuda_resident_blocks(vocab_size)
+        cap = CUDA_RESIDENT_TILED_FP32_MAX_REGISTERS if tiled and element_size >= 4 else CUDA_RESIDENT_MAX_REGISTERS
+        return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps, RESIDENT=True,
+                    maxnreg=cap)
     kind = (backward or "forward") if full_row else "number_only"
+    if reweigh and f"{kind}_reweigh" in CUDA_CDF_TILED_MAX_REGISTERS:
+        kind = f"{kind}_reweigh"
     cap = dict(maxnreg=CUDA_CDF_TILED_MAX_REGISTERS[kind]) if cdf else {}
+    if one_pass and tiled and full_row and not cdf:  # see CUDA_ONE_PASS_TILED_MAX_REGISTERS
+        cap = dict(maxnreg=CUDA_ONE_PASS_TILED_MAX_REGISTERS)
     if full_row:
-        return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps, **cap)
+        return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps, **cap, **resident)
     tile = (CUDA_CDF_TILED_NUMBER_TILE if cdf else CUDA_TILED_NUMBER_TILE) if tiled else CUDA_NUMBER_TILE
     block_m = max(1, min(32, tile // block_k))
     return dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=4, **cap)
 
 
+def device_facts(device) -> tuple:
+    """``(L2 bytes, SM count)`` of a CUDA device, else FALLBACK_L2_BYTES and FALLBACK_SM_COUNT."""
+    import torch
+
+    if getattr(device, "type", None) == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        return (getattr(properties, "L2_cache_size", 0) or FALLBACK_L2_BYTES,
+                properties.multi_processor_count or FALLBACK_SM_COUNT)
+    return FALLBACK_L2_BYTES, FALLBACK_SM_COUNT
+
+
+def one_pass_programs(num_blocks: int, block_rows: int, row_bytes: int, grad_row_bytes: int, resident: bool,
+                      device=None) -> tuple:
+    """``(P, why)``: the programs of a one-pass launch over ``num_blocks`` blocks of ``block_rows``
+    rows; program ``i`` takes blocks ``i, i + P, ...``.
+
+    A resident row (read once) needs no bound: P = num_blocks. A streamed row is read a second
+    time by the gradient sweep, which hits L2 by construction when the rows in flight fit in half
+    of it: ``P x block_rows x (row_bytes + grad_row_bytes) <= L2 / 2`` (``grad_row_bytes`` is 0 in
+    place), rounded down to whole waves of one program per SM when at least one wave fits. At V =
+    128256 on a 50 MB L2 that is 51 bf16 programs (102 in place), 25 fp32 (51 in place): under one
+    per SM, the price of the guarantee; at V = 32128, 132 bf16 (one wave), 101 fp32.
+    ONE_PASS_PROGRAMS overrides P (0: unbounded)."""
+    if ONE_PASS_PROGRAMS is not None:
+        programs = ONE_PASS_PROGRAMS or num_blocks
+        why = "ONE_PASS_PROGRAMS" if ONE_PASS_PROGRAMS else "unbounded (ONE_PASS_PROGRAMS = 0)"
+    elif resident:
+        programs, why = num_blocks, "resident rows: one program per row block"
+    else:
+        l2_bytes, sm_count = device_facts(device)
+        fit = max(1, (l2_bytes // 2) // max(1, block_rows * (row_bytes + grad_row_bytes)))
+        programs = fit // sm_count * sm_count if fit >= sm_count else fit
+        why = (f"L2 bound: {fit} programs x {block_rows} rows x {row_bytes + grad_row_bytes} bytes fit in half of "
+               f"{l2_bytes} bytes ({sm_count} SMs)")
+    return max(1, min(num_blocks, programs)), why
+
+
 def launch_rows(kernel, logits: Tensor, num_numbers: int, full_row: bool, *args, backward: Optional[str] = None,
                 **constants) -> None:
     """Launches ``kernel`` over the rows of ``logits`` (nothing for M = 0) with this profile's
-    settings (:func:`launch_settings`): one program per ``BLOCK_M`` rows."""
+    settings (:func:`launch_settings`): one program per ``BLOCK_M`` rows, or, for the one-pass
+    forward (``GRAD``; its ``args`` hold the gradient buffer), :func:`one_pass_programs` programs
+    looping over them (recorded in ``last_one_pass_grid``)."""
     num_rows, vocab_size = logits.shape
     if num_rows == 0:
         return
     cdf = constants.get("LOSS") == LossKind.WAS_CDF.value
-    settings = launch_settings(num_rows, vocab_size, num_numbers, full_row, cdf, backward)
-    kernel[(triton.cdiv(num_rows, settings["BLOCK_M"]),)](*args, **constants, **settings)
+    one_pass = bool(constants.get("GRAD"))
+    settings = launch_settings(num_rows, vocab_size, num_numbers, full_row, cdf, backward, one_pass,
+                               bool(constants.get("REWEIGH")), logits.element_size())
+    num_blocks = triton.cdiv(num_rows, settings["BLOCK_M"])
+    grid = num_blocks
+    if one_pass:
+        row_bytes = vocab_size * logits.element_size()
+        grad_row_bytes = 0 if constants.get("INPLACE") else row_bytes
+        grid, why = one_pass_programs(num_blocks, settings["BLOCK_M"], row_bytes, grad_row_bytes,
+                                      settings["RESIDENT"], logits.device)
+        last_one_pass_grid.clear()
+        last_one_pass_grid.update(programs=grid, row_blocks=num_blocks, resident=settings["RESIDENT"], why=why)
+    kernel[(grid,)](*args, **constants, **settings)
 
 
 def loss_options(config: LossConfig, table: NumberTokenTable):
@@ -189,7 +311,7 @@ def check_row_inputs(logits: Tensor, labels: Tensor, loss: str) -> None:
 # --------------------------------------------------------------------------------- row helpers
 @triton.jit
 def row_labels(labels_ptr, stride_label, number_index_ptr, value_rank_ptr, number_values_ptr, M, V, ignore_index,
-               BLOCK_M: tl.constexpr):
+               BLOCK_M: tl.constexpr, block=None):
     """This program's rows and their labels, classified (docs/math.md §2, §4); a bad label never
     indexes memory.
 
@@ -197,9 +319,13 @@ def row_labels(labels_ptr, stride_label, number_index_ptr, value_rank_ptr, numbe
     to M - 1 so every load is in bounds) and which are real; the label clamped into ``[0, V)``; whether
     it counts for CE; whether it is neither in range nor ignore_index; whether the row is
     NTL-valid; the label's position among the number tokens sorted by value; its value.
-    ``ignore_index`` may lie inside ``[0, V)``: such labels are ignored, not scored.
+    ``ignore_index`` may lie inside ``[0, V)``: such labels are ignored, not scored. ``block``: the
+    row block (of BLOCK_M rows) of a program that loops over several; the program id by default.
     """
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if block is None:
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:  # block * BLOCK_M < M + BLOCK_M: no int32 overflow before the widening
+        rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < M
     rows = tl.minimum(rows, M - 1)
     label = tl.load(labels_ptr + rows * stride_label).to(tl.int64)
@@ -279,6 +405,28 @@ def row_logsumexp(row_ptrs, active, V, is_number_ptr, acc_ptr, BLOCK_M: tl.const
     else:
         log_text = log_sum
     return shift, log_sum, log_text
+
+
+@triton.jit
+def row_logsumexp_resident(row_ptrs, active, V, is_number_ptr, acc_ptr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                           TEXT: tl.constexpr):
+    """:func:`row_logsumexp` of rows that fit in one BLOCK_V-wide block (``V <= BLOCK_V``): the row is
+    loaded once and kept, so the gradient is formed from these registers (no second read).
+
+    Returns ``(x, shift, log_sum, log_text)`` with ``x`` the row as loaded, in the logits' dtype
+    (a bf16 row takes half the registers of its float32 values; -inf past V and on inactive
+    rows)."""
+    c = tl.arange(0, BLOCK_V)
+    x = tl.load(row_ptrs[:, None] + c[None, :], mask=active[:, None] & (c < V)[None, :], other=float("-inf"))
+    shift = finite_or_zero(tl.max(x.to(acc_ptr.dtype.element_ty), axis=1))
+    e = tl.exp(x.to(acc_ptr.dtype.element_ty) - shift[:, None])  # 0 at -inf; +inf and NaN stay non-finite
+    if TEXT:
+        text = tl.load(is_number_ptr + c, mask=c < V, other=1) == 0
+        log_text = tl.log(tl.sum(tl.where(text[None, :], e, 0.0), axis=1))
+    log_sum = tl.log(tl.sum(e, axis=1))
+    if not TEXT:
+        log_text = log_sum
+    return x, shift, log_sum, log_text
 
 
 @triton.jit
@@ -742,27 +890,41 @@ def reweighed(loss, lse_n, log_sum, log_text, reweigh_constant):
 
 @triton.jit
 def store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, log_sum, coefficient,
-                         BLOCK_V: tl.constexpr, is_number_ptr=None, SKIP_NUMBERS: tl.constexpr = False):
+                         BLOCK_V: tl.constexpr, is_number_ptr=None, SKIP_NUMBERS: tl.constexpr = False,
+                         resident=None, RESIDENT: tl.constexpr = False):
     """``grad[k] = coefficient * p_k`` for every column (with SKIP_NUMBERS every column but the
     number tokens', which keep their logits), with ``p_k = exp((z_k - shift) - log_sum)``; exactly
     0 on rows whose coefficient is 0, and inactive rows read nothing.
 
-    The chunks go from the row's end to its start: right after a sweep that read the row from
-    its start (the one-pass forward), its last chunks are the likeliest still to be in L2."""
+    With RESIDENT, ``resident`` is the whole row (``V <= BLOCK_V``, :func:`row_logsumexp_resident`)
+    and nothing is read. Otherwise the chunks go from the row's end to its start: right after a
+    sweep that read the row from its start (the one-pass forward), its last chunks are the
+    likeliest still to be in L2."""
     cols = tl.arange(0, BLOCK_V)
-    num_chunks = tl.cdiv(V, BLOCK_V)
-    for chunk in range(0, num_chunks):
-        c = (num_chunks - 1 - chunk) * BLOCK_V + cols
-        col_mask = (c < V)[None, :]
-        x = tl.load(row_ptrs[:, None] + c[None, :], mask=col_mask & active[:, None], other=float("-inf"))
-        p = tl.exp((x.to(log_sum.dtype) - shift[:, None]) - log_sum[:, None])
+    if RESIDENT:
+        col_mask = (cols < V)[None, :]
+        p = tl.exp((resident.to(log_sum.dtype) - shift[:, None]) - log_sum[:, None])
         if SKIP_NUMBERS:
-            col_mask = col_mask & (tl.load(is_number_ptr + c, mask=c < V, other=1) == 0)[None, :]
+            col_mask = col_mask & (tl.load(is_number_ptr + cols, mask=cols < V, other=1) == 0)[None, :]
         tl.store(
-            grad_row_ptrs[:, None] + c[None, :],
+            grad_row_ptrs[:, None] + cols[None, :],
             scaled(coefficient[:, None], p).to(grad_row_ptrs.dtype.element_ty),
             mask=col_mask & row_mask[:, None],
         )
+    else:
+        num_chunks = tl.cdiv(V, BLOCK_V)
+        for chunk in range(0, num_chunks):
+            c = (num_chunks - 1 - chunk) * BLOCK_V + cols
+            col_mask = (c < V)[None, :]
+            x = tl.load(row_ptrs[:, None] + c[None, :], mask=col_mask & active[:, None], other=float("-inf"))
+            p = tl.exp((x.to(log_sum.dtype) - shift[:, None]) - log_sum[:, None])
+            if SKIP_NUMBERS:
+                col_mask = col_mask & (tl.load(is_number_ptr + c, mask=c < V, other=1) == 0)[None, :]
+            tl.store(
+                grad_row_ptrs[:, None] + c[None, :],
+                scaled(coefficient[:, None], p).to(grad_row_ptrs.dtype.element_ty),
+                mask=col_mask & row_mask[:, None],
+            )
 
 
 @triton.jit
@@ -795,14 +957,16 @@ def store_label_gradient(grad_row_ptrs, row_mask, label, in_range, valid, label_
 @triton.jit
 def store_row_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_range, valid, shift, log_sum,
                        log_text, ids, k_mask, zn, z_label, lse_n, loss, dloss, target, upstream_ce, upstream_ntl,
-                       reweigh_constant, REWEIGH: tl.constexpr, INPLACE: tl.constexpr, BLOCK_V: tl.constexpr):
+                       reweigh_constant, REWEIGH: tl.constexpr, INPLACE: tl.constexpr, BLOCK_V: tl.constexpr,
+                       resident=None, RESIDENT: tl.constexpr = False):
     """Writes ``upstream_ce (p - target) + upstream_ntl ∂NTL/∂z`` into each row's gradient.
 
     ``loss`` is L before reweighing; ``upstream_*`` are 0 where they do not apply (a row that
     does not count for CE / NTL). The dense part ``a p_k`` goes to every column (``a =
     upstream_ce``, minus ``upstream_ntl (L - c) m`` with reweigh); after a barrier, the K number
     columns and the label column are overwritten with their exact values, computed from logits
-    (``zn``, ``z_label``) read before any write, so the gradient may overwrite the logits.
+    (``zn``, ``z_label``) read before any write, so the gradient may overwrite the logits. With
+    RESIDENT the dense part comes from the row held in ``resident`` (no second read).
     """
     mass, text_mass, spread, dense = gradient_coefficients(loss, lse_n, log_sum, log_text, upstream_ce,
                                                            upstream_ntl, reweigh_constant, REWEIGH)
@@ -811,7 +975,8 @@ def store_row_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, label, in_r
     label_grad = scaled(dense, tl.exp(z_label - log_sum)) - upstream_ce
     if INPLACE:
         tl.debug_barrier()  # the gathers complete before the row is overwritten
-    store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, log_sum, dense, BLOCK_V)
+    store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, log_sum, dense, BLOCK_V,
+                         resident=resident, RESIDENT=RESIDENT)
     tl.debug_barrier()  # the exact values of K + 1 columns land after the dense write
     tl.store(
         grad_row_ptrs[:, None] + ids[None, :],
@@ -828,25 +993,26 @@ def store_row_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, V, label
                              loss, diff, kstar, a_total, a_ref, upstream_ce, upstream_ntl, reweigh_constant,
                              LOSS: tl.constexpr, SQUASH: tl.constexpr, GAUSSIAN: tl.constexpr,
                              REWEIGH: tl.constexpr, INPLACE: tl.constexpr, BLOCK_V: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+                             BLOCK_K: tl.constexpr, resident=None, RESIDENT: tl.constexpr = False):
     """:func:`store_row_gradient` for K > BLOCK_K: the dense part skips the number columns (so
-    their logits survive an in-place write), then :func:`store_number_gradient_tiled` writes them
-    tile by tile; the label column last."""
+    their logits survive an in-place write), then the label column (written only when it is not a
+    number column), then :func:`store_number_gradient_tiled` writes the number columns tile by
+    tile: the label and its gradient are dead before the number sweeps (registers)."""
     mass, text_mass, spread, dense = gradient_coefficients(loss, lse_n, log_sum, log_text, upstream_ce,
                                                            upstream_ntl, reweigh_constant, REWEIGH)
     label_grad = scaled(dense, tl.exp(z_label - log_sum)) - upstream_ce
     if INPLACE:
         tl.debug_barrier()  # the label gather completes before the row is overwritten
     store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, log_sum, dense, BLOCK_V,
-                         is_number_ptr, True)
+                         is_number_ptr, True, resident, RESIDENT)
+    tl.debug_barrier()  # the label column lands after the dense write
+    store_label_gradient(grad_row_ptrs, row_mask, label, in_range, valid, label_grad)
     store_number_gradient_tiled(
         row_ptrs, grad_row_ptrs, row_mask, active, shift, rank, y, number_ids_ptr, number_values_ptr,
         value_order_ptr, K, squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff, kstar, a_total,
         a_ref, valid, log_sum, mass, text_mass, spread, upstream_ce, upstream_ntl, LOSS, SQUASH, GAUSSIAN, REWEIGH,
         BLOCK_K,
     )
-    tl.debug_barrier()  # the label column lands after the dense write
-    store_label_gradient(grad_row_ptrs, row_mask, label, in_range, valid, label_grad)
 
 
 @triton.jit

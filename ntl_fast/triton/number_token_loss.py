@@ -77,6 +77,7 @@ def _ntl_backward_kernel(
     if TILED:
         row_ptrs = logits_ptr + rows * stride_m
         y = y.to(shift.dtype)
+        rank = rank.to(tl.int32)  # a position among K < 2**31 (and so is kstar): one register, not two
         z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref = tiled_number_summary(
             row_ptrs, active, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
             squash_min, squash_scale, sigma, LOSS, SQUASH, GAUSSIAN, BLOCK_K,
