@@ -4,7 +4,8 @@
 // do the dense work over the vocabulary (log-sum-exp, writing the gradient); everything that
 // touches only the K number-token columns lives here, once.
 //
-// A "row" gives access to one position's number-token logits and to the value table:
+// A "row" (a NumberColumns plus logit(k)) gives access to one position's number-token logits and
+// to the value table:
 //   K, logit(k) (NaN when number_ids[k] is outside the vocabulary), value(k),
 //   sorted(i) (position in N of the i-th smallest value, -1 when out of range), gap(i).
 #pragma once
@@ -21,6 +22,22 @@
 namespace ntl {
 
 enum LossKind : int { kWas = 0, kMse = 1, kMae = 2, kHuber = 3, kWasCdf = 4 };
+
+// The value side of a row, the same for every row of a call: each kernel's row type derives from
+// it and adds K logit(k) of its own (read in place, or gathered first).
+struct NumberColumns {
+  const float* values;
+  const int64_t* order;
+  const float* gaps;
+  int64_t K;
+
+  NTL_HD float value(int64_t k) const { return values[k]; }
+  NTL_HD int64_t sorted(int64_t i) const {
+    const int64_t o = order[i];
+    return (o >= 0 && o < K) ? o : -1;
+  }
+  NTL_HD float gap(int64_t i) const { return gaps[i]; }
+};
 
 // The per-call switches (ntl_fast.config.LossConfig) plus the table's host constants.
 struct Options {

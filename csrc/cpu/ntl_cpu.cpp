@@ -187,20 +187,10 @@ void row_scaled_softmax(const scalar_t* z, scalar_t* out, int64_t V, const LogSu
 // A row's number-token logits, gathered once into acc_t scratch (so that an in-place backward
 // may overwrite the logits after reading them).
 template <typename acc_t>
-struct GatheredRow {
+struct GatheredRow : NumberColumns {
   const acc_t* number_logits;
-  const float* values;
-  const int64_t* order;
-  const float* gaps;
-  int64_t K;
 
   acc_t logit(int64_t k) const { return number_logits[k]; }
-  float value(int64_t k) const { return values[k]; }
-  int64_t sorted(int64_t i) const {
-    const int64_t o = order[i];
-    return (o >= 0 && o < K) ? o : -1;
-  }
-  float gap(int64_t i) const { return gaps[i]; }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -287,7 +277,7 @@ struct RowScratch {
   bool keep_exps = false;
 
   explicit RowScratch(const CpuTable& t)
-      : number_logits(t.K), fix(t.K), row{number_logits.data(), t.values, t.order, t.gaps, t.K} {}
+      : number_logits(t.K), fix(t.K), row{{t.values, t.order, t.gaps, t.K}, number_logits.data()} {}
 };
 
 template <typename scalar_t>

@@ -66,24 +66,15 @@ struct AccType<double> { using type = double; };
 
 // One row's number-token logits, read from global memory (bounds-checked ids).
 template <typename scalar_t, typename acc_t>
-struct GlobalRow {
+struct GlobalRow : NumberColumns {
   const scalar_t* z;
   const int64_t* ids;
-  const float* values;
-  const int64_t* order;
-  const float* gaps;
-  int64_t V, K;
+  int64_t V;
 
   NTL_HD acc_t logit(int64_t k) const {
     const int64_t id = ids[k];
     return (id >= 0 && id < V) ? acc_t(load_acc(z[id])) : acc_t(NAN);
   }
-  NTL_HD float value(int64_t k) const { return values[k]; }
-  NTL_HD int64_t sorted(int64_t i) const {
-    const int64_t o = order[i];
-    return (o >= 0 && o < K) ? o : -1;
-  }
-  NTL_HD float gap(int64_t i) const { return gaps[i]; }
 };
 
 // The same row with its number-token logits gathered into shared memory first (by many threads at
@@ -92,22 +83,12 @@ struct GlobalRow {
 // GlobalRow::logit(k) and probs[k] exactly number_prob's value, so the math of ntl_math.h gives the
 // same bits either way, while the exp of every q_k is spread over a warp.
 template <typename acc_t>
-struct GatheredRow {
+struct GatheredRow : NumberColumns {
   const acc_t* gathered;  // [0, K): GlobalRow::logit(k)
   const acc_t* probs;     // [0, K): lse_prob(gathered[k], number), or nullptr
   LogSumExp<acc_t> number;
-  const float* values;
-  const int64_t* order;
-  const float* gaps;
-  int64_t K;
 
   NTL_HD acc_t logit(int64_t k) const { return gathered[k]; }
-  NTL_HD float value(int64_t k) const { return values[k]; }
-  NTL_HD int64_t sorted(int64_t i) const {
-    const int64_t o = order[i];
-    return (o >= 0 && o < K) ? o : -1;
-  }
-  NTL_HD float gap(int64_t i) const { return gaps[i]; }
 };
 
 // number_prob of ntl_math.h for a gathered row (found by argument-dependent lookup, more
@@ -503,7 +484,7 @@ __device__ __forceinline__ void write_zeros(scalar_t* out, int64_t V) {
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ GlobalRow<scalar_t, acc_t> global_row(const CudaRows& a, const scalar_t* z) {
-  return GlobalRow<scalar_t, acc_t>{z, a.number_ids, a.number_values, a.value_order, a.sorted_gaps, a.V, a.K};
+  return GlobalRow<scalar_t, acc_t>{{a.number_values, a.value_order, a.sorted_gaps, a.K}, z, a.number_ids, a.V};
 }
 
 // Blocks of 512 threads an SM must fit for the dense kernels: 3 (75% occupancy, at most 40
@@ -550,7 +531,7 @@ __global__ void __launch_bounds__(512, DenseBlocksPerSm<scalar_t>::value) forwar
     __syncthreads();  // every gathered logit and probability before thread 0 reads them
   }
   if (threadIdx.x != 0) return;
-  const GatheredRow<acc_t> row{gathered, probs, number, a.number_values, a.value_order, a.sorted_gaps, a.K};
+  const GatheredRow<acc_t> row{{a.number_values, a.value_order, a.sorted_gaps, a.K}, gathered, probs, number};
   const RowStats<acc_t> stats = row_stats_with_number(lab, dense_kind, dense, number);
   const acc_t z_label = lab.in_range ? acc_t(load_acc(z[lab.label])) : acc_t(0);
   acc_t ce = 0, ntl = 0;
@@ -673,7 +654,7 @@ __device__ __forceinline__ void number_terms(const CudaRows& a, int64_t first, i
   if (valid) warp_number_probs(gathered, probs, a.K, lane, lse_number);
   __syncthreads();  // every gathered logit and probability before lane 0 reads them
   if (!valid || lane != 0) return;
-  const GatheredRow<acc_t> row{gathered, probs, lse_number, a.number_values, a.value_order, a.sorted_gaps, a.K};
+  const GatheredRow<acc_t> row{{a.number_values, a.value_order, a.sorted_gaps, a.K}, gathered, probs, lse_number};
   acc_t* w = workspace_row<acc_t>(a, i);
   const NumberGradientTerms<acc_t> terms =
       number_gradient_terms(row, lab.number, lse_number, a.with_ce, a.options, w + kTerms);
