@@ -902,29 +902,31 @@ def store_dense_gradient(row_ptrs, grad_row_ptrs, row_mask, active, V, shift, lo
     likeliest still to be in L2."""
     cols = tl.arange(0, BLOCK_V)
     if RESIDENT:
-        col_mask = (cols < V)[None, :]
-        p = tl.exp((resident.to(log_sum.dtype) - shift[:, None]) - log_sum[:, None])
-        if SKIP_NUMBERS:
-            col_mask = col_mask & (tl.load(is_number_ptr + cols, mask=cols < V, other=1) == 0)[None, :]
-        tl.store(
-            grad_row_ptrs[:, None] + cols[None, :],
-            scaled(coefficient[:, None], p).to(grad_row_ptrs.dtype.element_ty),
-            mask=col_mask & row_mask[:, None],
-        )
+        store_softmax_chunk(grad_row_ptrs, row_mask, cols, resident, V, shift, log_sum, coefficient, is_number_ptr,
+                            SKIP_NUMBERS)
     else:
         num_chunks = tl.cdiv(V, BLOCK_V)
         for chunk in range(0, num_chunks):
             c = (num_chunks - 1 - chunk) * BLOCK_V + cols
-            col_mask = (c < V)[None, :]
-            x = tl.load(row_ptrs[:, None] + c[None, :], mask=col_mask & active[:, None], other=float("-inf"))
-            p = tl.exp((x.to(log_sum.dtype) - shift[:, None]) - log_sum[:, None])
-            if SKIP_NUMBERS:
-                col_mask = col_mask & (tl.load(is_number_ptr + c, mask=c < V, other=1) == 0)[None, :]
-            tl.store(
-                grad_row_ptrs[:, None] + c[None, :],
-                scaled(coefficient[:, None], p).to(grad_row_ptrs.dtype.element_ty),
-                mask=col_mask & row_mask[:, None],
-            )
+            x = tl.load(row_ptrs[:, None] + c[None, :], mask=(c < V)[None, :] & active[:, None], other=float("-inf"))
+            store_softmax_chunk(grad_row_ptrs, row_mask, c, x, V, shift, log_sum, coefficient, is_number_ptr,
+                                SKIP_NUMBERS)
+
+
+@triton.jit
+def store_softmax_chunk(grad_row_ptrs, row_mask, c, x, V, shift, log_sum, coefficient, is_number_ptr,
+                        SKIP_NUMBERS: tl.constexpr):
+    """``grad[c] = coefficient * exp((x - shift) - log_sum)`` for the columns ``c`` (below V; with
+    SKIP_NUMBERS not the number tokens') of logits ``x``."""
+    col_mask = (c < V)[None, :]
+    p = tl.exp((x.to(log_sum.dtype) - shift[:, None]) - log_sum[:, None])
+    if SKIP_NUMBERS:
+        col_mask = col_mask & (tl.load(is_number_ptr + c, mask=c < V, other=1) == 0)[None, :]
+    tl.store(
+        grad_row_ptrs[:, None] + c[None, :],
+        scaled(coefficient[:, None], p).to(grad_row_ptrs.dtype.element_ty),
+        mask=col_mask & row_mask[:, None],
+    )
 
 
 @triton.jit
