@@ -171,7 +171,7 @@ def _ce_ntl_forward_kernel(
                 squash_scale, reweigh_constant, sigma, LOSS, SQUASH, REWEIGH, GAUSSIAN, GRAD, INPLACE, BLOCK_M,
                 BLOCK_V, BLOCK_K, TILED, RESIDENT,
             )
-    else:
+    else:  # the same call without the row loop: a two-pass forward keeps the registers it had without one
         forward_rows(
             None, logits_ptr, stride_m, labels_ptr, stride_label, number_ids_ptr, number_values_ptr,
             number_index_ptr, value_order_ptr, value_rank_ptr, sorted_gaps_ptr, is_number_ptr, ce_ptr, ntl_ptr,
