@@ -170,6 +170,12 @@ FOUND = [
                                  mask="leading", poison="inf", loss="mse", invariance="permute"),
                    id=f"{backend}-poisoned-row-gradient-under-permutation")
       for backend in ("cpp", "triton", "cuda-emulation")),
+    # float32 MSE, a confident prediction far from the label: v_l - ŷ at the likeliest token formed as
+    # (v_l - y) - (ŷ - y) cancelled (Triton's untiled number terms); now measured from that token
+    *(pytest.param(backend, Spec(seed=1099, function="ntl", table="multi", num_numbers=100, vocab_size=146, batch=1,
+                                 length=2, scale=8.0, ignore_inside=True, loss="mse"),
+                   id=f"{backend}-confident-prediction-far-from-the-label")
+      for backend in ("triton", "triton-gpu-tiles", "cpp")),
 ]
 
 

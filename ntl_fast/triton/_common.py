@@ -535,7 +535,13 @@ def number_token_terms(
             small = tl.abs(diff) < 1.0
             loss = tl.where(small, 0.5 * diff * diff, tl.abs(diff) - 0.5)
             slope = tl.where(small, diff, sign)
-        dloss = slope[:, None] * q * (offsets - diff[:, None])
+        # v_j - ŷ as (v_j - v_l) - Σ q_i (v_i - v_l), measured from the likeliest token l: a confident
+        # prediction far from y keeps its precision there (v_l - ŷ from (v_l - y) - (ŷ - y) cancels)
+        likeliest = tl.argmax(tl.where(q == q, q, -1.0), axis=1)  # a row without q (NaN) picks any
+        v_l = tl.sum(tl.where(k[None, :] == likeliest[:, None], values[None, :], 0.0), axis=1)
+        from_likeliest = values[None, :] - v_l[:, None]
+        spread = tl.sum(q * from_likeliest, axis=1)
+        dloss = slope[:, None] * q * (from_likeliest - spread[:, None])
     return lse_n, q, loss, dloss, target
 
 
