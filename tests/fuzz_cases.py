@@ -113,7 +113,8 @@ LOSSES = ntl_fast.LOSSES  # every variant LossKind defines
 REDUCTIONS = ("mean", "sum", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
-MASKS = ("none", "leading", "text", "all_but_label", "numbers_under_text", "big_negative", "finfo_max")
+MASKS = ("none", "leading", "text", "all_but_label", "numbers_under_text", "big_negative", "finfo_max",
+         "confident_wrong")
 POISONS = ("none", "inf", "nan", "bad_label")
 LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
 WEIGHTS = ("none", "float", "int", "bool", "zero_some")
@@ -327,8 +328,14 @@ def _zero_weight(spec: Spec, weights: Optional[torch.Tensor], shift: int) -> tor
 
 def _apply_mask(spec: Spec, logits: torch.Tensor, labels: torch.Tensor, table: NumberTokenTable,
                 generator: torch.Generator) -> None:
-    """-inf (or big negative) masks on some rows; the label's logit always stays finite."""
+    """-inf (or big negative) masks on some rows; the label's logit always stays finite.
+    ``confident_wrong`` is no mask but a confident prediction far from the label: a number row's
+    number token of the most distant value gets the row's largest logit plus 6-30, so q is one-hot
+    but for e^-6..e^-30 (the gradient's terms then cancel unless measured from that token)."""
     if spec.mask == "none":
+        return
+    if spec.mask == "confident_wrong":
+        _confident_wrong(logits, labels, table, generator)
         return
     dtype = DTYPES[spec.dtype]
     value = {"big_negative": -1e6, "finfo_max": -torch.finfo(dtype).max}.get(spec.mask, -math.inf)
@@ -349,6 +356,19 @@ def _apply_mask(spec: Spec, logits: torch.Tensor, labels: torch.Tensor, table: N
             logits[b, t, is_number] = value
         if keep is not None:
             logits[b, t, label] = keep
+
+
+def _confident_wrong(logits: torch.Tensor, labels: torch.Tensor, table: NumberTokenTable,
+                     generator: torch.Generator) -> None:
+    index = table.number_index
+    for b, t in (torch.rand(labels.shape, generator=generator) < 0.6).nonzero().tolist():
+        label = int(labels[b, t])
+        if not (0 <= label < logits.shape[-1]) or int(index[label]) < 0:
+            continue
+        distance = (table.number_values - table.number_values[int(index[label])]).abs()
+        far = int(table.number_ids[int(distance.argmax())])
+        margin = int(torch.randint(6, 31, (1,), generator=generator))
+        logits[b, t, far] = logits[b, t].max() + margin  # stays on the 2^-10 grid
 
 
 def _kwargs(spec: Spec, ignore_index: int, table: NumberTokenTable, labels, weights) -> dict:

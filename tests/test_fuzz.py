@@ -176,6 +176,17 @@ FOUND = [
                                  length=2, scale=8.0, ignore_inside=True, loss="mse"),
                    id=f"{backend}-confident-prediction-far-from-the-label")
       for backend in ("triton", "triton-gpu-tiles", "cpp")),
+    # the same for WAS (untiled) and with K tiled (K > 256): the gradient took x_l - E_q[x] directly
+    # (x = v, or D(y, v) for WAS); the tiled summary now carries x at the likeliest token and
+    # Σ q (x - x_l)
+    *(pytest.param(backend, spec, id=f"{backend}-confident-far-from-the-label-K{spec.num_numbers}-{spec.loss}")
+      for backend in ("triton", "triton-gpu-tiles", "cpp")
+      for spec in (Spec(seed=12, function="ntl", table="multi", num_numbers=100, vocab_size=137, batch=2, length=3,
+                        scale=0.5, mask="confident_wrong", loss="was"),
+                   Spec(seed=0, function="ntl", table="multi", num_numbers=300, vocab_size=337, batch=2, length=3,
+                        mask="confident_wrong", loss="mse"),
+                   Spec(seed=3, function="ce", table="multi", num_numbers=1110, vocab_size=1147, batch=2, length=3,
+                        mask="confident_wrong", loss="was"))),
 ]
 
 

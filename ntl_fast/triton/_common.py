@@ -84,10 +84,14 @@ CUDA_RESIDENT_BLOCK_V = 8192
 CUDA_RESIDENT_WARPS = 16
 CUDA_RESIDENT_MAX_REGISTERS = 128
 CUDA_RESIDENT_TILED_FP32_MAX_REGISTERS = 88
+CUDA_RESIDENT_TILED_MAX_REGISTERS = 108
 INTERPRET_RESIDENT_BLOCK_V = INTERPRET_BLOCK_V  # the interpreter runs both forms (V <= 128 resident)
 # A streamed one-pass launch with tiled K (not WAS_CDF, which has its own cap): under no cap ptxas
 # picked an occupancy target and spilled 4-8 bytes at 32-40 registers (bf16, reweigh + Gaussian).
 CUDA_ONE_PASS_TILED_MAX_REGISTERS = 64
+# The NTL backward over full rows (reweigh) with tiled K, likewise: uncapped, ptxas took 32 registers
+# and spilled 4-8 bytes (float32); under 40 (six programs of 8 warps per SM) no spill.
+CUDA_NTL_BACKWARD_TILED_MAX_REGISTERS = 40
 # Device facts when torch cannot report them (an H100 / H200: 50 MB of L2, 132 SMs).
 FALLBACK_L2_BYTES = 50 * 2**20
 FALLBACK_SM_COUNT = 132
@@ -153,7 +157,10 @@ def cuda_resident_blocks(vocab_size: int) -> Optional[tuple]:
     of CUDA_RESIDENT_MAX_REGISTERS = 128 (the most 512 threads get; without it ptxas picks a
     64-register occupancy target and spills 12-16 bytes at K = 1110), 88 for float32 rows with
     tiled K (CUDA_RESIDENT_TILED_FP32_MAX_REGISTERS: under 128 ptxas took 95-96 registers on sm_80,
-    more than K = 10's 76-79 + 16; under 88 it takes 72-80, no spill). Measured with
+    more than K = 10's 76-79 + 16; under 88 it takes 72-80, no spill) and 108 for bfloat16 rows
+    with tiled K (CUDA_RESIDENT_TILED_MAX_REGISTERS: under 128 ptxas took 113 on sm_80 for the
+    variants without reweigh, K = 10's 95-96 + 17; under 108 it takes 93-108 on sm_80 and 94-96 on
+    sm_90, no spill; one program per SM either way). Measured with
     benchmarks/triton_aot.py (triton 3.8, every loss, reweigh, Gaussian and in-place switch, bf16
     and fp32, K = 10 and 1110): no spill on sm_90 nor sm_80 at BLOCK_V = 8192 (the table's one-pass
     rows at V = 8000). Wider blocks spill: 16384 (16 warps) spills WAS_CDF (bf16, 20-36 bytes);
@@ -193,7 +200,9 @@ def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: 
     cdf = cdf and tiled
     if one_pass and full_row and not cdf and cuda_resident_blocks(vocab_size) is not None:
         block_v, warps = cuda_resident_blocks(vocab_size)
-        cap = CUDA_RESIDENT_TILED_FP32_MAX_REGISTERS if tiled and element_size >= 4 else CUDA_RESIDENT_MAX_REGISTERS
+        cap = CUDA_RESIDENT_MAX_REGISTERS
+        if tiled:
+            cap = CUDA_RESIDENT_TILED_FP32_MAX_REGISTERS if element_size >= 4 else CUDA_RESIDENT_TILED_MAX_REGISTERS
         return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps, RESIDENT=True,
                     maxnreg=cap)
     kind = (backward or "forward") if full_row else "number_only"
@@ -202,6 +211,8 @@ def launch_settings(num_rows: int, vocab_size: int, num_numbers: int, full_row: 
     cap = dict(maxnreg=CUDA_CDF_TILED_MAX_REGISTERS[kind]) if cdf else {}
     if one_pass and tiled and full_row and not cdf:  # see CUDA_ONE_PASS_TILED_MAX_REGISTERS
         cap = dict(maxnreg=CUDA_ONE_PASS_TILED_MAX_REGISTERS)
+    if backward == "ntl_backward" and tiled and full_row and not cdf:
+        cap = dict(maxnreg=CUDA_NTL_BACKWARD_TILED_MAX_REGISTERS)
     if full_row:
         return dict(BLOCK_M=1, BLOCK_V=block_v, BLOCK_K=block_k, TILED=tiled, num_warps=warps, **cap, **resident)
     tile = (CUDA_CDF_TILED_NUMBER_TILE if cdf else CUDA_TILED_NUMBER_TILE) if tiled else CUDA_NUMBER_TILE
@@ -489,11 +500,9 @@ def number_token_terms(
     else:
         target = tl.where(k[None, :] == rank[:, None], 1.0, 0.0).to(zn.dtype)
     if LOSS == WAS:  # WAS: Σ q_j D(y, v_j)
-        distance = tl.abs(y[:, None] - values[None, :])
-        if SQUASH:
-            distance = tl.where(distance > 0, 1.0 + (distance - squash_min) * squash_scale, 0.0)
+        distance = gradient_variable(values[None, :], y[:, None], squash_min, squash_scale, LOSS, SQUASH)
         loss = tl.sum(q * distance, axis=1)
-        dloss = q * (distance - loss[:, None])
+        dloss = centred_on_likeliest(q, distance, k)
     elif LOSS == WAS_CDF:  # WAS_CDF: Σ_k |F_q(k) - F_t(k)| gap_k
         # F_q(k) - F_t(k) from its lighter side: the prefix sum of q - t, or minus the suffix sum
         # beyond k (q and t one position further along, each computed like q and t themselves).
@@ -535,14 +544,22 @@ def number_token_terms(
             small = tl.abs(diff) < 1.0
             loss = tl.where(small, 0.5 * diff * diff, tl.abs(diff) - 0.5)
             slope = tl.where(small, diff, sign)
-        # v_j - ŷ as (v_j - v_l) - Σ q_i (v_i - v_l), measured from the likeliest token l: a confident
-        # prediction far from y keeps its precision there (v_l - ŷ from (v_l - y) - (ŷ - y) cancels)
-        likeliest = tl.argmax(tl.where(q == q, q, -1.0), axis=1)  # a row without q (NaN) picks any
-        v_l = tl.sum(tl.where(k[None, :] == likeliest[:, None], values[None, :], 0.0), axis=1)
-        from_likeliest = values[None, :] - v_l[:, None]
-        spread = tl.sum(q * from_likeliest, axis=1)
-        dloss = slope[:, None] * q * (from_likeliest - spread[:, None])
+        dloss = slope[:, None] * centred_on_likeliest(q, values[None, :] + tl.zeros_like(q), k)
     return lse_n, q, loss, dloss, target
+
+
+@triton.jit
+def centred_on_likeliest(q, x, k):
+    """``q_j (x_j - Σ_i q_i x_i)`` (x: v for the regression losses, D(y, v) for WAS; k the tile's
+    positions), formed as ``q_j ((x_j - x_l) - Σ_i q_i (x_i - x_l))`` with l the likeliest token:
+    that token's own term is then exactly 0, and a confident prediction far from y keeps its
+    gradient's precision (``x_l - E_q[x]`` taken directly cancels down to rounding noise of |x|).
+    (An argmax: ``x_l`` as a max over the tokens at the largest logit instead made ptxas spill the
+    number-token-only Huber backward on sm_80.)"""
+    likeliest = tl.argmax(tl.where(q == q, q, -1.0), axis=1)  # a row without q (NaN) picks any
+    x_l = tl.sum(tl.where(k[None, :] == likeliest[:, None], x, 0.0), axis=1)
+    from_likeliest = x - x_l[:, None]
+    return q * (from_likeliest - tl.sum(q * from_likeliest, axis=1)[:, None])
 
 
 @triton.jit
@@ -604,10 +621,12 @@ def tiled_number_summary(row_ptrs, active, shift, rank, y, number_ids_ptr, numbe
 
     One sweep folds each tile into a running max and sum of the number logits (and of the Gaussian
     target's exponents); a second forms ``q`` and the target per tile and sums L's terms. Returns
-    ``(z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn)``: ``q_k = exp(zn_k - z_max) /
-    total``, ``t_k = exp(g_k - g_max) / g_sum`` (GAUSSIAN), L, ``ŷ - y = Σ q_k (v_k - y)`` (the
-    regression losses), ``Σ_k t_k zn_k`` (the Gaussian CE's target term) and, for WAS_CDF, the
-    values of :func:`cdf_loss_tiled` its gradient needs (``kstar, a_total, a_ref``; else unused)."""
+    ``(z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref)``: ``q_k =
+    exp(zn_k - z_max) / total``, ``t_k = exp(g_k - g_max) / g_sum`` (GAUSSIAN), L, ``ŷ - y = Σ q_k
+    (v_k - y)`` (the regression losses), ``Σ_k t_k zn_k`` (the Gaussian CE's target term) and the
+    gradient's origin: for WAS_CDF the values of :func:`cdf_loss_tiled` (``kstar, a_total, a_ref``);
+    for the others ``a_ref = x_l``, x at the likeliest token l (x: v, or D(y, v) for WAS), and
+    ``a_total = Σ_k q_k (x_k - x_l)`` (kstar unused), as :func:`centred_on_likeliest` forms them."""
     z_max = tl.zeros_like(shift) + float("-inf")
     total = tl.zeros_like(shift)
     g_max = tl.zeros_like(shift) + float("-inf")
@@ -616,10 +635,10 @@ def tiled_number_summary(row_ptrs, active, shift, rank, y, number_ids_ptr, numbe
     for start in range(0, K, BLOCK_K):
         k, ids, mask, values, zn, g = number_tile(row_ptrs, active, start, shift, y, number_ids_ptr,
                                                   number_values_ptr, value_order_ptr, K, sigma, GAUSSIAN, BLOCK_K)
-        if LOSS == WAS_CDF:  # the first position of the largest number logit (the largest q)
-            tile_max = tl.max(zn, axis=1)
-            tile_first = tl.min(tl.where(zn == tile_max[:, None], k[None, :], K), axis=1).to(rank.dtype)
-            likeliest = tl.where(tile_max > z_max, tile_first, likeliest)
+        # the first position of the largest number logit (the largest q), in [0, K)
+        tile_max = tl.max(zn, axis=1)
+        tile_first = tl.min(tl.where(zn == tile_max[:, None], k[None, :], K), axis=1).to(rank.dtype)
+        likeliest = tl.where(tile_max > z_max, tile_first, likeliest)
         z_max, total = online_exp_sum(z_max, total, zn)
         if GAUSSIAN:
             g_max, g_sum = online_exp_sum(g_max, g_sum, g)
@@ -632,10 +651,11 @@ def tiled_number_summary(row_ptrs, active, shift, rank, y, number_ids_ptr, numbe
             row_ptrs, active, shift, rank, y, likeliest, number_ids_ptr, number_values_ptr, value_order_ptr, K,
             sigma, z_max, total, g_max, g_sum, GAUSSIAN, BLOCK_K,
         )
-    else:
+    else:  # x at the likeliest token: one gathered value per row, no reduction
         kstar = tl.zeros_like(rank)
-        a_total = loss
-        a_ref = loss
+        a_total = tl.zeros_like(shift)
+        v_l = tl.load(number_values_ptr + tl.load(value_order_ptr + likeliest)).to(shift.dtype)
+        a_ref = gradient_variable(v_l, y, squash_min, squash_scale, LOSS, SQUASH)
     for start in range(0, K, BLOCK_K):
         k, ids, mask, values, zn, g = number_tile(row_ptrs, active, start, shift, y, number_ids_ptr,
                                                   number_values_ptr, value_order_ptr, K, sigma, GAUSSIAN, BLOCK_K)
@@ -643,13 +663,13 @@ def tiled_number_summary(row_ptrs, active, shift, rank, y, number_ids_ptr, numbe
         if GAUSSIAN:
             target = tl.exp(g - g_max[:, None]) / g_sum[:, None]
             target_zn += tl.sum(target * tl.where(mask[None, :], zn, 0.0), axis=1)
-        if LOSS == WAS:
-            distance = tl.abs(y[:, None] - values[None, :])
-            if SQUASH:
-                distance = tl.where(distance > 0, 1.0 + (distance - squash_min) * squash_scale, 0.0)
-            loss += tl.sum(tl.where(mask[None, :], q * distance, 0.0), axis=1)
-        elif LOSS != WAS_CDF:
-            diff += tl.sum(tl.where(mask[None, :], q * (values[None, :] - y[:, None]), 0.0), axis=1)
+        if LOSS != WAS_CDF:
+            x = gradient_variable(values[None, :], y[:, None], squash_min, squash_scale, LOSS, SQUASH)
+            a_total += tl.sum(tl.where(mask[None, :], q * (x - a_ref[:, None]), 0.0), axis=1)
+            if LOSS == WAS:
+                loss += tl.sum(tl.where(mask[None, :], q * x, 0.0), axis=1)
+            else:
+                diff += tl.sum(tl.where(mask[None, :], q * (values[None, :] - y[:, None]), 0.0), axis=1)
     if (LOSS != WAS) and (LOSS != WAS_CDF):
         if LOSS == MSE:
             loss = diff * diff
@@ -658,6 +678,19 @@ def tiled_number_summary(row_ptrs, active, shift, rank, y, number_ids_ptr, numbe
         else:
             loss = tl.where(tl.abs(diff) < 1.0, 0.5 * diff * diff, tl.abs(diff) - 0.5)
     return z_max, total, lse_n, g_max, g_sum, loss, diff, target_zn, kstar, a_total, a_ref
+
+
+@triton.jit
+def gradient_variable(v, y, squash_min, squash_scale, LOSS: tl.constexpr, SQUASH: tl.constexpr):
+    """x of the gradient ``q_k (x_k - E_q[x])`` at values ``v`` for labels ``y`` (broadcast
+    together): D(y, v) for WAS (§2.2, squashed with SQUASH), v for the regression losses."""
+    if LOSS == WAS:
+        x = tl.abs(y - v)
+        if SQUASH:
+            x = tl.where(x > 0, 1.0 + (x - squash_min) * squash_scale, 0.0)
+    else:
+        x = v + tl.zeros_like(y)
+    return x
 
 
 @triton.jit
@@ -860,10 +893,11 @@ def cdf_gradient_offset(row_ptrs, active, shift, rank, y, number_ids_ptr, number
 
 @triton.jit
 def number_tile_terms(row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr,
-                      K, squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff,
+                      K, squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, diff, x_l, spread,
                       LOSS: tl.constexpr, SQUASH: tl.constexpr, GAUSSIAN: tl.constexpr, BLOCK_K: tl.constexpr):
     """One tile's ``(ids, mask, zn, dloss, target)`` of a TILED kernel, from the row-level values
-    of :func:`tiled_number_summary` (the per-k formulas of :func:`number_token_terms`)."""
+    of :func:`tiled_number_summary` (the per-k formulas of :func:`number_token_terms`; ``x_l`` and
+    ``spread = Σ q (x - x_l)`` its ``a_ref`` and ``a_total``)."""
     k, ids, mask, values, zn, g = number_tile(row_ptrs, active, start, shift, y, number_ids_ptr, number_values_ptr,
                                               value_order_ptr, K, sigma, GAUSSIAN, BLOCK_K)
     q = tl.exp(zn - z_max[:, None]) / total[:, None]
@@ -871,12 +905,9 @@ def number_tile_terms(row_ptrs, active, start, shift, rank, y, number_ids_ptr, n
         target = tl.exp(g - g_max[:, None]) / g_sum[:, None]
     else:
         target = tl.where(k[None, :] == rank[:, None], 1.0, 0.0).to(zn.dtype)
-    if LOSS == WAS:
-        distance = tl.abs(y[:, None] - values[None, :])
-        if SQUASH:
-            distance = tl.where(distance > 0, 1.0 + (distance - squash_min) * squash_scale, 0.0)
-        dloss = q * (distance - loss[:, None])
-    else:
+    x = gradient_variable(values[None, :], y[:, None], squash_min, squash_scale, LOSS, SQUASH)
+    dloss = q * ((x - x_l[:, None]) - spread[:, None])
+    if LOSS != WAS:
         sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
         if LOSS == MSE:
             slope = 2.0 * diff
@@ -884,7 +915,7 @@ def number_tile_terms(row_ptrs, active, start, shift, rank, y, number_ids_ptr, n
             slope = sign
         else:
             slope = tl.where(tl.abs(diff) < 1.0, diff, sign)
-        dloss = slope[:, None] * q * ((values[None, :] - y[:, None]) - diff[:, None])
+        dloss = slope[:, None] * dloss
     return ids, mask, zn, dloss, target
 
 
@@ -1079,8 +1110,8 @@ def store_number_gradient_tiled(row_ptrs, grad_row_ptrs, row_mask, active, shift
         for start in range(0, K, BLOCK_K):
             ids, k_mask, zn, dloss, target = number_tile_terms(
                 row_ptrs, active, start, shift, rank, y, number_ids_ptr, number_values_ptr, value_order_ptr, K,
-                squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, loss, diff, LOSS, SQUASH, GAUSSIAN,
-                BLOCK_K,
+                squash_min, squash_scale, sigma, z_max, total, g_max, g_sum, diff, a_ref, a_total, LOSS, SQUASH,
+                GAUSSIAN, BLOCK_K,
             )
             number_grad = number_gradient(zn, dloss, target, valid, log_sum, mass, text_mass, spread, upstream_ce,
                                           upstream_ntl, REWEIGH)
