@@ -185,8 +185,10 @@ FOUND = [
                         scale=0.5, mask="confident_wrong", loss="was"),
                    Spec(seed=0, function="ntl", table="multi", num_numbers=300, vocab_size=337, batch=2, length=3,
                         mask="confident_wrong", loss="mse"),
-                   Spec(seed=3, function="ce", table="multi", num_numbers=1110, vocab_size=1147, batch=2, length=3,
-                        mask="confident_wrong", loss="was"))),
+                   Spec(seed=2, function="ntl", table="multi", num_numbers=300, vocab_size=337, batch=2, length=3,
+                        scale=0.5, mask="confident_wrong", loss="was"),
+                   Spec(seed=0, function="ntl", table="multi", num_numbers=1110, vocab_size=1147, batch=2, length=3,
+                        mask="confident_wrong", loss="mse"))),
 ]
 
 
