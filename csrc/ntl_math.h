@@ -261,6 +261,19 @@ NTL_HD acc_t number_target(const Row& row, int64_t k, int64_t label_number, acc_
   return k == label_number ? acc_t(1) : acc_t(0);
 }
 
+// A compensated (Kahan) running sum: its rounding error stays about eps times the terms' total
+// magnitude however many terms it takes.
+template <typename acc_t>
+struct KahanSum {
+  acc_t sum = 0, carry = 0;
+  NTL_HD void add(acc_t x) {
+    const acc_t term = x - carry;
+    const acc_t next = sum + term;
+    carry = (next - sum) - term;
+    sum = next;
+  }
+};
+
 // The CDF differences D_i = F_q(i) - F_t(i) of §2.3 at the ranks i = 0..K-1 (by value), in order.
 // Each is summed from its shorter side: the prefix Σ_{j<=i} (q_j - t_j) below the split rank, the
 // negated suffix -Σ_{j>i} (q_j - t_j) from it on (equal, as q and t both sum to 1), the split being
@@ -278,23 +291,24 @@ struct CdfWalk {
   acc_t split_suffix = 0;  // Σ_{j>split} (q_j - t_j)
   bool complete = true;    // false when value_order names a position outside N
   int64_t rank = -1;
-  acc_t prefix = 0, suffix = 0;
+  KahanSum<acc_t> prefix, suffix;  // compensated: K ~ 1000 steps each
 
   NTL_HD CdfWalk(const Row& r, const LogSumExp<acc_t>& lse, int64_t label, acc_t y_, acc_t norm, const Options& o)
       : row(r), lse_number(lse), label_number(label), y(y_), log_norm(norm), opt(o) {
-    acc_t mass = 0, sum = 0;
+    acc_t mass = 0;
+    KahanSum<acc_t> sum;
     for (int64_t i = row.K - 1; i > 0; --i) {  // adds rank i to the suffix of rank i - 1
       acc_t q, t;
       probabilities(i, &q, &t);
       mass += q + t;
       if (mass >= acc_t(1)) {
         split = i;
-        split_suffix = sum;
+        split_suffix = sum.sum;
         return;
       }
-      sum += q - t;
+      sum.add(q - t);
     }
-    split_suffix = sum;
+    split_suffix = sum.sum;
   }
 
   // q and t of the token at rank i (0 for a position outside N; see complete).
@@ -316,15 +330,15 @@ struct CdfWalk {
     acc_t t;
     const int64_t o = probabilities(rank, q, &t);
     if (rank < split) {
-      prefix += *q - t;
-      *diff = prefix;
+      prefix.add(*q - t);
+      *diff = prefix.sum;
     } else {
       if (rank == split) {
-        suffix = split_suffix;
+        suffix.sum = split_suffix;
       } else {
-        suffix -= *q - t;
+        suffix.add(t - *q);
       }
-      *diff = -suffix;
+      *diff = -suffix.sum;
     }
     return o;
   }
@@ -429,13 +443,15 @@ NTL_HD NumberStats<acc_t> number_stats(const Row& row, int64_t label_number, con
     // W1 in CDF form, tokens sorted by value (§2.3): Σ_i |F_q(i) - F_t(i)| gap_i.
     if (opt.gaussian) s.log_norm = gaussian_log_norm(row, s.y, opt);
     CdfWalk<acc_t, Row> walk(row, lse_number, label_number, s.y, s.log_norm, opt);
+    KahanSum<acc_t> loss;
     for (int64_t i = 0; i + 1 < row.K; ++i) {
       acc_t q, diff;
       walk.next(&q, &diff);
       const acc_t gap = acc_t(row.gap(i));
-      s.loss += ntl_abs(diff) * gap;
+      loss.add(ntl_abs(diff) * gap);
       s.cdf_total += ntl_sign(diff) * gap;
     }
+    s.loss = loss.sum;
     if (!walk.complete) {
       s.loss = ntl_nan<acc_t>();
       return s;
