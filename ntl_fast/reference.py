@@ -18,6 +18,7 @@ Notation (docs/math.md §2): ``N`` the number-token ids, ``q`` the softmax over 
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -95,10 +96,35 @@ def regression_loss(diff: Tensor, loss: str) -> Tensor:
 def reweigh_by_number_mass(loss: Tensor, number_mass: Tensor, text_mass: Tensor, constant: float) -> Tensor:
     """§2.4: ``m L + c (1 - m)``, punishing mass put on text where a number belongs.
 
-    ``text_mass`` is ``1 - m`` computed as ``Σ_{k∉N} p_k``: ``1 - m`` itself would be rounding
-    noise times ``c`` when m is 1 to the last bit (every text logit ``-inf``).
+    ``text_mass`` is ``1 - m`` computed on its own (:func:`number_and_text_mass`): ``1 - m`` itself
+    would be rounding noise times ``c`` when m is 1 to the last bit (every text logit ``-inf``).
     """
     return number_mass * loss + constant * text_mass
+
+
+def number_and_text_mass(z: Tensor, is_number: Tensor) -> Tuple[Tensor, Tensor]:
+    """``m = Σ_{k∈N} p_k`` and ``1 - m = Σ_{k∉N} p_k`` per row, as ``σ(±(LSE_N - LSE_T))``.
+
+    Both masses, and their gradients, keep their relative precision at either end: autograd of
+    ``Σ_{k∉N} p_k`` over a log-softmax forms ``∂(1 - m)/∂z_j = p_j - p_j (1 - m)`` for a text
+    column, a difference that is float64 rounding noise once m < 1e-14, where the exact value is
+    ``p_j m``. Through the log-odds ``d = LSE_N - LSE_T`` it is ``σ'(d) ∂d/∂z_j``, a product.
+    A row without a finite text logit (or a table covering the vocabulary) has m = 1 and a zero
+    gradient through ``LSE_T``; a ``+inf``/NaN text logit makes both masses NaN.
+    """
+    text = torch.where(is_number, torch.full_like(z, -math.inf), z)
+    lse_text = torch.logsumexp(text, dim=-1)
+    has_text = lse_text.detach() > -math.inf
+    # a row whose text logits are all -inf: logsumexp's backward would be exp(-inf - (-inf))
+    safe = torch.logsumexp(torch.where(has_text[:, None], text, torch.zeros_like(text)), dim=-1)
+    lse_text = torch.where(has_text, safe, torch.full_like(safe, -math.inf))
+    lse_numbers = torch.logsumexp(z[:, is_number], dim=-1)
+    log_odds = lse_numbers - lse_text
+    number_mass = torch.exp(torch.nn.functional.logsigmoid(log_odds))
+    text_mass = torch.exp(torch.nn.functional.logsigmoid(-log_odds))
+    poisoned = torch.isnan(lse_text) | (lse_text == math.inf)
+    nan = torch.full_like(number_mass, math.nan)
+    return torch.where(poisoned, nan, number_mass), torch.where(poisoned, nan, text_mass)
 
 
 def centered(z: Tensor) -> Tensor:
@@ -121,10 +147,8 @@ def only_rows(z: Tensor, rows: Tensor) -> Tensor:
 
 def _per_position_ntl(
     z: Tensor, number_index: Tensor, table: NumberTokenTable, config: LossConfig,
-    log_p: Optional[Tensor],
 ) -> Tensor:
-    """NTL of every row as if its label were the number token ``number_index`` (clamped);
-    ``log_p`` is the full-vocabulary log-softmax, needed with reweigh."""
+    """NTL of every row as if its label were the number token ``number_index`` (clamped)."""
     index = number_index.clamp_min(0)
     number_values = table.number_values.to(z.dtype)
     y = number_values[index]
@@ -144,9 +168,7 @@ def _per_position_ntl(
         # keeps its relative precision (ŷ - y from a rounded ŷ loses ~eps·|v| absolute)
         loss = regression_loss((q * (number_values[None, :] - y[:, None])).sum(-1), config.loss)
     if config.reweigh:
-        p = torch.exp(log_p)
-        number_mass = p[:, table.number_ids].sum(-1)
-        text_mass = torch.where(table.is_number, torch.zeros_like(p), p).sum(-1)
+        number_mass, text_mass = number_and_text_mass(z, table.is_number)
         loss = reweigh_by_number_mass(
             loss, number_mass, text_mass, table.reweigh_constant(config.loss, config.squash_factor)
         )
@@ -157,8 +179,7 @@ def ntl_rows(logits: Tensor, labels: Tensor, table: NumberTokenTable, config: Lo
     """Per-position NTL: ``(M,)``, 0 off the NTL-valid positions, NaN at bad labels."""
     _, bad, number_index = label_positions(labels, table, config.ignore_index)
     z = centered(only_rows(logits.to(torch.float64), number_index >= 0))
-    log_p = torch.log_softmax(z, dim=-1) if config.reweigh else None
-    loss = _per_position_ntl(z, number_index, table, config, log_p)
+    loss = _per_position_ntl(z, number_index, table, config)
     loss = torch.where(number_index >= 0, loss, torch.zeros_like(loss))
     loss = torch.where(bad, torch.full_like(loss, float("nan")), loss)
     return loss.to(accumulation_dtype(logits.dtype))
@@ -188,8 +209,7 @@ def ce_ntl_rows(
     ce = torch.where(in_range, ce, torch.zeros_like(ce))
     # NTL on the NTL-valid rows only: a text label whose number logits are all -inf has no q
     z = only_rows(z, number_index >= 0)
-    log_p = torch.log_softmax(z, dim=-1) if config.reweigh else None
-    ntl = _per_position_ntl(z, number_index, table, config, log_p)
+    ntl = _per_position_ntl(z, number_index, table, config)
     ntl = torch.where(number_index >= 0, ntl, torch.zeros_like(ntl))
     nan = torch.full_like(ce, float("nan"))
     dtype = accumulation_dtype(logits.dtype)

@@ -392,6 +392,54 @@ def test_reweigh_text_mass_has_no_cancellation(loss):
     _assert_float32_rows_match_float64(logits, labels, table, config)
 
 
+def _exact_reweighed_gradient(row, label, table, constant):
+    """``∂/∂z`` of ``m L + c (1 - m)`` (NTL-MSE) for one float64 row, with 60-digit mpmath
+    arithmetic and central differences of step 1e-25 (the exact derivative to ~1e-40)."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    numbers = {int(i): mpmath.mpf(float(v)) for i, v in zip(table.number_ids, table.number_values)}
+    target = numbers[label]
+
+    def loss(z):
+        top = max(z)
+        exps = [mpmath.exp(x - top) for x in z]
+        total = sum(exps)
+        number_total = sum(exps[i] for i in numbers)
+        mass = number_total / total
+        expected = sum(exps[i] * v for i, v in numbers.items()) / number_total
+        return mass * (expected - target) ** 2 + constant * (total - number_total) / total
+
+    z = [mpmath.mpf(float(x)) for x in row]
+    step = mpmath.mpf("1e-25")
+    gradient = []
+    for j in range(len(z)):
+        up, down = list(z), list(z)
+        up[j] += step
+        down[j] -= step
+        gradient.append(float((loss(up) - loss(down)) / (2 * step)))
+    return torch.tensor(gradient, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("text_logit", [-20.0, -33.0, -40.0])
+def test_reweigh_gradient_keeps_precision_at_a_tiny_number_mass(text_logit):
+    """Number mass m far below float64's eps: the text columns' gradient is (c - L) m p_j, ~1e-16
+    and less. Autograd of Σ_{k∉N} p_k once formed it as p_j - p_j (1 - m), float64 noise of the
+    size of the gradient itself, so the oracle failed kernels that were right; every element now
+    keeps its relative precision."""
+    table = NumberTokenTable.from_values({3: 0.0, 5: 7.0}, vocab_size=12)
+    row = torch.linspace(-1.0, 1.5, 12, dtype=torch.float64)
+    row[[3, 5]] = torch.tensor([text_logit, text_logit + 0.75], dtype=torch.float64)
+    config = LossConfig("mse", reweigh=True)
+    constant = table.reweigh_constant("mse")
+    for fn in (reference.ntl_rows, lambda z, y, t, c: reference.ce_ntl_rows(z, y, t, c)[1]):
+        logits = row[None].clone().requires_grad_()
+        fn(logits, torch.tensor([5]), table, config).sum().backward()
+        exact = _exact_reweighed_gradient(row, 5, table, constant)
+        error = ((logits.grad[0] - exact).abs() / exact.abs()).max().item()
+        assert error < 1e-9, (text_logit, logits.grad[0].tolist(), exact.tolist())
+
+
 @pytest.mark.parametrize("loss", ["mse", "mae", "huber"])
 def test_regression_losses_keep_precision_near_the_label(loss):
     """A good prediction of a large value: ŷ - y once came from a rounded ŷ (an absolute error
