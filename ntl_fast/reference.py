@@ -109,12 +109,12 @@ def number_and_text_mass(z: Tensor, is_number: Tensor) -> Tuple[Tensor, Tensor]:
     ``Σ_{k∉N} p_k`` over a log-softmax forms ``∂(1 - m)/∂z_j = p_j - p_j (1 - m)`` for a text
     column, a difference that is float64 rounding noise once m < 1e-14, where the exact value is
     ``p_j m``. Through the log-odds ``d = LSE_N - LSE_T`` it is ``σ'(d) ∂d/∂z_j``, a product.
-    A row without a finite text logit (or a table covering the vocabulary) has m = 1 and a zero
-    gradient through ``LSE_T``; a ``+inf``/NaN text logit makes both masses NaN.
+    A row whose text logits are all ``-inf`` has m = 1 and a zero gradient through ``LSE_T``; a
+    ``+inf``/NaN text logit makes both masses NaN (one among the numbers makes q NaN).
     """
     text = torch.where(is_number, torch.full_like(z, -math.inf), z)
     lse_text = torch.logsumexp(text, dim=-1)
-    has_text = lse_text.detach() > -math.inf
+    has_text = lse_text.detach() != -math.inf  # NaN stays: a NaN logit poisons the row
     # a row whose text logits are all -inf: logsumexp's backward would be exp(-inf - (-inf))
     safe = torch.logsumexp(torch.where(has_text[:, None], text, torch.zeros_like(text)), dim=-1)
     lse_text = torch.where(has_text, safe, torch.full_like(safe, -math.inf))

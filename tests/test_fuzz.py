@@ -211,6 +211,11 @@ FOUND = [
                          ("shifted", Spec(function="ntl", table="irregular", num_numbers=2, vocab_size=4097,
                                           length=2, dtype="bfloat16", scale=8.0, reweigh=True,
                                           shift_labels=True)))),
+    # a NaN text logit in a reweighed row: the reference's text-mass guard (for rows whose text
+    # logits are all -inf) once took NaN for "no text" and made the row finite
+    *(pytest.param(backend, Spec(function="module_ntl", vocab_size=28, batch=1, length=2, scale=0.5, poison="nan",
+                                 loss="mse", reweigh=True), id=f"{backend}-reweighed-row-with-a-nan-text-logit")
+      for backend in ("cpp", "triton")),
 ]
 
 

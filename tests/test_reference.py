@@ -440,6 +440,28 @@ def test_reweigh_gradient_keeps_precision_at_a_tiny_number_mass(text_logit):
         assert error < 1e-9, (text_logit, logits.grad[0].tolist(), exact.tolist())
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("column", ["text", "number"])
+def test_reweighed_row_with_a_poisoned_logit_is_nan(poison, column):
+    """A NaN or +inf logit anywhere in a reweighed row makes that row's NTL non-finite and leaves
+    the other rows alone; a row whose text logits are all -inf has m = 1."""
+    table = digit_table(28)
+    torch.manual_seed(44)
+    logits = torch.randn(3, 28, dtype=torch.float64)
+    labels = table.number_ids[torch.tensor([2, 5, 7])]
+    text = torch.nonzero(~table.is_number).flatten()
+    logits[0, text[3] if column == "text" else table.number_ids[4]] = poison
+    logits[1, text] = float("-inf")
+    config = LossConfig("mse", reweigh=True)
+    for fn in (reference.ntl_rows, lambda z, y, t, c: reference.ce_ntl_rows(z, y, t, c)[1]):
+        rows = fn(logits, labels, table, config)
+        assert not torch.isfinite(rows[0])
+        assert torch.isfinite(rows[1:]).all()
+        # m = 1 exactly: the reweighed loss is the plain one
+        plain = fn(logits[1:2], labels[1:2], table, LossConfig("mse"))
+        assert rows[1].item() == pytest.approx(plain.item(), rel=1e-12, abs=1e-300)
+
+
 @pytest.mark.parametrize("loss", ["mse", "mae", "huber"])
 def test_regression_losses_keep_precision_near_the_label(loss):
     """A good prediction of a large value: ŷ - y once came from a rounded ŷ (an absolute error
