@@ -242,8 +242,7 @@ class NTLossDotProduct(_CompatLoss):
         y_hat = reference.expected_value(reference.number_softmax(number_logits), values)
         scored = self.loss_function(y_hat, values[number_index[is_number]], reduction="none").to(z.dtype)
         if self.reweigh:
-            mass = torch.exp(torch.logsumexp(number_logits, -1) - torch.logsumexp(z[is_number], -1))
-            text_mass = _text_mass(z[is_number], table, z.dtype)
+            mass, text_mass = _masses(z[is_number], table, z.dtype)
             scored = reference.reweigh_by_number_mass(scored, mass, text_mass, 1.01 * self.max_dist)
         rows = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device).masked_scatter(is_number, scored)
         rows = torch.where(bad, torch.full_like(rows, float("nan")), rows)
@@ -255,14 +254,15 @@ class NTLossDotProduct(_CompatLoss):
         return tuple(predict_numbers(logits, self._table_for(logits)))
 
 
-def _text_mass(logits: Tensor, table: NumberTokenTable, dtype: torch.dtype) -> Tensor:
-    """``1 - m`` as the text tokens' own mass, ``exp(LSE_text - LSE_V)``: no cancellation when
-    ``m`` is 1 to the last bit (docs/math.md §2.4)."""
+def _masses(logits: Tensor, table: NumberTokenTable, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``(m, 1 - m)`` at every position of ``logits (..., V)`` from the log-odds of number and text
+    tokens (:func:`ntl_fast.reference.number_and_text_mass`): each keeps its relative precision,
+    and so does its gradient, when the other is 1 to the last bit (docs/math.md §2.4)."""
     z = logits.to(dtype)
     is_number = torch.zeros(z.shape[-1], dtype=torch.bool, device=z.device)
-    is_number[table.number_ids] = True
-    text = z.masked_fill(is_number, float("-inf"))
-    return torch.exp(torch.logsumexp(text, dim=-1) - torch.logsumexp(z, dim=-1))
+    is_number[table.number_ids] = True  # the logits' width: a padded head has text columns past V
+    mass, text_mass = reference.number_and_text_mass(z.reshape(-1, z.shape[-1]), is_number)
+    return mass.view(z.shape[:-1]), text_mass.view(z.shape[:-1])
 
 
 class NumberLevelLoss(NTLossDotProduct):
@@ -313,9 +313,8 @@ class NumberLevelLoss(NTLossDotProduct):
         number_index = reference.label_positions(labels2d.reshape(-1), table, ignore_index)[2]
         first_digit = number_runs((number_index >= 0).view(labels2d.shape), labels2d, self.float_level, self.dot,
                                   self.max_number_length)[0].view(labels.shape)
-        mass = predict_numbers(logits, table).number_mass
-        reweighed = reference.reweigh_by_number_mass(rows, mass, _text_mass(logits, table, mass.dtype),
-                                                     1.01 * self.max_dist)
+        mass, text_mass = _masses(logits, table, reference.accumulation_dtype(logits.dtype))
+        reweighed = reference.reweigh_by_number_mass(rows, mass, text_mass, 1.01 * self.max_dist)
         rows = torch.where(first_digit, reweighed, torch.zeros_like(rows))
         weights1d = None if weights is None else weights.reshape(-1)
         return _reduce(rows.reshape(-1), first_digit.reshape(-1), weights1d, reduction, None, labels.shape)

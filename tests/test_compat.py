@@ -146,6 +146,31 @@ def test_dot_product_any_callable_runs_through_the_reference(reweigh, reduction)
     compare(theirs, ours_loss(logits, labels, **call), logits)
 
 
+def hand_mse(prediction, target, reduction="mean"):
+    """MSE written out: ``F.mse_loss`` runs on the kernels, this runs through the reference."""
+    loss = (prediction - target) ** 2
+    return loss if reduction == "none" else loss.mean()
+
+
+@pytest.mark.parametrize("number_logit", [-20.0, -38.0])
+def test_dot_product_callable_reweighs_a_tiny_number_mass_exactly(number_logit):
+    """Number mass far below float64's eps: the reweighed gradient's text columns are p_j m (c - L).
+    The eager path of a user's callable once formed them as p_j - p_j (1 - m), rounding noise
+    there; it now matches the kernels' MSE element by element."""
+    tokenizer = make_tokenizer(DIGIT_VOCABULARY)
+    ids = digit_ids(tokenizer)
+    logits, labels, _ = batch(len(tokenizer), number_ids=ids)
+    logits = logits.detach().clone()
+    logits[..., ids] += number_logit
+    gradients = []
+    for function in (hand_mse, F.mse_loss):
+        leaf = logits.clone().requires_grad_()
+        loss = compat.NTLossDotProduct(tokenizer, reweigh=True, loss_function=function)(leaf, labels)
+        gradients.append(torch.autograd.grad(loss, leaf)[0])
+    eager, kernel = gradients
+    assert ((eager - kernel).abs() <= 1e-9 * kernel.abs() + 1e-300).all(), (eager - kernel).abs().max()
+
+
 @pytest.mark.parametrize("float_level", [False, True])
 @pytest.mark.parametrize("reweigh", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
